@@ -1,0 +1,83 @@
+//! `qcow-tool`: a qemu-img style front end to the `qcow` library.
+//!
+//! The binary only parses arguments, sets things up, calls the library and prints. Exit codes are decided here
+//! and nowhere else: 0 for success (and for a reader of our output that went away), 1 for any error, which is
+//! printed as one line on stderr.
+#![forbid(unsafe_code)]
+
+mod convert;
+mod create;
+mod error;
+mod info;
+mod open;
+mod rw;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+/// qemu-img style tool for qcow2 images.
+#[derive(Debug, Parser)]
+#[command(name = "qcow-tool", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new qcow2 image.
+    Create(create::Args),
+    /// Show what an image is: its size, format and qcow2 features.
+    Info(info::Args),
+    /// Copy an image to a new raw or qcow2 image.
+    Convert(convert::Args),
+    /// Read sectors of a qcow2 image and print them, raw, to stdout.
+    Read(rw::ReadArgs),
+    /// Write text, zero padded to whole sectors, into a qcow2 image.
+    Write(rw::WriteArgs),
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Create(args) => create::run(&args),
+        Command::Info(args) => info::run(&args),
+        Command::Convert(args) => convert::run(&args),
+        Command::Read(args) => rw::read(&args),
+        Command::Write(args) => rw::write(&args),
+    }
+}
+
+/// Clap's error message without its usage block, on one line.
+fn usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let message: Vec<&str> =
+        text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    format!("{message} (see 'qcow-tool --help')")
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::try_parse() {
+        Ok(cli) => run(cli),
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: not errors.
+            return match e.print() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
+        Err(e) => Err(Error::msg(usage_error(&e))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qcow-tool: {}", e.chain());
+            ExitCode::FAILURE
+        }
+    }
+}

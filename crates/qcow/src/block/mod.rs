@@ -1,0 +1,206 @@
+//! The block-device contract from the seed, and the devices that implement it.
+//!
+//! A device has a sector size and a size in sectors and is read-write or read-only. Reads and writes move whole
+//! sectors, starting at a sector, through a list of buffers that are each a whole number of sectors long. Every
+//! operation takes `&self`: devices are shared between threads, and positional I/O means there is no cursor to
+//! race on. After [`BlockDevice::disconnect`] every operation fails with [`Error::Disconnected`].
+//!
+//! Devices stack: [`Padded`] wraps any device, and a qcow2 [`Image`](crate::Image) is itself a device.
+
+mod faulty;
+mod file;
+mod memory;
+mod padded;
+
+pub use faulty::{FaultyDevice, FaultyOp};
+pub use file::{FileDevice, FileOptions};
+pub use memory::MemoryDevice;
+pub use padded::Padded;
+
+use crate::error::{Error, Result};
+
+/// The sector size every device in this crate uses, in bytes.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What a device is: its geometry and whether it accepts writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Info {
+    /// Bytes per sector.
+    pub sector_size: u64,
+    /// Size of the device in sectors.
+    pub size_sectors: u64,
+    /// Whether writes, flushes of data, resizes and discards are allowed.
+    pub read_write: bool,
+}
+
+impl Info {
+    /// Size of the device in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_sectors.saturating_mul(self.sector_size)
+    }
+}
+
+/// A device that stores sectors: the seed's contract.
+///
+/// Implementations must be safe to call from many threads at once. Overlapping concurrent writes land in some
+/// order; non-overlapping ones never disturb each other.
+pub trait BlockDevice: Send + Sync {
+    /// The device's geometry and mode.
+    fn info(&self) -> Info;
+
+    /// Fills `bufs`, in order, from consecutive sectors starting at `sector`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when a buffer is not a whole number of sectors or the range runs past the end;
+    /// `Disconnected` after [`disconnect`](Self::disconnect); `Io` when the storage fails, in which case some
+    /// buffers may be unfilled.
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()>;
+
+    /// Writes `bufs`, in order, to consecutive sectors starting at `sector`.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read), plus `ReadOnly` (nothing written). On `Io` part of the data may have been written.
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()>;
+
+    /// Makes every write completed before this call durable.
+    ///
+    /// # Errors
+    /// `Disconnected`, or `Io` when the storage fails.
+    fn flush(&self) -> Result<()>;
+
+    /// Changes the size of the device to `sectors`.
+    ///
+    /// # Errors
+    /// `ReadOnly`, `Unimplemented` for fixed-size devices, `Disconnected`, `Io`.
+    fn resize(&self, sectors: u64) -> Result<()>;
+
+    /// Tells the device that `count` sectors from `sector` are no longer needed. Afterwards they read as zeros.
+    ///
+    /// # Errors
+    /// `Unimplemented` (the default: nothing changed), `ReadOnly`, `InvalidArgument`, `Disconnected`, `Io`.
+    fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        let _ = (sector, count);
+        Err(Error::Unimplemented { op: "discard" })
+    }
+
+    /// Releases the device. It cannot fail; every later operation answers `Disconnected`.
+    fn disconnect(&self);
+
+    /// Reads `buf` from byte `offset`; both must be sector multiples.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let sector = sector_of(self.info().sector_size, offset, "read")?;
+        self.read(sector, &mut [buf])
+    }
+
+    /// Writes `buf` at byte `offset`; both must be sector multiples.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let sector = sector_of(self.info().sector_size, offset, "write")?;
+        self.write(sector, &[buf])
+    }
+}
+
+fn sector_of(sector_size: u64, offset: u64, op: &'static str) -> Result<u64> {
+    if sector_size == 0 || offset % sector_size != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("byte offset {offset:#x} is not a multiple of the sector size {sector_size}"),
+        ));
+    }
+    Ok(offset / sector_size)
+}
+
+/// Checks a request against a device's geometry: every buffer a whole number of sectors, and the whole range
+/// inside the device. Returns the request's length in bytes.
+///
+/// # Errors
+/// `InvalidArgument` naming the operation and what is wrong.
+pub fn check_request(info: &Info, op: &'static str, sector: u64, buf_lens: impl Iterator<Item = usize>) -> Result<u64> {
+    let mut total: u64 = 0;
+    for len in buf_lens {
+        let len = len as u64;
+        if info.sector_size == 0 || len % info.sector_size != 0 {
+            return Err(Error::invalid(
+                op,
+                format!("buffer of {len} bytes is not a multiple of the sector size {}", info.sector_size),
+            ));
+        }
+        total = total.saturating_add(len);
+    }
+    let sectors = total / info.sector_size.max(1);
+    match sector.checked_add(sectors) {
+        Some(end) if end <= info.size_sectors => Ok(total),
+        _ => Err(Error::invalid(
+            op,
+            format!(
+                "sectors {sector}..+{sectors} run past the end of the device ({} sectors)",
+                info.size_sectors
+            ),
+        )),
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn info(&self) -> Info {
+        (**self).info()
+    }
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        (**self).read(sector, bufs)
+    }
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+        (**self).write(sector, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn resize(&self, sectors: u64) -> Result<()> {
+        (**self).resize(sectors)
+    }
+    fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        (**self).discard(sector, count)
+    }
+    fn disconnect(&self) {
+        (**self).disconnect()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        (**self).write_at(offset, buf)
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
+    fn info(&self) -> Info {
+        (**self).info()
+    }
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        (**self).read(sector, bufs)
+    }
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+        (**self).write(sector, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn resize(&self, sectors: u64) -> Result<()> {
+        (**self).resize(sectors)
+    }
+    fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        (**self).discard(sector, count)
+    }
+    fn disconnect(&self) {
+        (**self).disconnect()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        (**self).write_at(offset, buf)
+    }
+}

@@ -1,0 +1,121 @@
+//! The one error type of the library, and the small set of kinds a caller matches on.
+//!
+//! Every variant keeps the evidence: the operation that failed and the byte offset it was working on, so that a
+//! message read in a log is enough to find the bad spot in an image.
+
+use crate::format::FormatError;
+
+/// What went wrong, coarsely: the part of an [`Error`] a caller branches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The device was disconnected; every later operation fails this way.
+    Disconnected,
+    /// The operation is not implemented by this device; nothing was written.
+    Unimplemented,
+    /// The device is read-only; nothing was written.
+    ReadOnly,
+    /// The operating system reported an I/O error.
+    Io,
+    /// The image's metadata is inconsistent or malformed.
+    Corrupt,
+    /// The image uses a feature this library does not support (yet).
+    Unsupported,
+    /// The caller passed an argument that cannot be honoured.
+    InvalidArgument,
+}
+
+/// An error from a block device or an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device was disconnected at the application's request.
+    #[error("device is disconnected")]
+    Disconnected,
+    /// The operation is not implemented; nothing was written.
+    #[error("{op} is not implemented by this device")]
+    Unimplemented {
+        /// The operation that was asked for.
+        op: &'static str,
+    },
+    /// The device or image is read-only; nothing was written.
+    #[error("{op} refused: the device is read-only")]
+    ReadOnly {
+        /// The operation that was refused.
+        op: &'static str,
+    },
+    /// An I/O error from the operating system.
+    #[error("I/O error during {op} at byte offset {offset:#x}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The byte offset on the device where it failed.
+        offset: u64,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metadata that the engine met while working is inconsistent.
+    #[error("corrupt image: {what} (at byte offset {offset:#x})")]
+    Corrupt {
+        /// What is wrong, in the qcow2 specification's words.
+        what: &'static str,
+        /// The byte offset in the image file of the bad structure or entry.
+        offset: u64,
+    },
+    /// The on-disk header or one of its structures failed validation.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The image needs a feature that is not supported.
+    #[error("unsupported image feature: {feature}")]
+    Unsupported {
+        /// The feature's name, taken from the image's feature-name table where it has one.
+        feature: String,
+    },
+    /// An argument the caller passed cannot be honoured.
+    #[error("invalid argument to {op}: {reason}")]
+    InvalidArgument {
+        /// The operation that was called.
+        op: &'static str,
+        /// Why the argument was refused.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Disconnected => ErrorKind::Disconnected,
+            Error::Unimplemented { .. } => ErrorKind::Unimplemented,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Format(e) if e.is_unsupported() => ErrorKind::Unsupported,
+            Error::Format(_) => ErrorKind::Corrupt,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+        }
+    }
+
+    /// Builds an [`Error::Io`] from an operating-system error.
+    pub fn io(op: &'static str, offset: u64, source: std::io::Error) -> Self {
+        Error::Io { op, offset, source }
+    }
+
+    /// Builds an [`Error::InvalidArgument`].
+    pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds an [`Error::Corrupt`].
+    pub fn corrupt(what: &'static str, offset: u64) -> Self {
+        Error::Corrupt { what, offset }
+    }
+}
+
+/// The result type of this library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

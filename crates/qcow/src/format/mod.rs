@@ -1,0 +1,17 @@
+//! The qcow2 on-disk format, pure: bytes in, typed and validated values out, and back. No I/O happens here.
+//!
+//! Everything on disk is big-endian. Every limit QEMU enforces when it opens an image is enforced here, each with
+//! its own [`FormatError`] variant that keeps the offending value.
+
+mod entry;
+mod error;
+pub mod feature;
+mod geometry;
+mod header;
+mod refcount;
+
+pub use entry::{L1Entry, L2Entry, L2Kind};
+pub use error::FormatError;
+pub use geometry::{Geometry, GuestOffset, HostOffset};
+pub use header::{l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC};
+pub use refcount::RefcountBlock;

@@ -1,0 +1,302 @@
+//! Guest reads and writes: map under the lock, move data without it, then commit mappings under it again.
+//!
+//! A write owns the guest clusters it touches (a range lock) from planning to commit. Clusters it may write in
+//! place (refcount one) are written directly; every other cluster gets a new host cluster, filled with the old
+//! contents (copy-on-write) or zeros around the new data, and only then linked into its L2 table. A shared
+//! cluster is never written in place.
+
+use super::meta::Meta;
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{GuestOffset, HostOffset, L1Entry, L2Entry, L2Kind};
+
+use super::mapping::ExtentKind;
+
+/// What a write does to one guest cluster.
+#[derive(Debug, Clone, Copy)]
+struct ClusterPlan {
+    guest_cluster: u64,
+    /// Where the cluster's data goes.
+    target: HostOffset,
+    /// Whether bytes around the new data must be filled (the cluster is new to this mapping).
+    fill: Fill,
+    /// A host cluster to release once the new mapping is durable.
+    release: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Written in place: only the new bytes are written.
+    InPlace,
+    /// A fresh mapping whose untouched bytes read as zeros.
+    Zeros,
+    /// A fresh mapping whose untouched bytes come from the old host cluster.
+    CopyFrom(HostOffset),
+}
+
+fn check_aligned(op: &'static str, offset: u64, len: usize) -> Result<()> {
+    if offset % 512 != 0 || len % 512 != 0 {
+        return Err(Error::invalid(op, format!("offset {offset:#x} and length {len} must be multiples of 512")));
+    }
+    Ok(())
+}
+
+impl Meta {
+    /// The L2 table for `l1_index`, allocated or copied so it may be modified in place.
+    pub fn l2_for_write(&mut self, dev: &dyn BlockDevice, l1_index: u64) -> Result<HostOffset> {
+        let entry = self.l1_entry(dev, l1_index)?;
+        match entry.l2_offset() {
+            Some(l2) if entry.is_copied() => Ok(l2),
+            old => {
+                let cs = self.geo.cluster_size();
+                let cluster = self.alloc_clusters(dev, 1)?;
+                let new = HostOffset(cluster * cs);
+                let bytes = match old {
+                    Some(l2) => self.copy_shared_l2(dev, l2)?,
+                    None => vec![0u8; cs as usize].into_boxed_slice(),
+                };
+                self.cache.insert(new.0, super::cache::TableKind::L2, bytes, true);
+                self.set_l1_entry(dev, l1_index, L1Entry::new(new))?;
+                if let Some(l2) = old {
+                    self.free_later(l2.0 / cs);
+                }
+                Ok(new)
+            }
+        }
+    }
+
+    /// A private copy of a shared L2 table. Every cluster it references gains a reference, and COPIED flags
+    /// are cleared because those clusters are now shared with the old table.
+    fn copy_shared_l2(&mut self, dev: &dyn BlockDevice, l2: HostOffset) -> Result<Box<[u8]>> {
+        let geo = self.geo;
+        let mut bytes = vec![0u8; geo.cluster_size() as usize].into_boxed_slice();
+        for index in 0..geo.l2_entries() {
+            let entry = self.l2_entry(dev, l2, index)?;
+            let at = l2.0 + index * geo.l2_entry_size();
+            let kind = entry.kind(&geo).map_err(|what| Error::corrupt(what, at))?;
+            let raw = match kind {
+                L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
+                    self.adjust_refcount(dev, host.0 / geo.cluster_size(), 1)?;
+                    entry.0 & !(1 << 63)
+                }
+                L2Kind::Compressed { host, len } => {
+                    let first = host.0 / geo.cluster_size();
+                    let last = (host.0 + len.max(1) - 1) / geo.cluster_size();
+                    for c in first..=last {
+                        self.adjust_refcount(dev, c, 1)?;
+                    }
+                    entry.0
+                }
+                _ => entry.0,
+            };
+            let slot = (index * geo.l2_entry_size()) as usize;
+            if let Some(s) = bytes.get_mut(slot..slot + 8) {
+                s.copy_from_slice(&raw.to_be_bytes());
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64, version: u32) -> Result<Vec<ClusterPlan>> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut plans = Vec::with_capacity((last - first + 1) as usize);
+        let mut needs_new = 0;
+        for guest_cluster in first..=last {
+            let guest = GuestOffset(guest_cluster * cs);
+            let l2 = self.l2_for_write(dev, geo.l1_index(guest))?;
+            let index = geo.l2_index(guest);
+            let entry = self.l2_entry(dev, l2, index)?;
+            let at = l2.0 + index * geo.l2_entry_size();
+            let kind = entry.kind(&geo).map_err(|what| Error::corrupt(what, at))?;
+            let (target, fill, release) = match kind {
+                L2Kind::Normal { host, copied: true } => (host, Fill::InPlace, None),
+                L2Kind::Zero { host: Some(host) } if entry.is_copied() => (host, Fill::Zeros, None),
+                L2Kind::Normal { host, copied: false } => (HostOffset(0), Fill::CopyFrom(host), Some(host.0 / cs)),
+                L2Kind::Zero { host: Some(host) } => (HostOffset(0), Fill::Zeros, Some(host.0 / cs)),
+                L2Kind::Zero { host: None } | L2Kind::Unallocated => (HostOffset(0), Fill::Zeros, None),
+                L2Kind::Compressed { .. } => {
+                    return Err(Error::Unsupported { feature: "writing into compressed clusters".into() })
+                }
+            };
+            if target.0 == 0 {
+                needs_new += 1;
+            }
+            let _ = version;
+            plans.push(ClusterPlan { guest_cluster, target, fill, release });
+        }
+        if needs_new > 0 {
+            let mut next = self.alloc_clusters(dev, needs_new)?;
+            for plan in plans.iter_mut().filter(|p| p.target.0 == 0) {
+                plan.target = HostOffset(next * cs);
+                next += 1;
+            }
+        }
+        Ok(plans)
+    }
+
+    fn commit_write(&mut self, dev: &dyn BlockDevice, plans: &[ClusterPlan]) -> Result<()> {
+        let geo = self.geo;
+        for plan in plans.iter().filter(|p| p.fill != Fill::InPlace) {
+            let guest = GuestOffset(plan.guest_cluster * geo.cluster_size());
+            let l2 = self.l2_for_write(dev, geo.l1_index(guest))?;
+            self.set_l2_entry(dev, l2, geo.l2_index(guest), L2Entry::normal(plan.target))?;
+            if let Some(old) = plan.release {
+                self.free_later(old);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One piece of a vectored device write.
+enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Reads `buf.len()` bytes from guest offset `offset`. Both must be multiples of 512. Bytes past the
+    /// virtual size (inside the last sector) read as zeros.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a misaligned or out-of-range request, `Corrupt` for bad metadata on the way,
+    /// `Unsupported` for clusters this version cannot decode, `Io`, `Disconnected`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_connected()?;
+        check_aligned("read", offset, buf.len())?;
+        let limit = self.virtual_size().next_multiple_of(512);
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("read", format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len())));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let extents = self.meta().map(&self.dev, offset, buf.len() as u64)?;
+        let mut rest = buf;
+        for extent in extents {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(extent.len as usize);
+            rest = tail;
+            match extent.kind {
+                ExtentKind::Data { host } => self.dev.read_at(host.0, part)?,
+                ExtentKind::Zero | ExtentKind::Unallocated => part.fill(0),
+                ExtentKind::Compressed => {
+                    return Err(Error::Unsupported { feature: "reading compressed clusters".into() })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at guest offset `offset`. Both must be multiples of 512.
+    ///
+    /// # Errors
+    /// `ReadOnly`, `InvalidArgument`, `Corrupt`, `Unsupported`, `Io`, `Disconnected`. On `Io` part of the data
+    /// may have been written, and clusters may leak; no mapping ever points at unwritten data.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable("write")?;
+        check_aligned("write", offset, buf.len())?;
+        let limit = self.virtual_size().next_multiple_of(512);
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("write", format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len())));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let cb = self.geo.cluster_bits;
+        let first = offset >> cb;
+        let last = (offset + buf.len() as u64 - 1) >> cb;
+        let _owned = self.ranges.lock(first, last + 1);
+        let plans = {
+            let mut m = self.meta();
+            let plans = m.plan_write(&self.dev, first, last, 3);
+            if plans.as_ref().is_ok_and(|p| p.iter().any(|p| p.fill != Fill::InPlace)) {
+                m.mark_dirty(&self.dev)?;
+            }
+            plans?
+        };
+        self.write_planned(offset, buf, &plans)?;
+        let mut m = self.meta();
+        m.commit_write(&self.dev, &plans)?;
+        if m.cache.over_budget() {
+            m.writeback(&self.dev)?;
+        }
+        Ok(())
+    }
+
+    /// Does the data I/O of a planned write, one vectored device write per physically contiguous run.
+    fn write_planned(&self, offset: u64, buf: &[u8], plans: &[ClusterPlan]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = offset + buf.len() as u64;
+        let mut run_start: Option<u64> = None;
+        let mut run_end = 0u64;
+        let mut pieces: Vec<Piece<'_>> = Vec::new();
+        for plan in plans {
+            let cluster_start = plan.guest_cluster * cs;
+            let lo = offset.max(cluster_start);
+            let hi = end.min(cluster_start + cs);
+            let data = buf.get((lo - offset) as usize..(hi - offset) as usize).unwrap_or(&[]);
+            let (host, mut these) = match plan.fill {
+                Fill::InPlace => (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)]),
+                Fill::Zeros => {
+                    let head = (lo - cluster_start) as usize;
+                    let tail = (cluster_start + cs - hi) as usize;
+                    let mut v = Vec::with_capacity(3);
+                    if head > 0 {
+                        v.push(Piece::Borrowed(self.zeros.get(..head).unwrap_or(&[])));
+                    }
+                    v.push(Piece::Borrowed(data));
+                    if tail > 0 {
+                        v.push(Piece::Borrowed(self.zeros.get(..tail).unwrap_or(&[])));
+                    }
+                    (plan.target.0, v)
+                }
+                Fill::CopyFrom(old) => {
+                    let mut whole = vec![0u8; cs as usize];
+                    self.dev.read_at(old.0, &mut whole)?;
+                    if let Some(dst) = whole.get_mut((lo - cluster_start) as usize..(hi - cluster_start) as usize) {
+                        dst.copy_from_slice(data);
+                    }
+                    (plan.target.0, vec![Piece::Owned(whole)])
+                }
+            };
+            let len: u64 = these.iter().map(|p| piece_len(p) as u64).sum();
+            if run_start.is_some() && run_end == host {
+                pieces.append(&mut these);
+                run_end += len;
+            } else {
+                if let Some(start) = run_start {
+                    self.flush_pieces(start, &pieces)?;
+                }
+                pieces = these;
+                run_start = Some(host);
+                run_end = host + len;
+            }
+        }
+        if let Some(start) = run_start {
+            self.flush_pieces(start, &pieces)?;
+        }
+        Ok(())
+    }
+
+    fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {
+        let bufs: Vec<&[u8]> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Borrowed(b) => *b,
+                Piece::Owned(v) => v.as_slice(),
+            })
+            .collect();
+        self.dev.write(host / 512, &bufs)
+    }
+}
+
+fn piece_len(p: &Piece<'_>) -> usize {
+    match p {
+        Piece::Borrowed(b) => b.len(),
+        Piece::Owned(v) => v.len(),
+    }
+}

@@ -1,0 +1,124 @@
+//! Translating a guest range into extents: the one question every reader asks (read, map, convert).
+//!
+//! The answer is computed under the metadata lock from cached tables; the caller then does the data I/O with
+//! the lock released.
+
+use super::meta::Meta;
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{GuestOffset, HostOffset, L2Kind};
+
+/// What backs a guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Data at a host offset; contiguous across the extent.
+    Data {
+        /// Host offset of the extent's first byte.
+        host: HostOffset,
+    },
+    /// Reads as zeros because of the zero flag (possibly with preallocated clusters behind it).
+    Zero,
+    /// Not allocated: reads as zeros (or from a backing file, when there is one).
+    Unallocated,
+    /// Compressed clusters.
+    Compressed,
+}
+
+/// A guest range and what backs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest byte.
+    pub guest: GuestOffset,
+    /// Length in bytes.
+    pub len: u64,
+    /// What backs it.
+    pub kind: ExtentKind,
+}
+
+impl ExtentKind {
+    /// Whether the guest reads zeros here (without a backing file).
+    pub fn reads_zero(&self) -> bool {
+        matches!(self, ExtentKind::Zero | ExtentKind::Unallocated)
+    }
+}
+
+impl Extent {
+    fn extends(&self, next: &Extent) -> bool {
+        if self.guest.0 + self.len != next.guest.0 {
+            return false;
+        }
+        match (self.kind, next.kind) {
+            (ExtentKind::Data { host: a }, ExtentKind::Data { host: b }) => a.0 + self.len == b.0,
+            (ExtentKind::Compressed, _) | (_, ExtentKind::Compressed) => false,
+            (a, b) => a == b,
+        }
+    }
+}
+
+fn push(extents: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = extents.last_mut() {
+        if last.extends(&e) {
+            last.len += e.len;
+            return;
+        }
+    }
+    extents.push(e);
+}
+
+impl Meta {
+    /// Extents covering `offset..offset + len`, merged where contiguous.
+    pub fn map(&mut self, dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut extents = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end {
+            let l1_index = geo.l1_index(GuestOffset(pos));
+            let l2 = if l1_index < self.l1_size() { self.l1_entry(dev, l1_index)?.l2_offset() } else { None };
+            let Some(l2) = l2 else {
+                // The whole L2 span is unallocated: skip it in one step.
+                let span_end = ((l1_index + 1) * geo.l2_span()).min(end);
+                push(&mut extents, Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated });
+                pos = span_end;
+                continue;
+            };
+            let in_cluster = geo.offset_in_cluster(pos);
+            let chunk = (cs - in_cluster).min(end - pos);
+            let index = geo.l2_index(GuestOffset(pos));
+            let entry = self.l2_entry(dev, l2, index)?;
+            let at = l2.0 + index * geo.l2_entry_size();
+            let kind = match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                L2Kind::Unallocated => ExtentKind::Unallocated,
+                L2Kind::Zero { .. } => ExtentKind::Zero,
+                L2Kind::Normal { host, .. } => {
+                    if host.0.checked_add(cs).is_none_or(|e| e > self.end_cluster.saturating_mul(cs)) {
+                        return Err(Error::corrupt("L2 entry points outside the file", at));
+                    }
+                    ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
+                }
+                L2Kind::Compressed { .. } => ExtentKind::Compressed,
+            };
+            push(&mut extents, Extent { guest: GuestOffset(pos), len: chunk, kind });
+            pos += chunk;
+        }
+        Ok(extents)
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// What backs each part of the guest range `offset..offset + len` (clipped to the virtual size).
+    ///
+    /// # Errors
+    /// `Corrupt` when a table on the way is malformed; `Io` when reading one fails.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_connected()?;
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        self.meta().map(&self.dev, offset, end - offset)
+    }
+}

@@ -1,0 +1,291 @@
+//! The metadata state behind the image's lock: header, refcount table, cached tables, and the allocator.
+//!
+//! Every accessor validates what it reads from disk before using it: table offsets must be cluster aligned and
+//! inside the file, and entries must not set reserved bits. Refcount changes go to cached blocks and are written
+//! back by [`writeback`](super::writeback); decrements wait in `pending_frees` until the references they
+//! correspond to are durably gone.
+
+use std::collections::BTreeSet;
+
+use super::cache::{MetadataCache, TableKind};
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{Geometry, Header, HostOffset, L1Entry, L2Entry, RefcountBlock};
+
+/// Mutable metadata of an open image.
+pub struct Meta {
+    /// The header as it is (or will be, after writeback) on disk.
+    pub header: Header,
+    /// The image geometry (never changes while open).
+    pub geo: Geometry,
+    /// The refcount table, whole: it is small (8 MiB at most) and read on every allocation.
+    pub reftable: Vec<u64>,
+    /// Indices of refcount-table clusters changed since the last writeback.
+    pub reftable_dirty: BTreeSet<u64>,
+    /// Cached L1 clusters, L2 tables and refcount blocks.
+    pub cache: MetadataCache,
+    /// The lowest host cluster that may be free.
+    pub free_hint: u64,
+    /// One past the highest host cluster the image uses or has reserved.
+    pub end_cluster: u64,
+    /// Host clusters whose refcount drops once the references removed from them are durable.
+    pub pending_frees: Vec<u64>,
+    /// The header changed and must be written back.
+    pub header_dirty: bool,
+    /// Lazy refcounts are on and the dirty bit has been set on disk.
+    pub lazy_dirty: bool,
+}
+
+fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
+    let mut buf = vec![0u8; geo.cluster_size() as usize].into_boxed_slice();
+    dev.read_at(offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Writes metadata bytes, growing the device first when they end past it (qemu-img leaves files that end
+/// inside their last cluster).
+pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
+    let end = offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
+    let info = dev.info();
+    if end > info.size_bytes() {
+        dev.resize(end.div_ceil(info.sector_size.max(1)))?;
+    }
+    dev.write_at(offset, bytes)
+}
+
+impl Meta {
+    /// Bytes the device holds, rounded up to whole clusters: anything at or past this is outside the file.
+    fn file_limit(&self) -> u64 {
+        self.end_cluster.saturating_mul(self.geo.cluster_size())
+    }
+
+    fn check_table_offset(&self, offset: u64, what: &'static str, at: u64) -> Result<()> {
+        if !self.geo.is_aligned(offset) || offset == 0 {
+            return Err(Error::corrupt(what, at));
+        }
+        if offset.checked_add(self.geo.cluster_size()).is_none_or(|end| end > self.file_limit()) {
+            return Err(Error::corrupt(what, at));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, dev: &dyn BlockDevice, offset: u64, kind: TableKind) -> Result<()> {
+        if !self.cache.contains(offset) {
+            let bytes = read_cluster(dev, &self.geo, offset)?;
+            self.cache.insert(offset, kind, bytes, false);
+        }
+        Ok(())
+    }
+
+    fn l1_slot(&self, index: u64) -> Result<(u64, usize)> {
+        if index >= u64::from(self.header.l1_size) {
+            return Err(Error::corrupt("L1 index beyond the L1 table", self.header.l1_table_offset));
+        }
+        let byte = self
+            .header
+            .l1_table_offset
+            .checked_add(index * 8)
+            .ok_or_else(|| Error::corrupt("L1 table offset overflows", self.header.l1_table_offset))?;
+        let cluster = byte & !(self.geo.cluster_size() - 1);
+        Ok((cluster, (byte - cluster) as usize))
+    }
+
+    /// Number of entries in the L1 table.
+    pub fn l1_size(&self) -> u64 {
+        u64::from(self.header.l1_size)
+    }
+
+    /// The L1 entry at `index`, validated.
+    pub fn l1_entry(&mut self, dev: &dyn BlockDevice, index: u64) -> Result<L1Entry> {
+        let (cluster, at) = self.l1_slot(index)?;
+        self.load(dev, cluster, TableKind::L1)?;
+        let raw = self.cache.get(cluster).and_then(|c| c.get(at..at + 8)).map(be64).unwrap_or(0);
+        let entry = L1Entry(raw);
+        if entry.is_malformed(&self.geo) {
+            return Err(Error::corrupt("malformed L1 entry", cluster + at as u64));
+        }
+        if let Some(l2) = entry.l2_offset() {
+            self.check_table_offset(l2.0, "L1 entry points outside the file", cluster + at as u64)?;
+        }
+        Ok(entry)
+    }
+
+    /// Stores the L1 entry at `index` (in the cache; written back later).
+    pub fn set_l1_entry(&mut self, dev: &dyn BlockDevice, index: u64, entry: L1Entry) -> Result<()> {
+        let (cluster, at) = self.l1_slot(index)?;
+        self.load(dev, cluster, TableKind::L1)?;
+        let slot = self.cache.get_mut(cluster).and_then(|c| c.get_mut(at..at + 8));
+        match slot {
+            Some(s) => s.copy_from_slice(&entry.0.to_be_bytes()),
+            None => return Err(Error::corrupt("L1 entry outside its cluster", cluster)),
+        }
+        Ok(())
+    }
+
+    /// The L2 entry at `index` of the table at `l2`.
+    pub fn l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<L2Entry> {
+        self.load(dev, l2.0, TableKind::L2)?;
+        let at = (index * self.geo.l2_entry_size()) as usize;
+        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64).unwrap_or(0);
+        Ok(L2Entry(raw))
+    }
+
+    /// Stores the L2 entry at `index` of the table at `l2` (in the cache).
+    pub fn set_l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, entry: L2Entry) -> Result<()> {
+        self.load(dev, l2.0, TableKind::L2)?;
+        let at = (index * self.geo.l2_entry_size()) as usize;
+        match self.cache.get_mut(l2.0).and_then(|c| c.get_mut(at..at + 8)) {
+            Some(s) => s.copy_from_slice(&entry.0.to_be_bytes()),
+            None => return Err(Error::corrupt("L2 index outside its table", l2.0)),
+        }
+        Ok(())
+    }
+
+    fn refblock_offset(&self, block: u64) -> Result<Option<u64>> {
+        let Some(&raw) = usize::try_from(block).ok().and_then(|b| self.reftable.get(b)) else {
+            return Ok(None);
+        };
+        let offset = raw & !0x1ff;
+        if offset == 0 {
+            return Ok(None);
+        }
+        let at = self.header.refcount_table_offset.saturating_add(block * 8);
+        self.check_table_offset(offset, "refcount table entry points outside the file", at)?;
+        Ok(Some(offset))
+    }
+
+    /// The refcount of a host cluster (0 when no refcount block covers it).
+    pub fn refcount(&mut self, dev: &dyn BlockDevice, cluster: u64) -> Result<u64> {
+        let rbe = self.geo.refcount_block_entries();
+        let Some(block) = self.refblock_offset(cluster / rbe)? else {
+            return Ok(0);
+        };
+        self.load(dev, block, TableKind::RefcountBlock)?;
+        let order = self.geo.refcount_order;
+        Ok(self.cache.get(block).and_then(|b| RefcountBlock::new(b, order).get(cluster % rbe)).unwrap_or(0))
+    }
+
+    /// Sets the refcount of a host cluster, creating its refcount block if needed.
+    pub fn set_refcount(&mut self, dev: &dyn BlockDevice, cluster: u64, value: u64) -> Result<()> {
+        let rbe = self.geo.refcount_block_entries();
+        if value > self.geo.refcount_max() {
+            return Err(Error::corrupt("refcount would overflow its width", cluster << self.geo.cluster_bits));
+        }
+        let block = match self.refblock_offset(cluster / rbe)? {
+            Some(b) => b,
+            None => self.create_refblock(dev, cluster / rbe)?,
+        };
+        self.load(dev, block, TableKind::RefcountBlock)?;
+        let order = self.geo.refcount_order;
+        let ok = self.cache.get_mut(block).is_some_and(|b| RefcountBlock::new(b, order).set(cluster % rbe, value));
+        if !ok {
+            return Err(Error::corrupt("refcount index outside its block", block));
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to a cluster's refcount.
+    pub fn adjust_refcount(&mut self, dev: &dyn BlockDevice, cluster: u64, delta: i64) -> Result<()> {
+        let old = self.refcount(dev, cluster)?;
+        let new = old
+            .checked_add_signed(delta)
+            .ok_or_else(|| Error::corrupt("refcount would drop below zero", cluster << self.geo.cluster_bits))?;
+        self.set_refcount(dev, cluster, new)?;
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(())
+    }
+
+    /// Creates the refcount block for block index `block`, placed at the first cluster it describes, which is
+    /// free because no block describes it yet. Returns the block's offset.
+    fn create_refblock(&mut self, dev: &dyn BlockDevice, block: u64) -> Result<u64> {
+        let rbe = self.geo.refcount_block_entries();
+        if block >= self.reftable.len() as u64 {
+            self.grow_reftable(dev, block + 1)?;
+            if let Some(existing) = self.refblock_offset(block)? {
+                return Ok(existing);
+            }
+        }
+        let cluster = block * rbe;
+        if cluster == 0 {
+            return Err(Error::corrupt("refcount block 0 is missing", self.header.refcount_table_offset));
+        }
+        let offset = cluster << self.geo.cluster_bits;
+        let mut bytes = vec![0u8; self.geo.cluster_size() as usize].into_boxed_slice();
+        RefcountBlock::new(&mut bytes[..], self.geo.refcount_order).set(0, 1);
+        self.cache.insert(offset, TableKind::RefcountBlock, bytes, true);
+        if let Some(slot) = self.reftable.get_mut(block as usize) {
+            *slot = offset;
+        }
+        self.reftable_dirty.insert(block * 8 / self.geo.cluster_size());
+        self.reserve_to(dev, cluster + 1)?;
+        Ok(offset)
+    }
+
+    /// Makes sure the device covers clusters below `end`.
+    pub fn reserve_to(&mut self, dev: &dyn BlockDevice, end: u64) -> Result<()> {
+        if end > self.end_cluster {
+            self.end_cluster = end;
+            let bytes = end << self.geo.cluster_bits;
+            if dev.info().size_bytes() < bytes {
+                dev.resize(bytes / 512)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free host clusters with refcount 1 and returns the first.
+    pub fn alloc_clusters(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
+        let rbe = self.geo.refcount_block_entries();
+        let n = n.max(1);
+        loop {
+            let start = self.free_hint;
+            let mut first_free = None;
+            let mut run_start = start;
+            let mut run = 0;
+            let mut c = start;
+            while run < n {
+                if self.refcount(dev, c)? == 0 {
+                    first_free.get_or_insert(c);
+                    if run == 0 {
+                        run_start = c;
+                    }
+                    run += 1;
+                } else {
+                    run = 0;
+                }
+                c += 1;
+            }
+            let mut created = false;
+            for block in run_start / rbe..=(run_start + n - 1) / rbe {
+                if self.refblock_offset(block)?.is_none() {
+                    self.create_refblock(dev, block)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue;
+            }
+            for cluster in run_start..run_start + n {
+                self.set_refcount(dev, cluster, 1)?;
+            }
+            self.free_hint = match first_free {
+                Some(f) if f < run_start => f,
+                _ => run_start + n,
+            };
+            self.reserve_to(dev, run_start + n)?;
+            return Ok(run_start);
+        }
+    }
+
+    /// Queues a refcount decrement for after the reference's removal is durable.
+    pub fn free_later(&mut self, cluster: u64) {
+        self.pending_frees.push(cluster);
+    }
+}
+
+/// Reads a big-endian u64 from an 8-byte slice.
+pub fn be64(bytes: &[u8]) -> u64 {
+    bytes.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}

@@ -1,0 +1,214 @@
+//! The qcow2 image engine: [`Image`] opens, creates, reads, writes, resizes and flushes qcow2 images on any
+//! [`BlockDevice`].
+//!
+//! # Locking
+//! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one mutex,
+//! `meta`. It is held to translate a guest range into extents, to allocate, and to update tables, and metadata
+//! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
+//! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
+//! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
+//! takes `resize` for writing; every other operation takes it for reading.
+//!
+//! # Durability
+//! Metadata changes are write-back: [`Image::flush`] (and a cache running over budget) writes them in the
+//! order refcount blocks, refcount table, L2 tables, L1 table and header, then applies deferred refcount
+//! decrements, with a device flush between each step. So a crash at any instant may leak clusters but never
+//! leaves a reference to a cluster whose refcount is zero.
+
+mod cache;
+mod config;
+mod create;
+mod device;
+mod io;
+mod mapping;
+mod meta;
+mod open;
+mod options;
+mod ranges;
+mod rebuild;
+mod resize;
+mod writeback;
+
+pub use config::Config;
+pub use mapping::{Extent, ExtentKind};
+pub use options::{parse_size, Compat, CreateOptions, Preallocation};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use crate::block::{BlockDevice, Padded};
+use crate::error::{Error, Result};
+use crate::format::{feature, CompressionType, Geometry};
+use meta::Meta;
+use ranges::RangeLocks;
+
+/// An open qcow2 image. It is itself a [`BlockDevice`] with 512-byte sectors.
+///
+/// `Image` is `Send + Sync` and every operation takes `&self`, so many threads may use one image at once.
+/// Dropping an image writes back its metadata on a best-effort basis; call [`Image::close`] to see errors.
+pub struct Image<D: BlockDevice> {
+    dev: Padded<D>,
+    meta: Mutex<Meta>,
+    ranges: RangeLocks,
+    resize: RwLock<()>,
+    geo: Geometry,
+    size: AtomicU64,
+    read_only: bool,
+    disconnected: AtomicBool,
+    config: Config,
+    zeros: Box<[u8]>,
+}
+
+/// What `qemu-img info` says about an image, in typed form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    /// Whether the lazy refcounts feature is on.
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u64,
+    /// Whether the corrupt bit is set.
+    pub corrupt: bool,
+    /// Whether the dirty bit is set.
+    pub dirty: bool,
+    /// Whether L2 entries are extended (subclusters).
+    pub extended_l2: bool,
+    /// "zlib" or "zstd", as qemu-img names them.
+    pub compression_type: &'static str,
+    /// Bytes the image file occupies as a device (its length).
+    pub file_length: u64,
+}
+
+impl<D: BlockDevice> Image<D> {
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_connected(&self) -> Result<()> {
+        if self.disconnected.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        self.check_connected()?;
+        if self.read_only {
+            return Err(Error::ReadOnly { op });
+        }
+        Ok(())
+    }
+
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The runtime configuration the image was opened with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether the image refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> crate::format::Header {
+        self.meta().header.clone()
+    }
+
+    /// The device the image is stored on.
+    pub fn device(&self) -> &D {
+        self.dev.inner()
+    }
+
+    /// What `qemu-img info` reports.
+    pub fn info(&self) -> ImageInfo {
+        let m = self.meta();
+        let h = &m.header;
+        ImageInfo {
+            virtual_size: self.virtual_size(),
+            cluster_size: self.geo.cluster_size(),
+            compat: if h.version >= 3 { "1.1" } else { "0.10" },
+            lazy_refcounts: h.compatible_features & feature::LAZY_REFCOUNTS != 0,
+            refcount_bits: self.geo.refcount_bits(),
+            corrupt: h.incompatible_features & feature::CORRUPT != 0,
+            dirty: h.incompatible_features & feature::DIRTY != 0,
+            extended_l2: self.geo.extended_l2,
+            compression_type: match h.compression_type {
+                CompressionType::Zstd => "zstd",
+                _ => "zlib",
+            },
+            file_length: self.dev.info().size_bytes(),
+        }
+    }
+
+    /// Makes every write completed before this call durable, metadata included.
+    ///
+    /// # Errors
+    /// `Disconnected`, or `Io` when the device fails.
+    pub fn flush(&self) -> Result<()> {
+        self.check_connected()?;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta();
+        m.writeback(&self.dev)?;
+        self.dev.flush()
+    }
+
+    /// Writes everything back, marks a lazy-refcount image clean, and releases the device.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush); the device is released either way.
+    pub fn close(self) -> Result<()> {
+        let result = self.shutdown();
+        self.disconnected.store(true, Ordering::Release);
+        self.dev.disconnect();
+        result
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.check_connected()?;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta();
+        m.writeback(&self.dev)?;
+        m.mark_clean(&self.dev)?;
+        self.dev.flush()
+    }
+}
+
+impl<D: BlockDevice> Drop for Image<D> {
+    fn drop(&mut self) {
+        if !self.disconnected.load(Ordering::Acquire) {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn image_is_send_and_sync() {
+        assert_send_sync::<Image<crate::block::MemoryDevice>>();
+        assert_send_sync::<Image<crate::block::FileDevice>>();
+    }
+}

@@ -1,0 +1,122 @@
+//! Opening an image: read and validate the header, refuse what cannot be handled by name, and bring a
+//! read-write image to a state where it may allocate (unknown autoclear bits cleared, dirty refcounts rebuilt).
+//!
+//! Opening costs O(1) in the virtual size: only the header and the refcount table (sized by the file, not by
+//! the disk) are read. L1 clusters, L2 tables and refcount blocks are loaded on demand.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Mutex, RwLock};
+
+use super::cache::MetadataCache;
+use super::meta::{be64, Meta};
+use super::ranges::RangeLocks;
+use super::{Config, Image};
+use crate::block::{BlockDevice, Padded};
+use crate::error::{Error, Result};
+use crate::format::feature::FeatureKind;
+use crate::format::{feature, Geometry, Header};
+
+/// Incompatible features this version reads and writes.
+const SUPPORTED_INCOMPATIBLE: u64 = feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE;
+
+/// The name the image gives an incompatible feature bit, or QEMU's name for it.
+fn feature_name(header: &Header, bit: u8) -> String {
+    header
+        .feature_names()
+        .into_iter()
+        .find(|f| f.kind == FeatureKind::Incompatible && f.bit == bit)
+        .map(|f| f.name)
+        .unwrap_or_else(|| format!("incompatible feature bit {bit}"))
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Opens the qcow2 image stored on `device`.
+    ///
+    /// With `config.read_only` (or a read-only device) nothing is ever written. A read-write open clears
+    /// autoclear bits this version does not maintain and, when the image is dirty, rebuilds its refcounts.
+    ///
+    /// # Errors
+    /// `Format` for a header that fails validation (each rule has its own variant), `Unsupported` naming a
+    /// feature this version cannot handle, `Corrupt`, `Io`.
+    pub fn open(device: D, config: Config) -> Result<Self> {
+        let read_only = config.read_only || !device.info().read_write;
+        let dev = Padded::new(device);
+        let mut first = vec![0u8; 512];
+        dev.read_at(0, &mut first)?;
+        let cluster_bits = Header::peek_cluster_bits(&first)?;
+        let mut cluster0 = vec![0u8; 1usize << cluster_bits];
+        dev.read_at(0, &mut cluster0)?;
+        let header = Header::parse(&cluster0)?;
+        header.validate(!read_only)?;
+        let unsupported = header.incompatible_features & !SUPPORTED_INCOMPATIBLE;
+        if unsupported != 0 {
+            let names: Vec<String> =
+                (0..64u8).filter(|b| unsupported & (1 << b) != 0).map(|b| feature_name(&header, b)).collect();
+            return Err(Error::Unsupported { feature: names.join(", ") });
+        }
+        if header.backing_file.is_some() {
+            return Err(Error::Unsupported { feature: "backing file".into() });
+        }
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            refcount_order: header.refcount_order,
+            extended_l2: header.incompatible_features & feature::EXTENDED_L2 != 0,
+        };
+        let cs = geo.cluster_size();
+        let end_cluster = dev.info().size_bytes().div_ceil(cs);
+        let table_bytes = u64::from(header.refcount_table_clusters) * cs;
+        let mut raw = vec![0u8; table_bytes as usize];
+        dev.read_at(header.refcount_table_offset, &mut raw)?;
+        let reftable: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
+        let size = header.size;
+        let dirty = header.incompatible_features & feature::DIRTY != 0;
+        let meta = Meta {
+            header,
+            geo,
+            reftable,
+            reftable_dirty: BTreeSet::new(),
+            cache: MetadataCache::new((config.cache_size / cs) as usize),
+            free_hint: 0,
+            end_cluster,
+            pending_frees: Vec::new(),
+            header_dirty: false,
+            lazy_dirty: false,
+        };
+        let image = Image {
+            dev,
+            meta: Mutex::new(meta),
+            ranges: RangeLocks::default(),
+            resize: RwLock::new(()),
+            geo,
+            size: AtomicU64::new(size),
+            read_only,
+            disconnected: AtomicBool::new(false),
+            zeros: vec![0u8; cs as usize].into_boxed_slice(),
+            config,
+        };
+        if !read_only {
+            image.prepare_for_writes(dirty)?;
+        }
+        if image.config.check_on_connect {
+            image.verify_refcounts()?;
+        }
+        Ok(image)
+    }
+
+    /// Clears autoclear bits nobody maintains and rebuilds the refcounts of a dirty image, before any
+    /// allocation can happen.
+    fn prepare_for_writes(&self, dirty: bool) -> Result<()> {
+        let mut m = self.meta();
+        // Bitmaps are not maintained yet: clearing their bit tells QEMU they are stale rather than wrong.
+        if m.header.autoclear_features != 0 {
+            m.header.autoclear_features = 0;
+            m.write_header(&self.dev)?;
+            self.dev.flush()?;
+        }
+        if dirty {
+            m.rebuild_refcounts(&self.dev)?;
+        }
+        Ok(())
+    }
+}

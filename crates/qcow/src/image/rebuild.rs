@@ -1,0 +1,187 @@
+//! Refcounts recomputed from the metadata: rebuilt for dirty images (lazy refcounts after a crash) and compared
+//! with the stored ones by `check_on_connect`.
+//!
+//! The count array has one entry per host cluster of the file as it exists, so memory follows the file's real
+//! size; a reference past the end of the file is an error, not an allocation.
+
+use super::meta::Meta;
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{feature, L2Kind, RefcountBlock};
+
+/// QEMU's cap on the refcount table.
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+
+struct Counts {
+    counts: Vec<u32>,
+    cluster_bits: u32,
+}
+
+impl Counts {
+    fn add(&mut self, host: u64, what: &'static str, at: u64) -> Result<()> {
+        let cluster = host >> self.cluster_bits;
+        match usize::try_from(cluster).ok().and_then(|c| self.counts.get_mut(c)) {
+            Some(n) => {
+                *n = n.saturating_add(1);
+                Ok(())
+            }
+            None => Err(Error::corrupt(what, at)),
+        }
+    }
+
+    fn add_range(&mut self, start: u64, len: u64, what: &'static str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = 1u64 << self.cluster_bits;
+        let mut c = start & !(cs - 1);
+        while c < start.saturating_add(len) {
+            self.add(c, what, start)?;
+            c += cs;
+        }
+        Ok(())
+    }
+}
+
+impl Meta {
+    fn count_references(&mut self, dev: &dyn BlockDevice, include_refcounts: bool) -> Result<Counts> {
+        if self.header.nb_snapshots != 0 {
+            return Err(Error::Unsupported { feature: "refcount rebuild of an image with internal snapshots".into() });
+        }
+        if self.header.autoclear_features & feature::BITMAPS != 0 {
+            return Err(Error::Unsupported { feature: "refcount rebuild of an image with persistent bitmaps".into() });
+        }
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut counts = Counts { counts: vec![0; self.end_cluster as usize], cluster_bits: geo.cluster_bits };
+        counts.add(0, "header outside the file", 0)?;
+        if include_refcounts {
+            let table = self.header.refcount_table_offset;
+            counts.add_range(table, u64::from(self.header.refcount_table_clusters) * cs, "refcount table outside the file")?;
+            for (i, &entry) in self.reftable.iter().enumerate() {
+                let block = entry & !0x1ff;
+                if block != 0 {
+                    counts.add(block, "refcount block outside the file", table + i as u64 * 8)?;
+                }
+            }
+        }
+        counts.add_range(self.header.l1_table_offset, self.l1_size() * 8, "L1 table outside the file")?;
+        for l1_index in 0..self.l1_size() {
+            let l1_at = self.header.l1_table_offset + l1_index * 8;
+            let Some(l2) = self.l1_entry(dev, l1_index)?.l2_offset() else { continue };
+            counts.add(l2.0, "L2 table outside the file", l1_at)?;
+            for index in 0..geo.l2_entries() {
+                let at = l2.0 + index * geo.l2_entry_size();
+                let entry = self.l2_entry(dev, l2, index)?;
+                match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                    L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
+                        counts.add(host.0, "data cluster outside the file", at)?
+                    }
+                    L2Kind::Compressed { host, len } => {
+                        counts.add_range(host.0, len, "compressed data outside the file")?
+                    }
+                    L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Replaces the refcount structures with new ones computed from the metadata, written past the end of the
+    /// file; the old table and blocks simply become free space. Clears the dirty bit.
+    pub fn rebuild_refcounts(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        self.writeback(dev)?;
+        let mut counts = self.count_references(dev, false)?.counts;
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let rbe = geo.refcount_block_entries();
+        let start = self.end_cluster;
+        let (mut table_clusters, mut blocks) = (1u64, 0u64);
+        loop {
+            let total = start + table_clusters + blocks;
+            let b = total.div_ceil(rbe);
+            let t = (b * 8).div_ceil(cs);
+            if b == blocks && t == table_clusters {
+                break;
+            }
+            blocks = b;
+            table_clusters = t;
+        }
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
+        }
+        let total = start + table_clusters + blocks;
+        counts.resize(total as usize, 1);
+        self.reserve_to(dev, total)?;
+        let blocks_at = start + table_clusters;
+        let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+        let mut bytes = vec![0u8; cs as usize];
+        for (b, chunk) in counts.chunks(rbe as usize).enumerate() {
+            bytes.fill(0);
+            let mut view = RefcountBlock::new(&mut bytes[..], geo.refcount_order);
+            for (i, &n) in chunk.iter().enumerate() {
+                if !view.set(i as u64, u64::from(n)) {
+                    return Err(Error::corrupt(
+                        "cluster has more references than the refcount width can count",
+                        (b as u64 * rbe + i as u64) * cs,
+                    ));
+                }
+            }
+            let offset = (blocks_at + b as u64) * cs;
+            super::meta::write_meta(dev, offset, &bytes)?;
+            if let Some(slot) = table.get_mut(b) {
+                *slot = offset;
+            }
+        }
+        let table_bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        super::meta::write_meta(dev, start * cs, &table_bytes)?;
+        dev.flush()?;
+        self.header.refcount_table_offset = start * cs;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.header.incompatible_features &= !feature::DIRTY;
+        self.write_header(dev)?;
+        dev.flush()?;
+        self.reftable = table;
+        self.reftable_dirty.clear();
+        self.cache.clear_clean();
+        self.free_hint = 0;
+        self.lazy_dirty = false;
+        Ok(())
+    }
+
+    /// Clusters whose stored refcount differs from what the metadata implies: (cluster, stored, implied).
+    pub fn refcount_mismatches(&mut self, dev: &dyn BlockDevice) -> Result<Vec<(u64, u64, u64)>> {
+        self.writeback(dev)?;
+        let counts = self.count_references(dev, true)?.counts;
+        let mut bad = Vec::new();
+        for (cluster, &implied) in counts.iter().enumerate() {
+            let stored = self.refcount(dev, cluster as u64)?;
+            if stored != u64::from(implied) {
+                bad.push((cluster as u64, stored, u64::from(implied)));
+            }
+        }
+        Ok(bad)
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Compares every stored refcount with what the metadata implies (used by `check_on_connect`).
+    ///
+    /// # Errors
+    /// `Corrupt` naming the first cluster whose refcount is lower than its references; leaks (higher refcounts)
+    /// are tolerated, as QEMU tolerates them.
+    pub fn verify_refcounts(&self) -> Result<()> {
+        let mut m = self.meta();
+        if m.header.incompatible_features & feature::DIRTY != 0 {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        for (cluster, stored, implied) in m.refcount_mismatches(&self.dev)? {
+            if stored < implied {
+                return Err(Error::corrupt("refcount lower than the number of references", cluster * cs));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! Changing the virtual size. Growing may move the L1 table to a larger home; shrinking unmaps and frees
+//! everything past the new end, and only when the caller accepts the data loss.
+
+use super::meta::{write_meta, Meta};
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind};
+
+/// QEMU's cap on the L1 table.
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+impl Meta {
+    /// Makes the L1 table hold `entries` entries, moving it when its clusters are too few. The new table is
+    /// durable before the header points at it, and the old one is freed after.
+    fn grow_l1(&mut self, dev: &dyn BlockDevice, entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let old = self.l1_size();
+        if entries <= old {
+            return Ok(());
+        }
+        if entries * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid("resize", "the new size needs an L1 table over 32 MiB: use larger clusters"));
+        }
+        let old_clusters = self.geo.clusters_for(old * 8);
+        let new_clusters = self.geo.clusters_for(entries * 8);
+        if new_clusters == old_clusters && old > 0 {
+            // The entries past the old end sit in the table's last cluster already; make sure they are zero.
+            for index in old..entries {
+                self.header.l1_size = entries as u32;
+                self.set_l1_entry(dev, index, L1Entry(0))?;
+            }
+            self.header_dirty = true;
+            return Ok(());
+        }
+        self.writeback(dev)?;
+        let mut bytes = vec![0u8; (new_clusters * cs) as usize];
+        for index in 0..old {
+            let entry = self.l1_entry(dev, index)?;
+            if let Some(slot) = bytes.get_mut((index * 8) as usize..(index * 8 + 8) as usize) {
+                slot.copy_from_slice(&entry.0.to_be_bytes());
+            }
+        }
+        let first = self.alloc_clusters(dev, new_clusters)?;
+        // The new table's refcounts must be durable before the header points at it.
+        self.writeback(dev)?;
+        write_meta(dev, first * cs, &bytes)?;
+        dev.flush()?;
+        let old_offset = self.header.l1_table_offset;
+        for c in 0..old_clusters {
+            self.cache.remove(old_offset + c * cs);
+        }
+        self.header.l1_table_offset = first * cs;
+        self.header.l1_size = entries as u32;
+        self.write_header(dev)?;
+        dev.flush()?;
+        if old > 0 {
+            for c in 0..old_clusters {
+                self.free_later(old_offset / cs + c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps every guest cluster at or past `from` (a cluster boundary) and frees what they used; L2 tables
+    /// left empty are unlinked and freed too.
+    fn unmap_tail(&mut self, dev: &dyn BlockDevice, from: u64) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let first_l1 = geo.l1_index(GuestOffset(from));
+        for l1_index in first_l1..self.l1_size() {
+            let entry = self.l1_entry(dev, l1_index)?;
+            let Some(mut l2) = entry.l2_offset() else { continue };
+            let table_start = l1_index * geo.l2_span();
+            let first = if table_start >= from { 0 } else { geo.l2_index(GuestOffset(from)) };
+            let shared = !entry.is_copied();
+            if first == 0 {
+                self.set_l1_entry(dev, l1_index, L1Entry(0))?;
+            } else {
+                // Part of the table stays: edit a private copy.
+                l2 = self.l2_for_write(dev, l1_index)?;
+            }
+            for index in first..geo.l2_entries() {
+                let at = l2.0 + index * geo.l2_entry_size();
+                let entry = self.l2_entry(dev, l2, index)?;
+                if first != 0 && !entry.is_unallocated() {
+                    self.set_l2_entry(dev, l2, index, L2Entry(0))?;
+                }
+                if first == 0 && shared {
+                    continue;
+                }
+                match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                    L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => self.free_later(host.0 / cs),
+                    L2Kind::Compressed { host, len } => {
+                        for c in host.0 / cs..=(host.0 + len.max(1) - 1) / cs {
+                            self.free_later(c);
+                        }
+                    }
+                    L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+                }
+            }
+            if first == 0 {
+                self.cache.remove(l2.0);
+                self.free_later(l2.0 / cs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Truncates the device after the last cluster with a nonzero refcount.
+    fn trim_file(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        let mut end = self.end_cluster;
+        while end > 1 && self.refcount(dev, end - 1)? == 0 {
+            end -= 1;
+        }
+        if end < self.end_cluster {
+            self.end_cluster = end;
+            self.free_hint = self.free_hint.min(end);
+            dev.resize((end << self.geo.cluster_bits) / 512)?;
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Changes the virtual size to `new_size` bytes (rounded up to whole sectors). Shrinking discards the data
+    /// past the new end and is refused unless `allow_shrink` is set.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a refused shrink or a size the L1 table cannot map, `ReadOnly`, `Io`, `Corrupt`.
+    pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.check_writable("resize")?;
+        let new_size = new_size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("resize", "size overflows"))?;
+        let _exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
+        let old_size = self.virtual_size();
+        if new_size == old_size {
+            return Ok(());
+        }
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        if new_size < old_size {
+            if !allow_shrink {
+                return Err(Error::invalid(
+                    "resize",
+                    format!("shrinking from {old_size} to {new_size} bytes loses data; allow it explicitly"),
+                ));
+            }
+            let mut m = self.meta();
+            m.mark_dirty(&self.dev)?;
+            m.unmap_tail(&self.dev, new_size.next_multiple_of(cs))?;
+            m.header.size = new_size;
+            m.header_dirty = true;
+            m.writeback(&self.dev)?;
+            m.trim_file(&self.dev)?;
+            self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        } else {
+            // A shrink to a size inside a cluster keeps that cluster; its tail must read as zeros once visible.
+            let tail_end = old_size.next_multiple_of(cs).min(new_size);
+            let stale_tail = {
+                let mut m = self.meta();
+                m.grow_l1(&self.dev, geo.l1_entries_for(new_size))?;
+                m.header.size = new_size;
+                m.header_dirty = true;
+                tail_end > old_size
+                    && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| e.kind.reads_zero())
+            };
+            self.size.store(new_size, std::sync::atomic::Ordering::Release);
+            drop(_exclusive);
+            if stale_tail {
+                self.write_at(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
+            }
+        }
+        self.flush()
+    }
+}

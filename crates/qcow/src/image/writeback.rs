@@ -1,0 +1,189 @@
+//! Writing metadata back in crash-safe order, and the structural changes that must order their own writes:
+//! growing the refcount table and flipping the dirty bit.
+//!
+//! Order of a writeback, with a device flush after each step that wrote something:
+//! 1. refcount blocks (so every increment is durable before any new reference),
+//! 2. refcount-table clusters (a table entry never points at a block that is not on disk),
+//! 3. L2 tables (data was written before its L2 entry was even set in the cache),
+//! 4. L1 clusters and the header,
+//! 5. deferred decrements, now that the references they drop are durably gone.
+//!
+//! With lazy refcounts and the dirty bit set on disk, steps 1 to 4 share one flush: the dirty bit already tells
+//! every reader that refcounts must be rebuilt.
+
+use super::cache::TableKind;
+use super::meta::{write_meta, Meta};
+use crate::block::BlockDevice;
+use crate::error::Result;
+use crate::format::{feature, RefcountBlock};
+
+impl Meta {
+    fn write_dirty(&mut self, dev: &dyn BlockDevice, kind: TableKind) -> Result<bool> {
+        let dirty = self.cache.dirty(kind);
+        for &offset in &dirty {
+            let len = match kind {
+                // The L1 table may end inside its last cluster, and the file with it.
+                TableKind::L1 => {
+                    let end = self.header.l1_table_offset + self.l1_size() * 8;
+                    end.saturating_sub(offset).min(self.geo.cluster_size()).next_multiple_of(512)
+                }
+                _ => self.geo.cluster_size(),
+            };
+            if let Some(bytes) = self.cache.peek(offset).and_then(|b| b.get(..len as usize)) {
+                write_meta(dev, offset, bytes)?;
+            }
+            self.cache.mark_clean(offset);
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    fn write_reftable_clusters(&mut self, dev: &dyn BlockDevice) -> Result<bool> {
+        let dirty = std::mem::take(&mut self.reftable_dirty);
+        let per_cluster = (self.geo.cluster_size() / 8) as usize;
+        for &index in &dirty {
+            let bytes: Vec<u8> = self
+                .reftable
+                .iter()
+                .skip(index as usize * per_cluster)
+                .take(per_cluster)
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
+            write_meta(dev, self.header.refcount_table_offset + index * self.geo.cluster_size(), &bytes)?;
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes the header (cluster 0's header area) now.
+    pub fn write_header(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        let mut bytes = self.header.serialize()?;
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
+        write_meta(dev, 0, &bytes)?;
+        self.header_dirty = false;
+        Ok(())
+    }
+
+    /// Writes every dirty metadata cluster in crash-safe order and applies deferred decrements.
+    pub fn writeback(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        let strict = !self.lazy_dirty;
+        let barrier = |wrote: bool| if wrote && strict { dev.flush() } else { Ok(()) };
+        let wrote = self.write_dirty(dev, TableKind::RefcountBlock)?;
+        barrier(wrote)?;
+        let wrote = self.write_reftable_clusters(dev)?;
+        barrier(wrote)?;
+        let wrote = self.write_dirty(dev, TableKind::L2)?;
+        barrier(wrote)?;
+        let mut wrote = self.write_dirty(dev, TableKind::L1)?;
+        if self.header_dirty {
+            self.write_header(dev)?;
+            wrote = true;
+        }
+        if !self.pending_frees.is_empty() {
+            // The decrements below must not reach the disk before the references they drop are gone.
+            dev.flush()?;
+            for cluster in std::mem::take(&mut self.pending_frees) {
+                self.adjust_refcount(dev, cluster, -1)?;
+            }
+            self.write_dirty(dev, TableKind::RefcountBlock)?;
+        } else {
+            barrier(wrote)?;
+        }
+        self.cache.shrink();
+        Ok(())
+    }
+
+    /// Sets the dirty bit on disk before the first deferred refcount update of a lazy-refcounts image.
+    pub fn mark_dirty(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        if self.lazy_dirty || self.header.compatible_features & feature::LAZY_REFCOUNTS == 0 {
+            return Ok(());
+        }
+        self.header.incompatible_features |= feature::DIRTY;
+        self.write_header(dev)?;
+        dev.flush()?;
+        self.lazy_dirty = true;
+        Ok(())
+    }
+
+    /// After a full writeback, clears the dirty bit of a lazy-refcounts image.
+    pub fn mark_clean(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        if !self.lazy_dirty {
+            return Ok(());
+        }
+        dev.flush()?;
+        self.header.incompatible_features &= !feature::DIRTY;
+        self.write_header(dev)?;
+        self.lazy_dirty = false;
+        Ok(())
+    }
+
+    /// Moves the refcount table to the end of the file with room for at least `min_entries` blocks. The new
+    /// table and the new blocks that describe it are written and flushed before the header points at them; the
+    /// old table is freed afterwards.
+    pub fn grow_reftable(&mut self, dev: &dyn BlockDevice, min_entries: u64) -> Result<()> {
+        self.writeback(dev)?;
+        let cs = self.geo.cluster_size();
+        let rbe = self.geo.refcount_block_entries();
+        let old_len = self.reftable.len() as u64;
+        let start = self.end_cluster;
+        let mut entries = min_entries.max(old_len * 2).max(1);
+        let (table_clusters, new_blocks) = loop {
+            let table_clusters = (entries * 8).div_ceil(cs);
+            // Blocks for the area [start, start + table + blocks) that the table does not yet have.
+            let mut blocks = 0;
+            let new_blocks = loop {
+                let end = start + table_clusters + blocks;
+                let missing: Vec<u64> =
+                    (start / rbe..=(end - 1) / rbe).filter(|b| self.reftable.get(*b as usize).is_none_or(|e| *e == 0)).collect();
+                if missing.len() as u64 == blocks {
+                    break missing;
+                }
+                blocks = missing.len() as u64;
+            };
+            let needed = new_blocks.iter().max().map_or(0, |b| b + 1);
+            if needed <= entries {
+                break (table_clusters, new_blocks);
+            }
+            entries = needed;
+        };
+        let table_at = start;
+        let blocks_at = start + table_clusters;
+        let area_end = blocks_at + new_blocks.len() as u64;
+        self.reserve_to(dev, area_end)?;
+        let mut table = self.reftable.clone();
+        table.resize((table_clusters * cs / 8) as usize, 0);
+        for (i, &block) in new_blocks.iter().enumerate() {
+            let offset = (blocks_at + i as u64) * cs;
+            if let Some(slot) = table.get_mut(block as usize) {
+                *slot = offset;
+            }
+            let mut bytes = vec![0u8; cs as usize];
+            let mut view = RefcountBlock::new(&mut bytes[..], self.geo.refcount_order);
+            for cluster in (block * rbe).max(start)..((block + 1) * rbe).min(area_end) {
+                view.set(cluster % rbe, 1);
+            }
+            write_meta(dev, offset, &bytes)?;
+        }
+        self.reftable = table;
+        // Clusters of the area that existing blocks describe get their counts through the cache.
+        for cluster in start..area_end {
+            if new_blocks.contains(&(cluster / rbe)) {
+                continue;
+            }
+            self.set_refcount(dev, cluster, 1)?;
+        }
+        self.write_dirty(dev, TableKind::RefcountBlock)?;
+        let bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        write_meta(dev, table_at * cs, &bytes)?;
+        dev.flush()?;
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        self.header.refcount_table_offset = table_at * cs;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.reftable_dirty.clear();
+        self.write_header(dev)?;
+        dev.flush()?;
+        for c in 0..old_clusters {
+            self.free_later(old_offset / cs + c);
+        }
+        Ok(())
+    }
+}

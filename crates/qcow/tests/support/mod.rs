@@ -1,0 +1,141 @@
+//! Test support shared by the integration tests: QEMU as the oracle, and a byte model of a disk.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A command for one of QEMU's tools; panics with the install hint when it is missing, so that no test
+/// ever skips silently.
+pub fn qemu(tool: &str) -> Command {
+    let found = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(found, "{tool} not found: install qemu-utils (apt-get install -y qemu-utils)");
+    Command::new(tool)
+}
+
+/// Runs a command and returns its output, panicking with its stderr when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("command starts");
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}): {}{}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `qemu-img create -f qcow2 -o OPTS PATH SIZE`.
+pub fn qemu_create(path: &Path, opts: &str, size: &str) {
+    let mut cmd = qemu("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if !opts.is_empty() {
+        cmd.args(["-o", opts]);
+    }
+    run_ok(cmd.arg(path).arg(size));
+}
+
+/// Runs qemu-io commands against a qcow2 image.
+pub fn qemu_io(path: &Path, commands: &[&str]) {
+    let mut cmd = qemu("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    run_ok(cmd.arg(path));
+}
+
+/// What `qemu-img check --output=json` says.
+#[derive(Debug)]
+pub struct Check {
+    /// Exit status code.
+    pub code: i32,
+    /// The parsed JSON.
+    pub json: serde_json::Value,
+}
+
+impl Check {
+    fn field(&self, name: &str) -> u64 {
+        self.json.get(name).and_then(|v| v.as_u64()).unwrap_or(0)
+    }
+    /// Corruptions found.
+    pub fn corruptions(&self) -> u64 {
+        self.field("corruptions")
+    }
+    /// Leaked clusters found.
+    pub fn leaks(&self) -> u64 {
+        self.field("leaks")
+    }
+    /// Check errors.
+    pub fn check_errors(&self) -> u64 {
+        self.field("check-errors")
+    }
+}
+
+/// Runs `qemu-img check --output=json`.
+pub fn qemu_check(path: &Path) -> Check {
+    let out = qemu("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(path).output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("qemu-img check printed no JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    Check { code: out.status.code().unwrap_or(-1), json }
+}
+
+/// Asserts that `qemu-img check` finds neither corruptions nor leaks.
+pub fn assert_clean(path: &Path) {
+    let c = qemu_check(path);
+    assert_eq!((c.corruptions(), c.leaks(), c.check_errors(), c.code), (0, 0, 0, 0), "qemu-img check: {:#}", c.json);
+}
+
+/// Asserts that `qemu-img check` finds no corruption (leaks allowed).
+pub fn assert_not_corrupt(path: &Path) {
+    let c = qemu_check(path);
+    assert_eq!((c.corruptions(), c.check_errors()), (0, 0), "qemu-img check: {:#}", c.json);
+}
+
+/// `qemu-img convert -O raw` of an image, read back into memory.
+pub fn qemu_to_raw(path: &Path, dir: &Path) -> Vec<u8> {
+    let raw = dir.join(format!("{}.expected.raw", path.file_name().unwrap().to_string_lossy()));
+    run_ok(qemu("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(path).arg(&raw));
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).ok();
+    bytes
+}
+
+/// `qemu-img compare -f qcow2 -F raw IMG RAW`: true when identical.
+pub fn qemu_compare_raw(image: &Path, raw: &Path) -> bool {
+    let out = qemu("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(image).arg(raw).output().unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("qemu-img compare failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+/// Writes `model` to a raw file next to `image` and asks `qemu-img compare` whether they match.
+pub fn assert_matches_model(image: &Path, model: &[u8]) {
+    let raw: PathBuf = image.with_extension("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    assert!(qemu_compare_raw(image, &raw), "qemu-img compare: {} differs from the model", image.display());
+    std::fs::remove_file(&raw).ok();
+}
+
+/// A deterministic pseudo-random generator (xorshift), so failures reproduce from their seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next value.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// A value below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
