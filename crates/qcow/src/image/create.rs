@@ -61,8 +61,10 @@ impl<D: BlockDevice> Image<D> {
         header.l1_size = l1_entries as u32;
         header.l1_table_offset = if l1_entries == 0 { 0 } else { l1_at * cs };
 
-        // Start from an empty device so that everything not written reads as zeros.
-        device.resize(0)?;
+        // Start from an empty device so that everything not written reads as zeros. A device that cannot
+        // shrink (a partition, or an image through its device interface) keeps its old bytes, which only
+        // matters for clusters mapped without being written: preallocation then writes zeros.
+        let blank = device.info().size_bytes() == 0 || device.resize(0).is_ok();
         let mut table = vec![0u8; (table_clusters * cs) as usize];
         let mut block = vec![0u8; cs as usize];
         for b in 0..blocks {
@@ -88,14 +90,14 @@ impl<D: BlockDevice> Image<D> {
 
         let image = Image::open(device, config)?;
         if options.preallocation == Preallocation::Metadata {
-            image.preallocate_metadata()?;
+            image.preallocate_metadata(!blank)?;
         }
         Ok(image)
     }
 
     /// Allocates every L2 table and data cluster, as qemu-img's `preallocation=metadata`: each L2 table is
     /// followed by the data clusters it maps, and the file is extended (sparsely) to cover them.
-    fn preallocate_metadata(&self) -> Result<()> {
+    fn preallocate_metadata(&self, write_zeros: bool) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let size = self.virtual_size();
@@ -109,6 +111,11 @@ impl<D: BlockDevice> Image<D> {
             let l2 = m.l2_for_write(&self.dev, l1_index)?;
             let n = (per_table - geo.l2_index(guest)).min(clusters - guest_cluster);
             let first = m.alloc_clusters(&self.dev, n)?;
+            if write_zeros {
+                for c in first..first + n {
+                    self.dev.write_at(c * cs, &self.zeros)?;
+                }
+            }
             for i in 0..n {
                 let index = geo.l2_index(GuestOffset((guest_cluster + i) * cs));
                 m.set_l2_entry(&self.dev, l2, index, L2Entry::normal(HostOffset((first + i) * cs)))?;

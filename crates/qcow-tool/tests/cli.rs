@@ -1,0 +1,569 @@
+//! The `qcow-tool` binary, driven as a user would, with QEMU on the other side wherever it applies: images made
+//! by qemu-img are read by the tool, and images made by the tool are judged by `qemu-img check`, `info` and
+//! `compare`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn tool() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
+}
+
+fn qemu(program: &str) -> Command {
+    match Command::new(program).arg("--version").output() {
+        Ok(out) if out.status.success() => Command::new(program),
+        _ => panic!("{program} not found: install qemu-utils"),
+    }
+}
+
+fn qemu_img() -> Command {
+    qemu("qemu-img")
+}
+
+fn qemu_io() -> Command {
+    qemu("qemu-io")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd` and insists it succeeds.
+fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("command runs");
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", show(&out));
+    out
+}
+
+/// Runs `cmd`, insists it fails with exit code 1 and exactly one line on stderr, and returns that line.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert_eq!(out.status.code(), Some(1), "{cmd:?}:\n{}", show(&out));
+    let stderr = String::from_utf8(out.stderr.clone()).expect("stderr is UTF-8");
+    assert_eq!(stderr.lines().count(), 1, "{cmd:?} must print one line:\n{}", show(&out));
+    assert!(stderr.starts_with("qcow-tool: "), "{}", show(&out));
+    assert!(!stderr.contains("panicked"), "{}", show(&out));
+    stderr
+}
+
+fn json(cmd: &mut Command) -> Value {
+    let out = ok(cmd);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{cmd:?} printed bad JSON ({e}):\n{}", show(&out)))
+}
+
+fn qemu_info(path: &Path) -> Value {
+    json(qemu_img().args(["info", "--output=json"]).arg(path))
+}
+
+fn our_info(path: &Path) -> Value {
+    json(tool().args(["info", "--output=json"]).arg(path))
+}
+
+/// `qemu-img check` finds nothing wrong: exit 0, no corruptions, no leaks, no check errors.
+fn assert_clean(path: &Path) {
+    let out = qemu_img().args(["check", "--output=json"]).arg(path).output().expect("qemu-img runs");
+    assert!(out.status.success(), "qemu-img check {}:\n{}", path.display(), show(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("check JSON");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(v.get(key).and_then(Value::as_u64).unwrap_or(0), 0, "{key} in {v}");
+    }
+}
+
+fn qemu_create(path: &Path, options: &str, size: &str) {
+    let mut cmd = qemu_img();
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if !options.is_empty() {
+        cmd.args(["-o", options]);
+    }
+    ok(cmd.arg(path).arg(size));
+}
+
+fn qemu_io_cmds(path: &Path, cmds: &[&str]) {
+    let mut cmd = qemu_io();
+    cmd.args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    ok(cmd.arg(path));
+}
+
+/// The guest's bytes, as `qemu-img convert -O raw` sees them.
+fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("qemu-view.raw");
+    ok(qemu_img().args(["convert", "-O", "raw"]).arg(path).arg(&out));
+    std::fs::read(&out).expect("read qemu's raw copy")
+}
+
+fn field<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('/').fold(v, |v, k| &v[k])
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::tempdir().expect("temp dir"))
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+#[test]
+fn created_images_pass_qemu_img_check_and_agree_with_qemu_img_info() {
+    let dir = Dir::new();
+    let cases: &[(&[&str], &str, u64, u64, &str, u64)] = &[
+        (&[], "1G", 1 << 30, 65536, "1.1", 16),
+        (&["-o", "cluster_size=4k,refcount_bits=1"], "100M", 100 << 20, 4096, "1.1", 1),
+        (&["-o", "compat=0.10"], "10M", 10 << 20, 65536, "0.10", 16),
+        (&["-o", "cluster_size=2M", "-o", "refcount_bits=64"], "5G", 5 << 30, 2 << 20, "1.1", 64),
+        (&["-o", "lazy_refcounts=on", "-o", "preallocation=metadata"], "20M", 20 << 20, 65536, "1.1", 16),
+        (&["-o", "cluster_size=512,compat=1.1"], "1000", 1024, 512, "1.1", 16),
+    ];
+    for (i, &(opts, size, bytes, cluster, compat, bits)) in cases.iter().enumerate() {
+        let img = dir.path(&format!("c{i}.qcow2"));
+        let out = ok(tool().arg("create").args(["-f", "qcow2"]).args(opts).arg(&img).arg(size));
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(line.starts_with(&format!("Formatting '{}', fmt=qcow2", img.display())), "{line}");
+        assert_clean(&img);
+        let q = qemu_info(&img);
+        assert_eq!(q["virtual-size"], bytes, "case {i}: {q}");
+        assert_eq!(q["cluster-size"], cluster, "case {i}: {q}");
+        assert_eq!(field(&q, "format-specific/data/compat"), compat, "case {i}: {q}");
+        assert_eq!(field(&q, "format-specific/data/refcount-bits"), bits, "case {i}: {q}");
+        if opts.contains(&"lazy_refcounts=on") {
+            assert_eq!(field(&q, "format-specific/data/lazy-refcounts"), true, "case {i}: {q}");
+        }
+        // And we read back what we wrote the way qemu-img does.
+        let ours = our_info(&img);
+        for key in ["virtual-size", "cluster-size", "format", "format-specific", "dirty-flag"] {
+            assert_eq!(ours[key], q[key], "case {i}, {key}");
+        }
+    }
+}
+
+#[test]
+fn create_with_quiet_prints_nothing_and_overwrites_an_existing_file() {
+    let dir = Dir::new();
+    let img = dir.path("q.qcow2");
+    std::fs::write(&img, vec![0x55u8; 1 << 20]).unwrap();
+    let out = ok(tool().args(["create", "-q"]).arg(&img).arg("64M"));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", show(&out));
+    assert_clean(&img);
+    assert_eq!(qemu_info(&img)["virtual-size"], 64u64 << 20);
+    assert!(std::fs::metadata(&img).unwrap().len() < 1 << 20);
+}
+
+#[test]
+fn size_may_be_given_as_an_option() {
+    let dir = Dir::new();
+    let img = dir.path("s.qcow2");
+    ok(tool().args(["create", "-q", "-o", "size=3M"]).arg(&img));
+    assert_eq!(qemu_info(&img)["virtual-size"], 3u64 << 20);
+}
+
+#[test]
+fn info_json_agrees_with_qemu_img_on_its_images() {
+    let dir = Dir::new();
+    let cases = [
+        ("", "1G"),
+        ("compat=0.10", "10M"),
+        ("cluster_size=4k,refcount_bits=1", "100M"),
+        ("cluster_size=2M,refcount_bits=64,lazy_refcounts=on", "3G"),
+        ("compression_type=zstd", "64M"),
+        ("preallocation=metadata,cluster_size=16k", "8M"),
+    ];
+    for (i, (opts, size)) in cases.iter().enumerate() {
+        let img = dir.path(&format!("i{i}.qcow2"));
+        qemu_create(&img, opts, size);
+        qemu_io_cmds(&img, &["write -P 0x11 0 64k"]);
+        let q = qemu_info(&img);
+        let ours = our_info(&img);
+        for key in ["virtual-size", "filename", "cluster-size", "format", "actual-size", "format-specific", "dirty-flag"] {
+            assert_eq!(ours[key], q[key], "case {i} ({opts}), field {key}:\nours {ours}\nqemu {q}");
+        }
+    }
+}
+
+#[test]
+fn info_reports_a_dirty_lazy_refcounts_image_as_qemu_img_does() {
+    let dir = Dir::new();
+    let img = dir.path("dirty.qcow2");
+    qemu_create(&img, "lazy_refcounts=on", "64M");
+    // A crash while writing leaves the dirty bit set.
+    let _ = qemu_io().args(["-f", "qcow2", "-c", "write -P 0x22 0 64k", "-c", "sigraise 9"]).arg(&img).output();
+    let q = qemu_info(&img);
+    assert_eq!(q["dirty-flag"], true, "{q}");
+    let ours = our_info(&img);
+    assert_eq!(ours["dirty-flag"], true, "{ours}");
+    assert_eq!(ours["format-specific"], q["format-specific"]);
+}
+
+/// The lines qemu-img prints, minus the "Child node" section whose layout is QEMU's own business.
+fn own_lines(text: &str) -> Vec<String> {
+    text.lines().take_while(|l| !l.starts_with("Child node")).map(str::to_string).collect()
+}
+
+#[test]
+fn human_info_reads_like_qemu_img() {
+    let dir = Dir::new();
+    for (i, (opts, size)) in [("", "1G"), ("compat=0.10", "1000"), ("cluster_size=4k,lazy_refcounts=on", "1.5G")]
+        .iter()
+        .enumerate()
+    {
+        let img = dir.path(&format!("h{i}.qcow2"));
+        qemu_create(&img, opts, size);
+        let q = String::from_utf8(ok(qemu_img().arg("info").arg(&img)).stdout).unwrap();
+        let ours = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        assert_eq!(own_lines(&ours), own_lines(&q), "case {i}:\nours:\n{ours}\nqemu:\n{q}");
+    }
+}
+
+#[test]
+fn a_file_without_the_qcow2_magic_is_reported_as_raw() {
+    let dir = Dir::new();
+    let raw = dir.path("plain.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    file.set_len(10 << 20).unwrap();
+    drop(file);
+    let q = qemu_info(&raw);
+    let ours = our_info(&raw);
+    for key in ["virtual-size", "filename", "format", "actual-size", "dirty-flag"] {
+        assert_eq!(ours[key], q[key], "field {key}:\nours {ours}\nqemu {q}");
+    }
+    let human = String::from_utf8(ok(tool().arg("info").arg(&raw)).stdout).unwrap();
+    assert!(human.contains("file format: raw\nvirtual size: 10 MiB (10485760 bytes)"), "{human}");
+}
+
+/// A 64 MiB qcow2 image written by qemu-io: a pattern, an explicit zero range, and a little data far out.
+fn qemu_written_image(dir: &Dir, name: &str, options: &str) -> PathBuf {
+    let img = dir.path(name);
+    qemu_create(&img, options, "64M");
+    qemu_io_cmds(&img, &["write -P 0xab 1M 64k", "write -z 2M 64k", "write -P 0x5c 40M 4k", "write -P 0x01 63M 512"]);
+    img
+}
+
+#[test]
+fn convert_to_raw_matches_qemu_img_byte_for_byte_and_is_sparse() {
+    let dir = Dir::new();
+    for (i, options) in ["", "cluster_size=4k,refcount_bits=1", "compat=0.10"].iter().enumerate() {
+        let img = qemu_written_image(&dir, &format!("src{i}.qcow2"), options);
+        let ours = dir.path(&format!("ours{i}.raw"));
+        ok(tool().args(["convert", "-O", "raw"]).arg(&img).arg(&ours));
+        let expected = qemu_raw(&img, dir.0.path());
+        let got = std::fs::read(&ours).unwrap();
+        assert_eq!(got.len(), expected.len(), "case {i}");
+        assert!(got == expected, "case {i}: contents differ from qemu-img convert");
+        let meta = std::fs::metadata(&ours).unwrap();
+        assert!(
+            meta.blocks() * 512 < meta.len() / 4,
+            "case {i}: output is not sparse: {} bytes allocated of {}",
+            meta.blocks() * 512,
+            meta.len()
+        );
+    }
+}
+
+#[test]
+fn convert_probes_the_source_format_and_defaults_to_raw_output() {
+    let dir = Dir::new();
+    let img = qemu_written_image(&dir, "probe.qcow2", "");
+    let ours = dir.path("probe.raw");
+    ok(tool().arg("convert").arg(&img).arg(&ours));
+    assert!(std::fs::read(&ours).unwrap() == qemu_raw(&img, dir.0.path()));
+    // And a raw source is probed as raw: converting the copy again changes nothing.
+    let again = dir.path("again.raw");
+    ok(tool().arg("convert").arg(&ours).arg(&again));
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&ours).unwrap());
+}
+
+/// A sparse raw file with data in a few places, one block of explicit zeros, and an odd length when `odd`.
+fn sparse_raw(path: &Path, len: u64) {
+    let mut file = std::fs::File::create(path).unwrap();
+    file.set_len(len).unwrap();
+    let pieces: &[(u64, u8, usize)] =
+        &[(0, 0x11, 512), (1 << 20, 0xab, 65536), (3 << 20, 0, 65536), (5 << 20, 0x77, 3 << 20), (len - 100, 0xee, 100)];
+    for &(off, byte, n) in pieces {
+        file.seek(SeekFrom::Start(off)).unwrap();
+        file.write_all(&vec![byte; n]).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn convert_raw_to_qcow2_is_identical_for_qemu_img_compare_and_check_is_clean() {
+    let dir = Dir::new();
+    let cases: &[(&[&str], u64)] = &[
+        (&[], 64 << 20),
+        (&["-o", "cluster_size=4k,refcount_bits=1"], 32 << 20),
+        (&["-o", "compat=0.10", "-o", "cluster_size=2M"], 16 << 20),
+        (&["-o", "lazy_refcounts=on"], (16 << 20) + 1000),
+    ];
+    for (i, &(opts, len)) in cases.iter().enumerate() {
+        let raw = dir.path(&format!("in{i}.raw"));
+        sparse_raw(&raw, len);
+        let img = dir.path(&format!("out{i}.qcow2"));
+        ok(tool().args(["convert", "-f", "raw", "-O", "qcow2"]).args(opts).arg(&raw).arg(&img));
+        assert_clean(&img);
+        let out = qemu_img().args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&img).arg(&raw).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "case {i}: {}", show(&out));
+        // Only data was copied: far less than the virtual size is allocated.
+        let map: Value = json(qemu_img().args(["map", "--output=json"]).arg(&img));
+        let data: u64 = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert!(data <= (5 << 20), "case {i}: {data} bytes of data mapped: {map}");
+        // And back to raw with our tool gives the original file.
+        let back = dir.path(&format!("back{i}.raw"));
+        ok(tool().args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&img).arg(&back));
+        let original = std::fs::read(&raw).unwrap();
+        let round = std::fs::read(&back).unwrap();
+        assert_eq!(round.len(), len.next_multiple_of(512) as usize, "case {i}");
+        assert!(round[..original.len()] == original[..], "case {i}");
+    }
+}
+
+#[test]
+fn convert_raw_to_raw_keeps_an_odd_length_exactly() {
+    let dir = Dir::new();
+    let raw = dir.path("odd.raw");
+    sparse_raw(&raw, (9 << 20) + 777);
+    let out = dir.path("odd-copy.raw");
+    ok(tool().args(["convert", "-f", "raw", "-O", "raw"]).arg(&raw).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&raw).unwrap());
+    let expected = dir.path("odd-qemu.raw");
+    ok(qemu_img().args(["convert", "-f", "raw", "-O", "raw"]).arg(&raw).arg(&expected));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), std::fs::metadata(&expected).unwrap().len());
+}
+
+#[test]
+fn convert_qcow2_to_qcow2_keeps_the_guest_data() {
+    let dir = Dir::new();
+    let img = qemu_written_image(&dir, "a.qcow2", "");
+    let copy = dir.path("b.qcow2");
+    ok(tool().args(["convert", "-O", "qcow2", "-o", "cluster_size=4k"]).arg(&img).arg(&copy));
+    assert_clean(&copy);
+    let out = qemu_img().args(["compare", "-f", "qcow2", "-F", "qcow2"]).arg(&copy).arg(&img).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(qemu_info(&copy)["cluster-size"], 4096);
+}
+
+#[test]
+fn convert_shows_progress_when_asked() {
+    let dir = Dir::new();
+    let img = qemu_written_image(&dir, "p.qcow2", "");
+    let out = ok(tool().args(["convert", "-p"]).arg(&img).arg(dir.path("p.raw")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("(100.00/100%)"), "{stderr}");
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_source() {
+    let dir = Dir::new();
+    let img = qemu_written_image(&dir, "same.qcow2", "");
+    let before = std::fs::read(&img).unwrap();
+    let err = fails(tool().arg("convert").arg(&img).arg(&img));
+    assert!(err.contains("same file"), "{err}");
+    assert!(std::fs::read(&img).unwrap() == before);
+}
+
+#[test]
+fn write_then_read_round_trips_and_qemu_agrees() {
+    let dir = Dir::new();
+    for (i, options) in ["", "lazy_refcounts=on", "compat=0.10,cluster_size=4k"].iter().enumerate() {
+        let img = dir.path(&format!("rw{i}.qcow2"));
+        qemu_create(&img, options, "16M");
+        ok(tool().args(["write"]).arg(&img).args(["--sector", "5", "--text", "hello, qcow"]));
+        let long = "x".repeat(700);
+        ok(tool().args(["write"]).arg(&img).args(["--sector", "32767", "--text", "last"]));
+        ok(tool().args(["write"]).arg(&img).args(["--sector", "100", "--text", &long]));
+        let out = ok(tool().args(["read"]).arg(&img).args(["--sector", "5", "--length", "1"]));
+        let mut expected = b"hello, qcow".to_vec();
+        expected.resize(512, 0);
+        assert_eq!(out.stdout, expected, "case {i}");
+        let out = ok(tool().args(["read"]).arg(&img).args(["--sector", "100", "--length", "2"]));
+        let mut expected = long.clone().into_bytes();
+        expected.resize(1024, 0);
+        assert_eq!(out.stdout, expected, "case {i}");
+        assert_clean(&img);
+        let guest = qemu_raw(&img, dir.0.path());
+        assert_eq!(&guest[5 * 512..5 * 512 + 11], b"hello, qcow", "case {i}");
+        assert_eq!(&guest[32767 * 512..32767 * 512 + 4], b"last", "case {i}");
+        assert!(guest[100 * 512..100 * 512 + 700].iter().all(|&b| b == b'x'), "case {i}");
+        // qemu-io sees the same bytes.
+        qemu_io_cmds(&img, &["read -P 0x78 51200 700", "read -P 0 51900 124"]);
+    }
+}
+
+#[test]
+fn read_shows_what_qemu_io_wrote() {
+    let dir = Dir::new();
+    let img = qemu_written_image(&dir, "r.qcow2", "");
+    let out = ok(tool().args(["read"]).arg(&img).args(["--sector", "2047", "--length", "3"]));
+    let mut expected = vec![0u8; 512];
+    expected.extend(vec![0xab; 1024]);
+    assert_eq!(out.stdout, expected);
+}
+
+#[test]
+fn reading_past_the_end_is_an_error() {
+    let dir = Dir::new();
+    let img = dir.path("small.qcow2");
+    qemu_create(&img, "", "1M");
+    let err = fails(tool().args(["read"]).arg(&img).args(["--sector", "2047", "--length", "2"]));
+    assert!(err.contains("past the end"), "{err}");
+}
+
+#[test]
+fn a_closed_pipe_on_stdout_ends_the_tool_quietly() {
+    let dir = Dir::new();
+    let img = dir.path("big.qcow2");
+    qemu_create(&img, "", "256M");
+    let mut child = tool()
+        .args(["read"])
+        .arg(&img)
+        .args(["--sector", "0", "--length", "500000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.stderr.is_empty(), "{}", show(&out));
+}
+
+#[test]
+fn a_missing_file_is_one_line_naming_it() {
+    let dir = Dir::new();
+    let missing = dir.path("no-such-image.qcow2");
+    let name = missing.display().to_string();
+    let commands: Vec<Vec<String>> = vec![
+        vec!["info".into(), name.clone()],
+        vec!["info".into(), "--output=json".into(), name.clone()],
+        vec!["convert".into(), name.clone(), dir.path("out.raw").display().to_string()],
+        vec!["convert".into(), "-f".into(), "raw".into(), name.clone(), dir.path("out.raw").display().to_string()],
+        vec!["read".into(), name.clone(), "--sector".into(), "0".into()],
+        vec!["write".into(), name.clone(), "--sector".into(), "0".into(), "--text".into(), "x".into()],
+    ];
+    for args in commands {
+        let err = fails(tool().args(&args));
+        assert!(err.contains(&name), "{args:?}: {err}");
+        assert!(err.contains("No such file"), "{args:?}: {err}");
+    }
+    assert!(!dir.path("out.raw").exists());
+}
+
+#[test]
+fn a_raw_file_given_as_qcow2_is_refused_clearly() {
+    let dir = Dir::new();
+    let raw = dir.path("not-qcow2.raw");
+    std::fs::write(&raw, vec![0x42u8; 1 << 20]).unwrap();
+    let err = fails(tool().args(["convert", "-f", "qcow2"]).arg(&raw).arg(dir.path("o.raw")));
+    assert!(err.contains("not a qcow2 image"), "{err}");
+    assert!(err.contains("not-qcow2.raw"), "{err}");
+    let err = fails(tool().args(["info", "-f", "qcow2"]).arg(&raw));
+    assert!(err.contains("not a qcow2 image"), "{err}");
+    // read and write never guess: a raw file is not an image to them.
+    let err = fails(tool().args(["write"]).arg(&raw).args(["--sector", "0", "--text", "x"]));
+    assert!(err.contains("not a qcow2 image"), "{err}");
+    assert_eq!(std::fs::read(&raw).unwrap(), vec![0x42u8; 1 << 20]);
+}
+
+#[test]
+fn a_bad_size_is_refused_and_creates_nothing() {
+    let dir = Dir::new();
+    let img = dir.path("bad-size.qcow2");
+    let err = fails(tool().args(["create"]).arg(&img).arg("12Q"));
+    assert!(err.contains("invalid size '12Q'"), "{err}");
+    assert!(!img.exists());
+    let err = fails(tool().args(["create"]).arg(&img));
+    assert!(err.contains("SIZE"), "{err}");
+    assert!(!img.exists());
+}
+
+#[test]
+fn an_unknown_option_is_named() {
+    let dir = Dir::new();
+    let img = dir.path("opt.qcow2");
+    let err = fails(tool().args(["create", "-o", "cluster_size=4k,colour=red"]).arg(&img).arg("1M"));
+    assert!(err.contains("colour"), "{err}");
+    assert!(!img.exists());
+    let err = fails(tool().args(["create", "-o", "cluster_size=3k"]).arg(&img).arg("1M"));
+    assert!(err.contains("cluster"), "{err}");
+    let src = qemu_written_image(&dir, "src.qcow2", "");
+    let err = fails(tool().args(["convert", "-O", "qcow2", "-o", "flavour=mint"]).arg(&src).arg(dir.path("x.qcow2")));
+    assert!(err.contains("flavour"), "{err}");
+    assert!(!dir.path("x.qcow2").exists());
+    let err = fails(tool().args(["convert", "-O", "raw", "-o", "cluster_size=4k"]).arg(&src).arg(dir.path("x.raw")));
+    assert!(err.contains("raw output takes no -o options"), "{err}");
+}
+
+#[test]
+fn an_unknown_incompatible_feature_is_unsupported() {
+    let dir = Dir::new();
+    let img = dir.path("feature.qcow2");
+    qemu_create(&img, "", "16M");
+    // Byte 79 is the low byte of incompatible_features: set bit 7, which no QEMU knows.
+    let mut file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    file.seek(SeekFrom::Start(79)).unwrap();
+    file.write_all(&[0x80]).unwrap();
+    drop(file);
+    let qemu = qemu_img().arg("info").arg(&img).output().unwrap();
+    assert!(!qemu.status.success(), "qemu-img must refuse it too: {}", show(&qemu));
+    for args in [
+        vec!["info"],
+        vec!["info", "--output=json"],
+        vec!["read", "--sector", "0"],
+        vec!["write", "--sector", "0", "--text", "x"],
+    ] {
+        let (cmd, rest) = args.split_first().unwrap();
+        let err = fails(tool().arg(cmd).arg(&img).args(rest));
+        assert!(err.to_lowercase().contains("unsupported"), "{args:?}: {err}");
+    }
+    let err = fails(tool().args(["convert"]).arg(&img).arg(dir.path("o.raw")));
+    assert!(err.to_lowercase().contains("unsupported"), "{err}");
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_1() {
+    let err = fails(tool().args(["create", "--bogus"]));
+    assert!(err.contains("--bogus"), "{err}");
+    let err = fails(tool().args(["frobnicate"]));
+    assert!(err.contains("frobnicate"), "{err}");
+    let err = fails(tool().args(["convert", "-O", "vmdk", "a", "b"]));
+    assert!(err.contains("vmdk"), "{err}");
+    let err = fails(tool().args(["read"]));
+    assert!(err.contains("<FILE>"), "{err}");
+    fails(&mut tool());
+}
+
+#[test]
+fn every_command_has_help() {
+    let out = ok(tool().arg("--help"));
+    let top = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["create", "info", "convert", "read", "write"] {
+        assert!(top.contains(cmd), "{top}");
+        let out = ok(tool().args([cmd, "--help"]));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("Usage: qcow-tool"), "{cmd}: {text}");
+        let out = ok(tool().args(["help", cmd]));
+        assert!(!out.stdout.is_empty());
+    }
+}
