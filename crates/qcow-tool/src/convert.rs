@@ -38,7 +38,7 @@ pub struct Args {
 /// An open source image.
 enum Source {
     Raw(FileDevice),
-    Qcow2(Image<FileDevice>),
+    Qcow2(Box<Image<FileDevice>>),
 }
 
 impl Source {
@@ -49,7 +49,7 @@ impl Source {
         };
         Ok(match format {
             Format::Raw => Source::Raw(open::file(path, true)?),
-            Format::Qcow2 => Source::Qcow2(open::image(path, true)?),
+            Format::Qcow2 => Source::Qcow2(Box::new(open::image(path, true)?)),
         })
     }
 
@@ -57,7 +57,7 @@ impl Source {
     fn parts(&self) -> (&dyn BlockDevice, &dyn AllocationMap, u64) {
         match self {
             Source::Raw(dev) => (dev, dev, dev.len_bytes()),
-            Source::Qcow2(image) => (image, image, image.virtual_size()),
+            Source::Qcow2(image) => (&**image, &**image, image.virtual_size()),
         }
     }
 }
@@ -147,8 +147,8 @@ fn to_raw(source: &Source, path: &Path, show: bool) -> Result<()> {
 
 fn to_qcow2(source: &Source, options: &CreateOptions, path: &Path, show: bool) -> Result<()> {
     let dev = create_file(path)?;
-    let image = Image::create(dev, options, Config::default())
-        .context(|| format!("could not format '{}'", path.display()))?;
+    let image =
+        Image::create(dev, options, Config::default()).context(|| format!("could not format '{}'", path.display()))?;
     copy(source, &image, path, show)?;
     image.close().context(|| format!("could not write '{}'", path.display()))
 }

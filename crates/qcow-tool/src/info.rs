@@ -54,8 +54,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let text = match args.output {
         Output::Json => {
-            let mut value = to_json(&name, &facts, qcow2.as_ref());
-            serde_json::to_string_pretty(&mut value).context(|| "could not format JSON")?
+            let value = to_json(&name, &facts, qcow2.as_ref());
+            serde_json::to_string_pretty(&value).context(|| "could not format JSON")?
         }
         Output::Human => to_human(&name, &facts, qcow2.as_ref()),
     };

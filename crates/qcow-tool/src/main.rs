@@ -52,9 +52,11 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return "no command given: use one of create, info, convert, read, write (see 'qcow-tool --help')".into();
+    }
     let text = e.render().to_string();
-    let message: Vec<&str> =
-        text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+    let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     format!("{message} (see 'qcow-tool --help')")

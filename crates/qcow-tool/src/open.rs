@@ -42,11 +42,7 @@ pub fn probe(path: &Path) -> Result<Format> {
             Err(e) => return Err(e).context(|| format!("could not read '{}'", path.display())),
         }
     }
-    Ok(if got == magic.len() && u32::from_be_bytes(magic) == qcow::format::MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    Ok(if got == magic.len() && u32::from_be_bytes(magic) == qcow::format::MAGIC { Format::Qcow2 } else { Format::Raw })
 }
 
 /// Opens a file as a device.

@@ -44,9 +44,7 @@ pub fn print(bytes: &[u8]) -> Result<()> {
 }
 
 fn byte_offset(sector: u64) -> Result<u64> {
-    sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or_else(|| Error::msg(format!("sector {sector} is beyond any image")))
+    sector.checked_mul(SECTOR_SIZE).ok_or_else(|| Error::msg(format!("sector {sector} is beyond any image")))
 }
 
 pub fn read(args: &ReadArgs) -> Result<()> {

@@ -191,11 +191,9 @@ fn write_nonzero(dst: &dyn BlockDevice, offset: u64, buf: &[u8]) -> Result<()> {
 }
 
 fn slice(buf: &[u8], from: u64, to: u64) -> Result<&[u8]> {
-    usize::try_from(from)
-        .ok()
-        .zip(usize::try_from(to).ok())
-        .and_then(|(from, to)| buf.get(from..to))
-        .ok_or_else(|| Error::invalid("convert", format!("internal: bytes {from}..{to} of a {}-byte buffer", buf.len())))
+    usize::try_from(from).ok().zip(usize::try_from(to).ok()).and_then(|(from, to)| buf.get(from..to)).ok_or_else(|| {
+        Error::invalid("convert", format!("internal: bytes {from}..{to} of a {}-byte buffer", buf.len()))
+    })
 }
 
 /// Copies the first `size` bytes of `src` to the same offsets of `dst`.
@@ -255,6 +253,7 @@ pub fn convert(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::block::{FileOptions, MemoryDevice};
@@ -271,7 +270,11 @@ mod tests {
 
     impl Counting {
         fn new(size: u64) -> Self {
-            Counting { inner: MemoryDevice::new(size), writes: Mutex::new(Vec::new()), write_count: AtomicUsize::new(0) }
+            Counting {
+                inner: MemoryDevice::new(size),
+                writes: Mutex::new(Vec::new()),
+                write_count: AtomicUsize::new(0),
+            }
         }
     }
 

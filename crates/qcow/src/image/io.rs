@@ -98,7 +98,7 @@ impl Meta {
         Ok(bytes)
     }
 
-    fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64, version: u32) -> Result<Vec<ClusterPlan>> {
+    fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64) -> Result<Vec<ClusterPlan>> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
@@ -123,14 +123,12 @@ impl Meta {
             if target.0 == 0 {
                 needs_new += 1;
             }
-            let _ = version;
             plans.push(ClusterPlan { guest_cluster, target, fill, release });
         }
         if needs_new > 0 {
-            let mut next = self.alloc_clusters(dev, needs_new)?;
-            for plan in plans.iter_mut().filter(|p| p.target.0 == 0) {
-                plan.target = HostOffset(next * cs);
-                next += 1;
+            let first = self.alloc_clusters(dev, needs_new)?;
+            for (plan, cluster) in plans.iter_mut().filter(|p| p.target.0 == 0).zip(first..) {
+                plan.target = HostOffset(cluster * cs);
             }
         }
         Ok(plans)
@@ -212,7 +210,7 @@ impl<D: BlockDevice> Image<D> {
         let _owned = self.ranges.lock(first, last + 1);
         let plans = {
             let mut m = self.meta();
-            let plans = m.plan_write(&self.dev, first, last, 3);
+            let plans = m.plan_write(&self.dev, first, last);
             if plans.as_ref().is_ok_and(|p| p.iter().any(|p| p.fill != Fill::InPlace)) {
                 m.mark_dirty(&self.dev)?;
             }

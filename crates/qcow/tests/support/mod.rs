@@ -77,7 +77,11 @@ impl Check {
 pub fn qemu_check(path: &Path) -> Check {
     let out = qemu("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(path).output().unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!("qemu-img check printed no JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "qemu-img check printed no JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     Check { code: out.status.code().unwrap_or(-1), json }
 }
