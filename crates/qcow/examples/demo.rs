@@ -15,7 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("demo.qcow2");
     println!("creating {} (1 GiB, qcow2 v3, 64 KiB clusters)", path.display());
-    let image = Image::create(FileDevice::create(&path, &FileOptions::default())?, &CreateOptions::new(1 << 30), Config::default())?;
+    let image = Image::create(
+        FileDevice::create(&path, &FileOptions::default())?,
+        &CreateOptions::new(1 << 30),
+        Config::default(),
+    )?;
 
     let pattern: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     for (i, offset) in [0u64, 64 << 10, 300 << 20, (1 << 30) - (256 << 10)].into_iter().enumerate() {

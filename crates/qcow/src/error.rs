@@ -105,10 +105,7 @@ impl Error {
 
     /// Builds an [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            op,
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { op, reason: reason.into() }
     }
 
     /// Builds an [`Error::Corrupt`].

@@ -66,7 +66,10 @@ fn read_only_opens_never_modify_the_file_even_when_dirty_or_with_autoclear_bits(
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     qemu_create(&img, "lazy_refcounts=on", "4M");
-    let _ = support::qemu("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x11 0 128k", "-c", "sigraise 9"]).arg(&img).output();
+    let _ = support::qemu("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 0 128k", "-c", "sigraise 9"])
+        .arg(&img)
+        .output();
     poke(&img, 95, &[0x81]);
     let before = std::fs::read(&img).unwrap();
     let image = open_ro(&img).unwrap();
@@ -90,7 +93,11 @@ fn a_read_write_open_clears_unknown_autoclear_bits_and_rebuilds_dirty_refcounts(
         .output();
     poke(&img, 95, &[0x80]);
     let expected = qemu_to_raw(&img, dir.path());
-    assert_ne!(qemu_check(&img).corruptions() + qemu_check(&img).leaks(), 0, "qemu-io was meant to leave stale refcounts");
+    assert_ne!(
+        qemu_check(&img).corruptions() + qemu_check(&img).leaks(),
+        0,
+        "qemu-io was meant to leave stale refcounts"
+    );
     let image = open_rw(&img).unwrap();
     let header = image.header();
     assert_eq!(header.autoclear_features, 0);
@@ -110,7 +117,8 @@ fn lazy_refcount_images_we_write_are_dirty_while_open_and_clean_after_close() {
     let img = dir.path().join("lazy.qcow2");
     let mut opts = CreateOptions::new(16 << 20);
     opts.lazy_refcounts = true;
-    let image = Image::create(FileDevice::create(&img, &FileOptions::default()).unwrap(), &opts, Config::default()).unwrap();
+    let image =
+        Image::create(FileDevice::create(&img, &FileOptions::default()).unwrap(), &opts, Config::default()).unwrap();
     image.write_at(0, &[0x77; 65536]).unwrap();
     image.flush().unwrap();
     let check = qemu_check(&img);
@@ -155,7 +163,10 @@ fn images_with_backing_files_are_refused_by_name_until_backing_support_lands() {
 fn garbage_is_refused_with_a_format_error_not_a_panic() {
     for bytes in [vec![], vec![0u8; 100], b"QFI\xfb\0\0\0\x07".to_vec(), vec![0xffu8; 70000]] {
         let err = Image::open(MemoryDevice::from_bytes(bytes), Config::read_only()).err().expect("refused");
-        assert!(matches!(err.kind(), ErrorKind::Corrupt | ErrorKind::Unsupported | ErrorKind::InvalidArgument), "{err}");
+        assert!(
+            matches!(err.kind(), ErrorKind::Corrupt | ErrorKind::Unsupported | ErrorKind::InvalidArgument),
+            "{err}"
+        );
     }
 }
 

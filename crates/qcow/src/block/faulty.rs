@@ -111,10 +111,7 @@ pub struct FaultyDevice<D: BlockDevice> {
 impl<D: BlockDevice> FaultyDevice<D> {
     /// Wraps `inner`, whose current contents are the durable state.
     pub fn new(inner: D) -> Self {
-        FaultyDevice {
-            inner,
-            state: Mutex::new(State::default()),
-        }
+        FaultyDevice { inner, state: Mutex::new(State::default()) }
     }
 
     /// The inner device: the durable state, without the journal.
@@ -419,12 +416,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             return Err(Error::Disconnected);
         }
         let info = self.check_writable(&st, "write")?;
-        Self::inject(
-            &mut st,
-            FaultyOp::Write,
-            "write",
-            sector.saturating_mul(info.sector_size),
-        )?;
+        Self::inject(&mut st, FaultyOp::Write, "write", sector.saturating_mul(info.sector_size))?;
         let total = check_request(&info, "write", sector, bufs.iter().map(|b| b.len()))?;
         let mut data = Vec::with_capacity(to_usize(total));
         for buf in bufs {
@@ -466,12 +458,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         let info = self.check_writable(&st, "resize")?;
-        Self::inject(
-            &mut st,
-            FaultyOp::Resize,
-            "resize",
-            sectors.saturating_mul(info.sector_size),
-        )?;
+        Self::inject(&mut st, FaultyOp::Resize, "resize", sectors.saturating_mul(info.sector_size))?;
         st.journal.push(Entry::Resize { sectors });
         Ok(())
     }
@@ -480,12 +467,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         let info = self.check_writable(&st, "discard")?;
-        Self::inject(
-            &mut st,
-            FaultyOp::Discard,
-            "discard",
-            sector.saturating_mul(info.sector_size),
-        )?;
+        Self::inject(&mut st, FaultyOp::Discard, "discard", sector.saturating_mul(info.sector_size))?;
         match sector.checked_add(count) {
             Some(end) if end <= info.size_sectors => {}
             _ => {
@@ -603,10 +585,7 @@ mod tests {
     fn requests_are_validated_against_the_journaled_view() {
         let d = dev(2);
         let mut odd = vec![0u8; 100];
-        assert_eq!(
-            d.read(0, &mut [&mut odd]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         assert_eq!(d.write(2, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.resize(4).unwrap();
         assert_eq!(d.info().size_sectors, 4);
@@ -706,11 +685,7 @@ mod tests {
         d.resize(4).unwrap();
         d.write(0, &[&[6; 512]]).unwrap();
         d.power_loss(&|i| i == 1).unwrap();
-        assert_eq!(
-            d.inner().info().size_sectors,
-            2,
-            "the dropped resize leaves the size as it was"
-        );
+        assert_eq!(d.inner().info().size_sectors, 2, "the dropped resize leaves the size as it was");
         assert_eq!(sector(&d.inner().snapshot(), 0), &[6; 512][..]);
 
         // A kept write past a lost resize grows the device as a file would grow.

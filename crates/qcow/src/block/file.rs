@@ -95,10 +95,7 @@ impl FileDevice {
                     0,
                     io::Error::new(
                         io::ErrorKind::Unsupported,
-                        format!(
-                            "O_DIRECT is not supported by the filesystem holding {}: {e}",
-                            path.display()
-                        ),
+                        format!("O_DIRECT is not supported by the filesystem holding {}: {e}", path.display()),
                     ),
                 )
             } else {
@@ -206,9 +203,7 @@ impl FileDevice {
             let hi = end.min(we);
             let win = bounce.slice_mut(to_usize(we - ws))?;
             self.preadv_all(ws, &mut [&mut *win])?;
-            let src = win
-                .get(to_usize(pos - ws)..to_usize(hi - ws))
-                .ok_or_else(|| internal("read", pos))?;
+            let src = win.get(to_usize(pos - ws)..to_usize(hi - ws)).ok_or_else(|| internal("read", pos))?;
             scatter(bufs, to_usize(pos - offset), src);
             pos = hi;
         }
@@ -251,9 +246,7 @@ impl FileDevice {
                     let tail = win.get_mut(at..).ok_or_else(|| internal("write", we))?;
                     self.preadv_all(we - DIRECT_ALIGN, &mut [tail])?;
                 }
-                let dst = win
-                    .get_mut(to_usize(pos - ws)..to_usize(hi - ws))
-                    .ok_or_else(|| internal("write", pos))?;
+                let dst = win.get_mut(to_usize(pos - ws)..to_usize(hi - ws)).ok_or_else(|| internal("write", pos))?;
                 gather(bufs, to_usize(pos - offset), dst);
                 self.pwritev_all(ws, &[&*win])?;
                 written_end = we;
@@ -280,18 +273,11 @@ impl FileDevice {
         loop {
             let mut iov: Vec<libc::iovec> = Vec::new();
             for (i, buf) in bufs.iter_mut().enumerate().skip(at.idx) {
-                let part = if i == at.idx {
-                    buf.get_mut(at.skip..).unwrap_or_default()
-                } else {
-                    &mut **buf
-                };
+                let part = if i == at.idx { buf.get_mut(at.skip..).unwrap_or_default() } else { &mut **buf };
                 if part.is_empty() {
                     continue;
                 }
-                iov.push(libc::iovec {
-                    iov_base: part.as_mut_ptr().cast(),
-                    iov_len: part.len(),
-                });
+                iov.push(libc::iovec { iov_base: part.as_mut_ptr().cast(), iov_len: part.len() });
                 if iov.len() == MAX_IOVECS {
                     break;
                 }
@@ -334,11 +320,7 @@ impl FileDevice {
         loop {
             let mut iov: Vec<libc::iovec> = Vec::new();
             for (i, buf) in bufs.iter().enumerate().skip(at.idx) {
-                let part = if i == at.idx {
-                    buf.get(at.skip..).unwrap_or_default()
-                } else {
-                    *buf
-                };
+                let part = if i == at.idx { buf.get(at.skip..).unwrap_or_default() } else { *buf };
                 if part.is_empty() {
                     continue;
                 }
@@ -381,12 +363,7 @@ impl FileDevice {
         loop {
             // SAFETY: fallocate only acts on the open descriptor; no memory is passed.
             let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    len,
-                )
+                libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
             };
             if r == 0 {
                 return Ok(true);
@@ -572,10 +549,7 @@ fn gather(bufs: &[&[u8]], mut pos: usize, mut dst: &mut [u8]) {
 /// at `end` rounded up if that comes first.
 fn window(pos: u64, end: u64) -> (u64, u64) {
     let ws = pos - pos % DIRECT_ALIGN;
-    let we = end
-        .div_ceil(DIRECT_ALIGN)
-        .saturating_mul(DIRECT_ALIGN)
-        .min(ws.saturating_add(BOUNCE_MAX));
+    let we = end.div_ceil(DIRECT_ALIGN).saturating_mul(DIRECT_ALIGN).min(ws.saturating_add(BOUNCE_MAX));
     (ws, we)
 }
 
@@ -592,19 +566,12 @@ fn to_usize(n: u64) -> usize {
 
 fn to_off_t(op: &'static str, offset: u64) -> Result<libc::off_t> {
     libc::off_t::try_from(offset).map_err(|_| {
-        Error::invalid(
-            op,
-            format!("byte offset {offset:#x} does not fit the operating system's file offsets"),
-        )
+        Error::invalid(op, format!("byte offset {offset:#x} does not fit the operating system's file offsets"))
     })
 }
 
 fn internal(op: &'static str, offset: u64) -> Error {
-    Error::io(
-        op,
-        offset,
-        io::Error::other("bounce buffer bookkeeping went out of range"),
-    )
+    Error::io(op, offset, io::Error::other("bounce buffer bookkeeping went out of range"))
 }
 
 /// A zeroed heap buffer aligned to [`DIRECT_ALIGN`], for `O_DIRECT` transfers; freed on drop.
@@ -620,11 +587,7 @@ impl AlignedBuf {
         // SAFETY: the layout's size is at least 1.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::io(
-                "allocate",
-                0,
-                io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer allocation failed"),
-            )
+            Error::io("allocate", 0, io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer allocation failed"))
         })?;
         Ok(AlignedBuf { ptr, layout })
     }
@@ -656,9 +619,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
     #[test]
@@ -744,10 +705,7 @@ mod tests {
         d.read(1, &mut [&mut last]).unwrap();
         assert_eq!(last, b);
         let mut too_far = vec![0u8; 512];
-        assert_eq!(
-            d.read(2, &mut [&mut too_far]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(2, &mut [&mut too_far]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Writing the last sector makes the length a sector multiple and the size does not change.
         d.write(1, &[&[5; 512]]).unwrap();
         assert_eq!(d.len_bytes(), 1024);
@@ -764,10 +722,7 @@ mod tests {
         assert_eq!(d.info().size_sectors, 2);
         assert_eq!(d.file().metadata().unwrap().len(), 1024);
         let mut buf = vec![0u8; 1536];
-        assert_eq!(
-            d.read(0, &mut [&mut buf]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(0, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.resize(3).unwrap();
         d.read(0, &mut [&mut buf]).unwrap();
         assert_eq!(&buf[..1024], &[9; 1024][..]);
@@ -817,10 +772,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk");
         std::fs::write(&path, vec![3u8; 2048]).unwrap();
-        let opts = FileOptions {
-            read_only: true,
-            direct: false,
-        };
+        let opts = FileOptions { read_only: true, direct: false };
         let d = FileDevice::open(&path, &opts).unwrap();
         assert!(!d.info().read_write);
         assert_eq!(d.write(0, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
@@ -831,10 +783,7 @@ mod tests {
         d.read(3, &mut [&mut buf]).unwrap();
         assert_eq!(buf, vec![3; 512]);
         assert_eq!(std::fs::read(&path).unwrap(), vec![3u8; 2048]);
-        assert_eq!(
-            FileDevice::create(&path, &opts).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(FileDevice::create(&path, &opts).unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]
@@ -938,21 +887,12 @@ mod tests {
     /// O_DIRECT needs a real filesystem (tmpfs may refuse it), so this uses a directory under the working
     /// directory or /var/tmp.
     fn direct_dir() -> tempfile::TempDir {
-        tempfile::tempdir_in(".")
-            .or_else(|_| tempfile::tempdir_in("/var/tmp"))
-            .unwrap()
+        tempfile::tempdir_in(".").or_else(|_| tempfile::tempdir_in("/var/tmp")).unwrap()
     }
 
     fn open_direct(path: &Path, create: bool) -> Option<FileDevice> {
-        let opts = FileOptions {
-            read_only: false,
-            direct: true,
-        };
-        let r = if create {
-            FileDevice::create(path, &opts)
-        } else {
-            FileDevice::open(path, &opts)
-        };
+        let opts = FileOptions { read_only: false, direct: true };
+        let r = if create { FileDevice::create(path, &opts) } else { FileDevice::open(path, &opts) };
         match r {
             Ok(d) => Some(d),
             Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::Unsupported => {
@@ -1023,8 +963,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for round in 0..20u8 {
-                        d.write(u64::from(t), &[&[t.wrapping_mul(20).wrapping_add(round); 512]])
-                            .unwrap();
+                        d.write(u64::from(t), &[&[t.wrapping_mul(20).wrapping_add(round); 512]]).unwrap();
                     }
                 })
             })
@@ -1035,10 +974,7 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         d.read(0, &mut [&mut buf]).unwrap();
         for (t, chunk) in buf.chunks(512).enumerate() {
-            assert!(
-                chunk.iter().all(|&b| b == (t as u8) * 20 + 19),
-                "sector {t} lost its last write"
-            );
+            assert!(chunk.iter().all(|&b| b == (t as u8) * 20 + 19), "sector {t} lost its last write");
         }
     }
 
@@ -1077,10 +1013,7 @@ mod tests {
             println!("note: no /dev/shm, skipping");
             return;
         };
-        let opts = FileOptions {
-            read_only: false,
-            direct: true,
-        };
+        let opts = FileOptions { read_only: false, direct: true };
         match FileDevice::create(dir.path().join("d"), &opts) {
             Ok(d) => {
                 d.resize(1).unwrap();
@@ -1100,10 +1033,7 @@ mod tests {
         let dir = direct_dir();
         let path = dir.path().join("d");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path);
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path);
         match file {
             Ok(f) => assert!(FileDevice::from_file(f, false).unwrap().is_direct()),
             Err(e) => println!("note: skipping O_DIRECT assertion: {e}"),

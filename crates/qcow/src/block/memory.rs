@@ -44,11 +44,7 @@ impl MemoryDevice {
     }
 
     fn from_vec(data: Vec<u8>) -> Self {
-        MemoryDevice {
-            data: RwLock::new(data),
-            read_write: true,
-            disconnected: AtomicBool::new(false),
-        }
+        MemoryDevice { data: RwLock::new(data), read_write: true, disconnected: AtomicBool::new(false) }
     }
 
     /// The same device, refusing writes, resizes and discards with `ReadOnly`.
@@ -80,11 +76,7 @@ impl MemoryDevice {
     }
 
     fn info_for(&self, data: &[u8]) -> Info {
-        Info {
-            sector_size: SECTOR_SIZE,
-            size_sectors: data.len() as u64 / SECTOR_SIZE,
-            read_write: self.read_write,
-        }
+        Info { sector_size: SECTOR_SIZE, size_sectors: data.len() as u64 / SECTOR_SIZE, read_write: self.read_write }
     }
 
     fn check_connected(&self) -> Result<()> {
@@ -130,9 +122,8 @@ impl BlockDevice for MemoryDevice {
         let mut pos = byte_index("read", sector)?;
         for buf in bufs.iter_mut() {
             let end = pos.saturating_add(buf.len());
-            let src = data
-                .get(pos..end)
-                .ok_or_else(|| Error::invalid("read", "range runs past the end of the device"))?;
+            let src =
+                data.get(pos..end).ok_or_else(|| Error::invalid("read", "range runs past the end of the device"))?;
             buf.copy_from_slice(src);
             pos = end;
         }
@@ -262,20 +253,11 @@ mod tests {
     fn requests_are_validated() {
         let d = MemoryDevice::new(4 * 512);
         let mut odd = vec![0u8; 100];
-        assert_eq!(
-            d.read(0, &mut [&mut odd]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         let mut two = vec![0u8; 1024];
-        assert_eq!(
-            d.read(3, &mut [&mut two]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(3, &mut [&mut two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         assert_eq!(d.write(3, &[&two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(
-            d.read(u64::MAX, &mut [&mut two]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(u64::MAX, &mut [&mut two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Empty requests at the end are fine; past the end they are not.
         d.read(4, &mut []).unwrap();
         d.write(4, &[]).unwrap();
@@ -293,10 +275,7 @@ mod tests {
         d.resize(1).unwrap();
         assert_eq!(d.snapshot(), vec![5; 512]);
         let mut buf = vec![0u8; 1024];
-        assert_eq!(
-            d.read(0, &mut [&mut buf]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(0, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Growing again must not resurrect the old bytes.
         d.resize(2).unwrap();
         d.read(0, &mut [&mut buf]).unwrap();

@@ -137,10 +137,7 @@ pub fn check_request(info: &Info, op: &'static str, sector: u64, buf_lens: impl 
         Some(end) if end <= info.size_sectors => Ok(total),
         _ => Err(Error::invalid(
             op,
-            format!(
-                "sectors {sector}..+{sectors} run past the end of the device ({} sectors)",
-                info.size_sectors
-            ),
+            format!("sectors {sector}..+{sectors} run past the end of the device ({} sectors)", info.size_sectors),
         )),
     }
 }

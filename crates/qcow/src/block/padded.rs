@@ -24,10 +24,7 @@ pub struct Padded<D: BlockDevice> {
 impl<D: BlockDevice> Padded<D> {
     /// Wraps `inner`.
     pub fn new(inner: D) -> Self {
-        Padded {
-            inner,
-            disconnected: AtomicBool::new(false),
-        }
+        Padded { inner, disconnected: AtomicBool::new(false) }
     }
 
     /// The wrapped device.
@@ -71,10 +68,7 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
         }
         let sectors = total / sector_size;
         if sector.checked_add(sectors).is_none() {
-            return Err(Error::invalid(
-                "read",
-                format!("sectors {sector}..+{sectors} overflow the sector numbers"),
-            ));
+            return Err(Error::invalid("read", format!("sectors {sector}..+{sectors} overflow the sector numbers")));
         }
 
         let size = info.size_sectors;
@@ -247,25 +241,13 @@ mod tests {
     fn non_sector_buffers_are_refused() {
         let d = device();
         let mut odd = vec![0u8; 100];
-        assert_eq!(
-            d.read(0, &mut [&mut odd]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Also past the end, where nothing would be read from the inner device.
-        assert_eq!(
-            d.read(10, &mut [&mut odd]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(10, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         let mut good = vec![0u8; 512];
-        assert_eq!(
-            d.read(3, &mut [&mut good, &mut odd]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(3, &mut [&mut good, &mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         let mut buf = vec![0u8; 1024];
-        assert_eq!(
-            d.read(u64::MAX, &mut [&mut buf]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.read(u64::MAX, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]
@@ -275,10 +257,7 @@ mod tests {
         assert_eq!(&d.inner().snapshot()[3 * 512..], &[9; 512][..]);
         // Writes past the end fail as the inner device fails them.
         assert_eq!(d.write(4, &[&[9; 512]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(
-            d.write(3, &[&[9; 1024]]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(d.write(3, &[&[9; 1024]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.flush().unwrap();
         d.resize(6).unwrap();
         assert_eq!(d.info().size_sectors, 6);
@@ -299,10 +278,7 @@ mod tests {
         d.disconnect();
         let mut buf = vec![0u8; 512];
         assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(
-            d.read(3, &mut [&mut buf, &mut vec![0u8; 512]]),
-            Err(Error::Disconnected)
-        ));
+        assert!(matches!(d.read(3, &mut [&mut buf, &mut vec![0u8; 512]]), Err(Error::Disconnected)));
         assert!(matches!(d.read(100, &mut [&mut buf]), Err(Error::Disconnected)));
         assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
@@ -319,10 +295,7 @@ mod tests {
         inner.disconnect();
         let mut buf = vec![0u8; 512];
         assert!(matches!(d.read(10, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(
-            d.read(1, &mut [&mut buf, &mut vec![0u8; 512]]),
-            Err(Error::Disconnected)
-        ));
+        assert!(matches!(d.read(1, &mut [&mut buf, &mut vec![0u8; 512]]), Err(Error::Disconnected)));
     }
 
     #[test]

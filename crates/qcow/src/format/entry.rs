@@ -177,10 +177,7 @@ mod tests {
     fn compressed_descriptor_decodes_as_qemu_writes_it() {
         // 64 KiB clusters: x = 54; 3 sectors => field 2; offset 0x12345.
         let e = L2Entry(COMPRESSED | (2 << 54) | 0x12345);
-        assert_eq!(
-            e.kind(&G),
-            Ok(L2Kind::Compressed { host: HostOffset(0x12345), len: 3 * 512 - 0x145 })
-        );
+        assert_eq!(e.kind(&G), Ok(L2Kind::Compressed { host: HostOffset(0x12345), len: 3 * 512 - 0x145 }));
         assert_eq!(e.host_cluster(), None);
     }
 

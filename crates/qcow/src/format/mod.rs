@@ -13,5 +13,7 @@ mod refcount;
 pub use entry::{L1Entry, L2Entry, L2Kind};
 pub use error::FormatError;
 pub use geometry::{Geometry, GuestOffset, HostOffset};
-pub use header::{l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC};
+pub use header::{
+    l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC,
+};
 pub use refcount::RefcountBlock;

@@ -89,9 +89,8 @@ impl FromStr for Config {
     fn from_str(s: &str) -> Result<Self, Error> {
         let mut config = Config::default();
         for pair in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| Error::invalid("config", format!("{pair:?} is not key=value")))?;
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| Error::invalid("config", format!("{pair:?} is not key=value")))?;
             match key {
                 "id" => config.id = Some(value.to_string()),
                 "discard" => config.discard = parse_bool(key, value)?,

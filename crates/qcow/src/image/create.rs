@@ -21,10 +21,8 @@ impl<D: BlockDevice> Image<D> {
         if config.read_only || !device.info().read_write {
             return Err(Error::ReadOnly { op: "create" });
         }
-        let size = options
-            .size
-            .checked_next_multiple_of(512)
-            .ok_or_else(|| Error::invalid("create", "size overflows"))?;
+        let size =
+            options.size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("create", "size overflows"))?;
         let cluster_bits = options.cluster_size.trailing_zeros();
         let refcount_order = options.refcount_bits.trailing_zeros();
         let geo = Geometry { cluster_bits, refcount_order, extended_l2: false };

@@ -166,7 +166,10 @@ impl<D: BlockDevice> Image<D> {
         check_aligned("read", offset, buf.len())?;
         let limit = self.virtual_size().next_multiple_of(512);
         if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
-            return Err(Error::invalid("read", format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len())));
+            return Err(Error::invalid(
+                "read",
+                format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len()),
+            ));
         }
         if buf.is_empty() {
             return Ok(());
@@ -198,7 +201,10 @@ impl<D: BlockDevice> Image<D> {
         check_aligned("write", offset, buf.len())?;
         let limit = self.virtual_size().next_multiple_of(512);
         if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
-            return Err(Error::invalid("write", format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len())));
+            return Err(Error::invalid(
+                "write",
+                format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len()),
+            ));
         }
         if buf.is_empty() {
             return Ok(());

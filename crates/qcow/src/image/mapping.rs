@@ -80,7 +80,10 @@ impl Meta {
             let Some(l2) = l2 else {
                 // The whole L2 span is unallocated: skip it in one step.
                 let span_end = ((l1_index + 1) * geo.l2_span()).min(end);
-                push(&mut extents, Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated });
+                push(
+                    &mut extents,
+                    Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated },
+                );
                 pos = span_end;
                 continue;
             };

@@ -45,7 +45,8 @@ fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Bo
 /// Writes metadata bytes, growing the device first when they end past it (qemu-img leaves files that end
 /// inside their last cluster).
 pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
-    let end = offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
+    let end =
+        offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
     let info = dev.info();
     if end > info.size_bytes() {
         dev.resize(end.div_ceil(info.sector_size.max(1)))?;
@@ -239,6 +240,11 @@ impl Meta {
     pub fn alloc_clusters(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
         let rbe = self.geo.refcount_block_entries();
         let n = n.max(1);
+        // A new refcount block sits on the first cluster it describes, so first fit can never find a run as
+        // long as a block's span; long runs go past the end of the file instead.
+        if n >= rbe / 2 {
+            return self.alloc_at_end(dev, n);
+        }
         loop {
             let start = self.free_hint;
             let mut first_free = None;
@@ -276,6 +282,49 @@ impl Meta {
             };
             self.reserve_to(dev, run_start + n)?;
             return Ok(run_start);
+        }
+    }
+
+    /// Allocates `n` contiguous clusters past the end of the file. Refcount blocks the area needs are placed
+    /// right after it and describe it and themselves.
+    fn alloc_at_end(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
+        let rbe = self.geo.refcount_block_entries();
+        loop {
+            let start = self.end_cluster;
+            let mut missing: Vec<u64> = Vec::new();
+            loop {
+                let end = start + n + missing.len() as u64;
+                let now: Vec<u64> = (start / rbe..=(end - 1) / rbe)
+                    .filter(|b| self.reftable.get(*b as usize).is_none_or(|e| *e & !0x1ff == 0))
+                    .collect();
+                if now.len() == missing.len() {
+                    break;
+                }
+                missing = now;
+            }
+            if let Some(&last) = missing.last() {
+                if last >= self.reftable.len() as u64 {
+                    self.grow_reftable(dev, last + 1)?;
+                    continue;
+                }
+            }
+            let blocks_at = start + n;
+            let end = blocks_at + missing.len() as u64;
+            let cs = self.geo.cluster_size();
+            for (i, &block) in missing.iter().enumerate() {
+                let offset = (blocks_at + i as u64) * cs;
+                let bytes = vec![0u8; cs as usize].into_boxed_slice();
+                self.cache.insert(offset, TableKind::RefcountBlock, bytes, true);
+                if let Some(slot) = self.reftable.get_mut(block as usize) {
+                    *slot = offset;
+                }
+                self.reftable_dirty.insert(block * 8 / cs);
+            }
+            self.reserve_to(dev, end)?;
+            for cluster in start..end {
+                self.set_refcount(dev, cluster, 1)?;
+            }
+            return Ok(start);
         }
     }
 

@@ -58,7 +58,11 @@ impl Meta {
         counts.add(0, "header outside the file", 0)?;
         if include_refcounts {
             let table = self.header.refcount_table_offset;
-            counts.add_range(table, u64::from(self.header.refcount_table_clusters) * cs, "refcount table outside the file")?;
+            counts.add_range(
+                table,
+                u64::from(self.header.refcount_table_clusters) * cs,
+                "refcount table outside the file",
+            )?;
             for (i, &entry) in self.reftable.iter().enumerate() {
                 let block = entry & !0x1ff;
                 if block != 0 {

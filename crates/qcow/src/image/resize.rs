@@ -130,7 +130,8 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` for a refused shrink or a size the L1 table cannot map, `ReadOnly`, `Io`, `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.check_writable("resize")?;
-        let new_size = new_size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("resize", "size overflows"))?;
+        let new_size =
+            new_size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("resize", "size overflows"))?;
         let _exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let old_size = self.virtual_size();
         if new_size == old_size {

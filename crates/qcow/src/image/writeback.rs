@@ -131,8 +131,9 @@ impl Meta {
             let mut blocks = 0;
             let new_blocks = loop {
                 let end = start + table_clusters + blocks;
-                let missing: Vec<u64> =
-                    (start / rbe..=(end - 1) / rbe).filter(|b| self.reftable.get(*b as usize).is_none_or(|e| *e == 0)).collect();
+                let missing: Vec<u64> = (start / rbe..=(end - 1) / rbe)
+                    .filter(|b| self.reftable.get(*b as usize).is_none_or(|e| *e == 0))
+                    .collect();
                 if missing.len() as u64 == blocks {
                     break missing;
                 }
