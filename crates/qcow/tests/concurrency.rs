@@ -10,17 +10,44 @@
 
 mod support;
 
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Barrier;
+use std::time::Duration;
 
 use qcow::block::{FileDevice, FileOptions};
 use qcow::{Config, CreateOptions, Image};
-use support::{assert_clean, assert_matches_model, Rng};
+use support::{assert_clean, qemu_compare_raw, Rng};
 
 const WRITERS: usize = 8;
 const READERS: usize = 2;
 const MAGIC: u64 = 0xa5;
 const NOBODY: u8 = u8::MAX;
+
+/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
+/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
+/// process).
+fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(what.chars().take(40).collect())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        })
+        .unwrap();
+    match wait.recv_timeout(Duration::from_secs(secs)) {
+        Ok(()) => worker.join().unwrap(),
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
+    }
+}
 
 /// Which thread owns each sector of the disk.
 struct Layout {
@@ -32,6 +59,8 @@ struct Layout {
     shared: Vec<Vec<u64>>,
     /// For each writer: its own region, as a sector range.
     region: Vec<(u64, u64)>,
+    /// The first sector of each shared cluster.
+    shared_clusters: Vec<u64>,
 }
 
 impl Layout {
@@ -42,10 +71,12 @@ impl Layout {
         let cs_sectors = cluster_size / 512;
         let mut owner = vec![NOBODY; sectors as usize];
         let mut shared = vec![Vec::new(); WRITERS];
+        let mut shared_starts = Vec::new();
         // Shared clusters sit in the first half of the disk, spaced so that they fall into many L2 tables.
         let stride = (size / 2 / cluster_size / shared_clusters).max(1);
         for k in 0..shared_clusters {
             let first = k * stride * cs_sectors;
+            shared_starts.push(first);
             for s in first..first + cs_sectors {
                 let t = (s % WRITERS as u64) as usize;
                 owner[s as usize] = t as u8;
@@ -62,7 +93,15 @@ impl Layout {
             }
             region.push((start, end));
         }
-        Layout { cluster_size, size, owner, shared, region }
+        Layout { cluster_size, size, owner, shared, region, shared_clusters: shared_starts }
+    }
+
+    /// Every written-to extent, as sector ranges: the shared clusters and the regions.
+    fn extents(&self) -> Vec<(u64, u64)> {
+        let cs_sectors = self.cluster_size / 512;
+        let mut v: Vec<(u64, u64)> = self.shared_clusters.iter().map(|&s| (s, s + cs_sectors)).collect();
+        v.extend(self.region.iter().copied());
+        v
     }
 }
 
@@ -113,7 +152,7 @@ fn validate(layout: &Layout, sector: u64, buf: &[u8], who: &str) {
 /// back as it goes. Returns the last generation it wrote to each sector it owns.
 fn writer(image: &Image<FileDevice>, layout: &Layout, t: usize, seed: u64, start: &Barrier) -> Vec<(u64, u64)> {
     let mut rng = Rng(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut generation: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut generation: HashMap<u64, u64> = HashMap::new();
     let mut sector_buf = vec![0u8; 512];
     let mut back = vec![0u8; 512];
     start.wait();
@@ -128,7 +167,7 @@ fn writer(image: &Image<FileDevice>, layout: &Layout, t: usize, seed: u64, start
     }
     let (rstart, rend) = layout.region[t];
     let cs_sectors = layout.cluster_size / 512;
-    for n in 0..(layout.shared[t].len() + 96) {
+    for n in 0..(layout.shared[t].len() + 192) {
         if rng.below(3) == 0 {
             // An overwrite (or first write) of a shared sector, racing the other writers of its cluster.
             let s = layout.shared[t][rng.below(layout.shared[t].len() as u64) as usize];
@@ -160,15 +199,24 @@ fn writer(image: &Image<FileDevice>, layout: &Layout, t: usize, seed: u64, start
     generation.into_iter().collect()
 }
 
-/// One reader: random reads anywhere on the disk until the writers are done, each validated sector by sector.
+/// One reader: random reads until the writers are done, mostly around the shared clusters (where the allocation
+/// races are) and the regions, each validated sector by sector.
 fn reader(image: &Image<FileDevice>, layout: &Layout, r: usize, seed: u64, done: &AtomicBool, reads: &AtomicU64) {
     let mut rng = Rng(seed ^ 0x0dd0_0000 ^ r as u64);
     let sectors = layout.size / 512;
     let cs_sectors = layout.cluster_size / 512;
-    let half = sectors / 2;
     while !done.load(Ordering::Acquire) {
-        // Mostly the shared clusters, where the allocation races are.
-        let s = if rng.below(4) == 0 { rng.below(sectors) } else { rng.below(half) };
+        let s = match rng.below(10) {
+            0..=5 => {
+                let c = layout.shared_clusters[rng.below(layout.shared_clusters.len() as u64) as usize];
+                (c + rng.below(cs_sectors)).saturating_sub(rng.below(cs_sectors))
+            }
+            6..=8 => {
+                let (a, b) = layout.region[rng.below(WRITERS as u64) as usize];
+                a + rng.below(b - a)
+            }
+            _ => rng.below(sectors),
+        };
         let count = (1 + rng.below(2 * cs_sectors)).min(sectors - s);
         let mut buf = vec![0u8; (count * 512) as usize];
         image.read_at(s * 512, &mut buf).unwrap_or_else(|e| panic!("reader {r}: read sectors {s}+{count}: {e}"));
@@ -177,7 +225,13 @@ fn reader(image: &Image<FileDevice>, layout: &Layout, r: usize, seed: u64, done:
     }
 }
 
+/// Runs one scenario with a deadline: a deadlock fails the test instead of stalling the suite.
 fn run(cluster_size: u64, size: u64, shared_clusters: u64, region_bytes: u64, config: Config, seed: u64) {
+    let what = format!("cluster size {cluster_size}, cache {} bytes, seed {seed:#x}", config.cache_size);
+    with_deadline(300, &what, move || scenario(cluster_size, size, shared_clusters, region_bytes, config, seed));
+}
+
+fn scenario(cluster_size: u64, size: u64, shared_clusters: u64, region_bytes: u64, config: Config, seed: u64) {
     let what = format!("cluster size {cluster_size}, cache {} bytes, seed {seed:#x}", config.cache_size);
     let layout = Layout::new(cluster_size, size, shared_clusters, region_bytes);
     let dir = tempfile::tempdir().unwrap();
@@ -222,36 +276,57 @@ fn run(cluster_size: u64, size: u64, shared_clusters: u64, region_bytes: u64, co
     });
     assert!(reads.load(Ordering::Relaxed) > 0, "{what}: the readers never read");
 
-    let mut model = vec![0u8; size as usize];
-    for (t, gens) in generations.iter().enumerate() {
-        for &(s, g) in gens {
-            stamp(&mut model[(s * 512) as usize..][..512], t, s, g);
-        }
-    }
+    // The expected disk, extent by extent: every owned sector holds its owner's last generation (or zeros if
+    // never written); everything else is zeros. Also written, sparsely, as a raw file for qemu-img compare.
+    let last: HashMap<u64, (usize, u64)> =
+        generations.iter().enumerate().flat_map(|(t, gens)| gens.iter().map(move |&(s, g)| (s, (t, g)))).collect();
+    let raw_path = dir.path().join("expected.raw");
+    let raw = std::fs::File::create(&raw_path).unwrap();
+    raw.set_len(size).unwrap();
     image.flush().unwrap();
-    let mut all = vec![0u8; size as usize];
-    image.read_at(0, &mut all).unwrap();
-    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
-        let s = i as u64 / 512;
-        validate(&layout, s, &all[(s * 512) as usize..][..512], &format!("{what}: final read"));
-        panic!(
-            "{what}: final read differs from the model at guest {i:#x} (sector {s}, owner {}): a write was lost",
-            layout.owner[s as usize]
-        );
+    for (start, end) in layout.extents() {
+        let mut want = vec![0u8; ((end - start) * 512) as usize];
+        for s in start..end {
+            if let Some(&(t, g)) = last.get(&s) {
+                stamp(&mut want[((s - start) * 512) as usize..][..512], t, s, g);
+            }
+        }
+        let mut got = vec![0u8; want.len()];
+        image.read_at(start * 512, &mut got).unwrap();
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            let s = start + i as u64 / 512;
+            validate(&layout, s, &got[(i / 512 * 512)..][..512], &format!("{what}: final read"));
+            panic!(
+                "{what}: final read differs from the model at guest {:#x} (sector {s}, owner {}): a write was lost",
+                start * 512 + i as u64,
+                layout.owner[s as usize]
+            );
+        }
+        raw.write_all_at(&want, start * 512).unwrap();
     }
+    // Between the extents: a sample of never-written clusters must read as zeros.
+    let mut rng = Rng(seed ^ 0x2e60);
+    let cs_sectors = cluster_size / 512;
+    for _ in 0..256 {
+        let s = rng.below(size / 512 - cs_sectors);
+        let mut got = vec![0u8; cluster_size as usize];
+        image.read_at(s * 512, &mut got).unwrap();
+        validate(&layout, s, &got, &format!("{what}: final read"));
+    }
+    drop(raw);
     image.close().unwrap();
     assert_clean(&path);
-    assert_matches_model(&path, &model);
+    assert!(qemu_compare_raw(&path, &raw_path), "{what}: qemu-img compare: the image differs from the model");
 }
 
 #[test]
 fn eight_threads_allocating_shared_4k_clusters_keep_every_sector_with_its_owner() {
-    run(4096, 64 << 20, 256, 512 << 10, Config::default(), 0xc0c0_0001);
+    run(4096, 64 << 20, 1024, 512 << 10, Config::default(), 0xc0c0_0001);
 }
 
 #[test]
 fn eight_threads_allocating_shared_64k_clusters_keep_every_sector_with_its_owner() {
-    run(65536, 64 << 20, 16, 1 << 20, Config::default(), 0xc0c0_0002);
+    run(65536, 1 << 30, 64, 1 << 20, Config::default(), 0xc0c0_0002);
 }
 
 #[test]
@@ -259,12 +334,13 @@ fn eight_threads_with_a_small_metadata_cache_keep_every_sector_with_its_owner_at
     // 64 KiB of cache is 16 tables: the 32 L2 tables of a 64 MiB disk at 4 KiB clusters keep evicting each
     // other (and the refcount blocks) while the writers run.
     let config = Config { cache_size: 64 * 1024, ..Config::default() };
-    run(4096, 64 << 20, 256, 512 << 10, config, 0xc0c0_0003);
+    run(4096, 64 << 20, 1024, 512 << 10, config, 0xc0c0_0003);
 }
 
 #[test]
 fn eight_threads_with_a_small_metadata_cache_keep_every_sector_with_its_owner_at_64k_clusters() {
-    // 64 KiB of cache is a single 64 KiB table: L1, L2 and refcount blocks evict each other constantly.
+    // 64 KiB of cache is one 64 KiB table, which the cache raises to its minimum of four. An 8 GiB disk spreads
+    // the writers over 16 L2 tables (each maps 512 MiB), so L1, L2 and refcount clusters keep evicting each other.
     let config = Config { cache_size: 64 * 1024, ..Config::default() };
-    run(65536, 64 << 20, 16, 1 << 20, config, 0xc0c0_0004);
+    run(65536, 8 << 30, 64, 1 << 20, config, 0xc0c0_0004);
 }

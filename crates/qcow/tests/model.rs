@@ -12,7 +12,9 @@
 mod support;
 
 use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
@@ -28,6 +30,29 @@ impl Drop for OnFailure {
         if std::thread::panicking() {
             eprintln!("FAILED: {}", self.0);
         }
+    }
+}
+
+/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
+/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
+/// process).
+fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(what.chars().take(40).collect())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        })
+        .unwrap();
+    match wait.recv_timeout(Duration::from_secs(secs)) {
+        Ok(()) => worker.join().unwrap(),
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
     }
 }
 
@@ -228,6 +253,8 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
     let mut model = vec![0u8; initial as usize];
     let mut earlier: Vec<(u64, u64)> = Vec::new();
     let mut counts = [0usize; 5];
+    // QCOW_MODEL_TRACE=1 prints every operation, to turn a failure into a reproduction.
+    let trace = std::env::var_os("QCOW_MODEL_TRACE").is_some();
     for step in 0..steps {
         let size = model.len() as u64;
         match rng.below(100) {
@@ -238,6 +265,9 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                 let mut data = vec![0u8; len as usize];
                 if rng.below(12) != 0 {
                     fill_random(&mut rng, &mut data);
+                }
+                if trace {
+                    eprintln!("step {step}: write_at({offset:#x}, {len:#x} bytes)");
                 }
                 image
                     .write_at(offset, &data)
@@ -251,6 +281,9 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
             75..=84 => {
                 counts[1] += 1;
                 let new = pick_size(&mut rng, cs, min, max);
+                if trace {
+                    eprintln!("step {step}: resize({size} -> {new})");
+                }
                 if new < size {
                     let refused = image.resize(new, false);
                     assert!(refused.is_err(), "step {step}: shrink {size} -> {new} without allow_shrink succeeded");
@@ -267,13 +300,19 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
             }
             85..=92 => {
                 counts[2] += 1;
+                if trace {
+                    eprintln!("step {step}: flush");
+                }
                 image.flush().unwrap_or_else(|e| panic!("step {step}: flush: {e}"));
             }
             _ => {
                 counts[3] += 1;
+                if trace {
+                    eprintln!("step {step}: close and reopen");
+                }
                 image.close().unwrap_or_else(|e| panic!("step {step}: close: {e}"));
-                image = Image::open(store.reopen(), layout.config())
-                    .unwrap_or_else(|e| panic!("step {step}: reopen: {e}"));
+                image =
+                    Image::open(store.reopen(), layout.config()).unwrap_or_else(|e| panic!("step {step}: reopen: {e}"));
                 verify_all(&image, &model, &format!("step {step}: after reopen"));
             }
         }
@@ -290,17 +329,24 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
     assert_matches_model(&path, &model);
 }
 
+/// A sequence normally takes about a second; this leaves room for a slow, loaded machine.
+const DEADLINE_SECS: u64 = 120;
+
 fn on_memory(layout: Layout, seed: u64, steps: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    run_sequence(MemoryStore { dir: dir.path().to_path_buf(), current: None }, layout, seed, steps);
+    with_deadline(DEADLINE_SECS, &format!("memory sequence {seed:#x}"), move || {
+        let dir = tempfile::tempdir().unwrap();
+        run_sequence(MemoryStore { dir: dir.path().to_path_buf(), current: None }, layout, seed, steps);
+    });
 }
 
 fn on_file(layout: Layout, seed: u64, steps: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    run_sequence(FileStore { path: dir.path().join("image.qcow2") }, layout, seed, steps);
+    with_deadline(DEADLINE_SECS, &format!("file sequence {seed:#x}"), move || {
+        let dir = tempfile::tempdir().unwrap();
+        run_sequence(FileStore { path: dir.path().join("image.qcow2") }, layout, seed, steps);
+    });
 }
 
-const STEPS: usize = 160;
+const STEPS: usize = 400;
 
 #[test]
 fn random_operations_match_the_model_on_memory_with_512_byte_clusters_and_1_bit_refcounts() {
@@ -376,6 +422,65 @@ fn random_operations_match_the_model_on_file_with_a_tiny_metadata_cache_and_512_
     on_file(layout, 0x5eed_0105, STEPS);
 }
 
+/// One write that needs more new clusters than a refcount block describes (with 512-byte clusters: 64 clusters
+/// at 64-bit refcounts, 256 at 16-bit, 4096 at 1-bit; with 4 KiB clusters and 64-bit refcounts, 512), so its
+/// contiguous run of clusters must span refcount blocks that do not exist yet.
+#[test]
+fn a_single_write_spanning_more_clusters_than_a_refcount_block_covers_completes() {
+    for (cluster_size, refcount_bits, clusters) in
+        [(512u64, 64u64, 64u64), (512, 16, 300), (512, 1, 4100), (4096, 64, 520)]
+    {
+        let what = format!("{clusters} clusters of {cluster_size} bytes at {refcount_bits}-bit refcounts in one write");
+        let layout = Layout::new(cluster_size, refcount_bits, Compat::V3);
+        let w = what.clone();
+        with_deadline(30, &what, move || {
+            let _report = OnFailure(w.clone());
+            let size = 8 << 20;
+            let dev = Arc::new(MemoryDevice::new(0));
+            let image = Image::create(dev.clone(), &layout.create_options(size), layout.config()).unwrap();
+            let mut data = vec![0u8; (clusters * cluster_size) as usize];
+            fill_random(&mut Rng(clusters), &mut data);
+            image.write_at(cluster_size, &data).unwrap_or_else(|e| panic!("{w}: {e}"));
+            let mut model = vec![0u8; size as usize];
+            model[cluster_size as usize..][..data.len()].copy_from_slice(&data);
+            verify_all(&image, &model, &w);
+            image.close().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("image.qcow2");
+            std::fs::write(&path, dev.snapshot()).unwrap();
+            assert_clean(&path);
+            assert_matches_model(&path, &model);
+        });
+    }
+}
+
+/// The smallest sequence the tiny-cache model test was reduced to: with room for four metadata clusters, a flush
+/// and two writes that each need a new L2 table must not lose the data mapped by the first L2 table.
+#[test]
+fn a_small_metadata_cache_evicting_l2_tables_keeps_earlier_data() {
+    with_deadline(30, "small cache eviction", || {
+        let layout = Layout { cache_size: 4 * 4096, ..Layout::new(4096, 16, Compat::V3) };
+        let size: u64 = 8 << 20;
+        let dev = Arc::new(MemoryDevice::new(0));
+        let image = Image::create(dev.clone(), &layout.create_options(size), layout.config()).unwrap();
+        let mut model = vec![0u8; size as usize];
+        for (offset, byte, flush) in [(0u64, 1u8, true), (4 << 20, 2, false), (2 << 20, 3, false)] {
+            image.write_at(offset, &[byte; 4096]).unwrap();
+            model[offset as usize..][..4096].fill(byte);
+            if flush {
+                image.flush().unwrap();
+            }
+            verify_all(&image, &model, &format!("after writing {byte:#x}s at {offset:#x}"));
+        }
+        image.close().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.qcow2");
+        std::fs::write(&path, dev.snapshot()).unwrap();
+        assert_clean(&path);
+        assert_matches_model(&path, &model);
+    });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The proptest variant: generated operation sequences on MemoryDevice, checked against the model after every
 // operation (no QEMU in the loop).
@@ -383,9 +488,15 @@ fn random_operations_match_the_model_on_file_with_a_tiny_metadata_cache_and_512_
 #[derive(Debug, Clone)]
 enum PropOp {
     /// Write `sectors` sectors at `at` (taken modulo the disk), filled from `byte`.
-    Write { at: u32, sectors: u16, byte: u8 },
+    Write {
+        at: u32,
+        sectors: u16,
+        byte: u8,
+    },
     /// Resize to `kib` KiB (at least 64), shrinking allowed.
-    Resize { kib: u16 },
+    Resize {
+        kib: u16,
+    },
     Flush,
     Reopen,
 }
@@ -400,14 +511,15 @@ fn prop_op() -> impl Strategy<Value = PropOp> {
 }
 
 fn prop_layout() -> impl Strategy<Value = Layout> {
-    (prop::sample::select(vec![512u64, 4096, 65536]), prop::sample::select(vec![1u64, 16, 64]), any::<bool>())
-        .prop_map(|(cluster_size, refcount_bits, v2)| {
+    (prop::sample::select(vec![512u64, 4096, 65536]), prop::sample::select(vec![1u64, 16, 64]), any::<bool>()).prop_map(
+        |(cluster_size, refcount_bits, v2)| {
             if v2 {
                 Layout::new(cluster_size, 16, Compat::V2)
             } else {
                 Layout::new(cluster_size, refcount_bits, Compat::V3)
             }
-        })
+        },
+    )
 }
 
 /// The bytes of a generated write: `byte` varied by position, so misplaced sectors show.
@@ -415,7 +527,13 @@ fn prop_data(byte: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| byte ^ (i / 512) as u8 ^ (i as u8).rotate_left(3)).collect()
 }
 
-fn prop_check(image: &Image<Arc<MemoryDevice>>, model: &[u8], offset: u64, len: u64, what: &str) -> Result<(), TestCaseError> {
+fn prop_check(
+    image: &Image<Arc<MemoryDevice>>,
+    model: &[u8],
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(image.virtual_size(), model.len() as u64, "{}: virtual size", what);
     let mut got = vec![0u8; len as usize];
     image.read_at(offset, &mut got).map_err(|e| TestCaseError::fail(format!("{what}: read: {e}")))?;
@@ -454,7 +572,8 @@ fn prop_sequence(layout: Layout, ops: &[PropOp]) -> Result<(), TestCaseError> {
             PropOp::Reopen => {
                 image.close().map_err(|e| fail(format!("step {step}: close: {e}")))?;
                 dev = Arc::new(MemoryDevice::from_bytes(dev.snapshot()));
-                image = Image::open(dev.clone(), layout.config()).map_err(|e| fail(format!("step {step}: open: {e}")))?;
+                image =
+                    Image::open(dev.clone(), layout.config()).map_err(|e| fail(format!("step {step}: open: {e}")))?;
                 prop_check(&image, &model, 0, model.len() as u64, &format!("step {step}: after reopen"))?;
             }
         }
@@ -475,13 +594,27 @@ fn prop_sequence(layout: Layout, ops: &[PropOp]) -> Result<(), TestCaseError> {
 fn generated_operation_sequences_match_the_model() {
     let config = ProptestConfig {
         cases: 16,
+        // Shrinking a hanging case costs a deadline per attempt; a few attempts are enough to simplify it.
+        max_shrink_iters: 6,
         failure_persistence: None,
         rng_seed: RngSeed::Fixed(0x9e37_79b9_7f4a_7c15),
         ..ProptestConfig::default()
     };
     let mut runner = TestRunner::new(config);
     let strategy = (prop_layout(), prop::collection::vec(prop_op(), 1..40));
-    let result = runner.run(&strategy, |(layout, ops)| prop_sequence(layout, &ops));
+    let result = runner.run(&strategy, |(layout, ops)| {
+        // A case takes milliseconds; one that hangs fails (and leaves its thread behind) instead of stalling.
+        let (done, wait) = mpsc::channel();
+        let case = format!("{layout:?} {ops:?}");
+        std::thread::spawn(move || {
+            let _ = done.send(prop_sequence(layout, &ops));
+        });
+        match wait.recv_timeout(Duration::from_secs(5)) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(TestCaseError::fail(format!("hung for 5 s: {case}"))),
+            Err(RecvTimeoutError::Disconnected) => Err(TestCaseError::fail(format!("panicked: {case}"))),
+        }
+    });
     if let Err(e) = result {
         panic!("generated sequence failed (proptest seed 0x9e3779b97f4a7c15): {e}");
     }

@@ -75,7 +75,7 @@ impl MetadataCache {
         self.tick += 1;
         self.slots.insert(offset, Slot { bytes, kind, dirty, tick: self.tick });
         self.lru.insert(self.tick, offset);
-        self.evict();
+        self.evict(Some(offset));
     }
 
     /// Drops a cluster from the cache, dirty or not (used when the cluster itself is freed or replaced).
@@ -85,7 +85,9 @@ impl MetadataCache {
         }
     }
 
-    fn evict(&mut self) {
+    /// Drops the least recently used clean clusters beyond the budget, never `keep` (the cluster a caller is
+    /// about to use).
+    fn evict(&mut self, keep: Option<u64>) {
         if self.slots.len() <= self.capacity {
             return;
         }
@@ -93,7 +95,7 @@ impl MetadataCache {
         let victims: Vec<(u64, u64)> = self
             .lru
             .iter()
-            .filter(|(_, off)| self.slots.get(off).is_some_and(|s| !s.dirty))
+            .filter(|(_, off)| Some(**off) != keep && self.slots.get(off).is_some_and(|s| !s.dirty))
             .take(excess)
             .map(|(t, o)| (*t, *o))
             .collect();
@@ -129,7 +131,7 @@ impl MetadataCache {
 
     /// Evicts clean clusters beyond the budget (after a writeback made some clean).
     pub fn shrink(&mut self) {
-        self.evict();
+        self.evict(None);
     }
 
     /// Drops every clean cluster.
@@ -160,6 +162,16 @@ mod tests {
         assert_eq!(c.dirty(TableKind::L2), vec![0]);
         c.mark_clean(0);
         assert!(c.dirty(TableKind::L2).is_empty());
+    }
+
+    #[test]
+    fn a_freshly_inserted_cluster_survives_even_when_every_other_one_is_dirty() {
+        let mut c = MetadataCache::new(4);
+        for i in 0..4u64 {
+            c.insert(i * 512, TableKind::L2, vec![0; 512].into(), true);
+        }
+        c.insert(4 * 512, TableKind::L2, vec![9; 512].into(), false);
+        assert_eq!(c.get(4 * 512).map(|b| b[0]), Some(9));
     }
 
     #[test]

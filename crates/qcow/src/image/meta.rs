@@ -100,8 +100,8 @@ impl Meta {
     pub fn l1_entry(&mut self, dev: &dyn BlockDevice, index: u64) -> Result<L1Entry> {
         let (cluster, at) = self.l1_slot(index)?;
         self.load(dev, cluster, TableKind::L1)?;
-        let raw = self.cache.get(cluster).and_then(|c| c.get(at..at + 8)).map(be64).unwrap_or(0);
-        let entry = L1Entry(raw);
+        let raw = self.cache.get(cluster).and_then(|c| c.get(at..at + 8)).map(be64);
+        let entry = L1Entry(raw.ok_or_else(|| Error::corrupt("L1 entry outside its cluster", cluster))?);
         if entry.is_malformed(&self.geo) {
             return Err(Error::corrupt("malformed L1 entry", cluster + at as u64));
         }
@@ -127,8 +127,8 @@ impl Meta {
     pub fn l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<L2Entry> {
         self.load(dev, l2.0, TableKind::L2)?;
         let at = (index * self.geo.l2_entry_size()) as usize;
-        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64).unwrap_or(0);
-        Ok(L2Entry(raw))
+        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64);
+        raw.map(L2Entry).ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
     /// Stores the L2 entry at `index` of the table at `l2` (in the cache).
@@ -163,7 +163,10 @@ impl Meta {
         };
         self.load(dev, block, TableKind::RefcountBlock)?;
         let order = self.geo.refcount_order;
-        Ok(self.cache.get(block).and_then(|b| RefcountBlock::new(b, order).get(cluster % rbe)).unwrap_or(0))
+        self.cache
+            .get(block)
+            .and_then(|b| RefcountBlock::new(b, order).get(cluster % rbe))
+            .ok_or_else(|| Error::corrupt("refcount index outside its block", block))
     }
 
     /// Sets the refcount of a host cluster, creating its refcount block if needed.
