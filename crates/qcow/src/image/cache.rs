@@ -171,7 +171,7 @@ mod tests {
             c.insert(i * 512, TableKind::L2, vec![0; 512].into(), true);
         }
         c.insert(4 * 512, TableKind::L2, vec![9; 512].into(), false);
-        assert_eq!(c.get(4 * 512).map(|b| b[0]), Some(9));
+        assert_eq!(c.get(4 * 512).and_then(|b| b.first().copied()), Some(9));
     }
 
     #[test]
