@@ -13,41 +13,16 @@ mod support;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Barrier;
-use std::time::Duration;
 
 use qcow::block::{FileDevice, FileOptions};
 use qcow::{Config, CreateOptions, Image};
-use support::{assert_clean, qemu_compare_raw, Rng};
+use support::{assert_clean, qemu_compare_raw, with_deadline, Rng};
 
 const WRITERS: usize = 8;
 const READERS: usize = 2;
 const MAGIC: u64 = 0xa5;
 const NOBODY: u8 = u8::MAX;
-
-/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
-/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
-/// process).
-fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
-    let (done, wait) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(what.chars().take(40).collect())
-        .spawn(move || {
-            f();
-            let _ = done.send(());
-        })
-        .unwrap();
-    match wait.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => worker.join().unwrap(),
-        Err(RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = worker.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
-    }
-}
 
 /// Which thread owns each sector of the disk.
 struct Layout {

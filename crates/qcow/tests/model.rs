@@ -20,41 +20,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
 use qcow::block::{BlockDevice, FileDevice, FileOptions, MemoryDevice};
 use qcow::{Compat, Config, CreateOptions, Image};
-use support::{assert_clean, assert_matches_model, Rng};
-
-/// Prints what reproduces a failure when the test panics on the way.
-struct OnFailure(String);
-
-impl Drop for OnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("FAILED: {}", self.0);
-        }
-    }
-}
-
-/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
-/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
-/// process).
-fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
-    let (done, wait) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(what.chars().take(40).collect())
-        .spawn(move || {
-            f();
-            let _ = done.send(());
-        })
-        .unwrap();
-    match wait.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => worker.join().unwrap(),
-        Err(RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = worker.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
-    }
-}
+use support::{assert_clean, assert_matches_model, with_deadline, OnFailure, Rng};
 
 /// The shape of an image under test.
 #[derive(Debug, Clone, Copy)]

@@ -12,47 +12,11 @@
 mod support;
 
 use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use qcow::block::{BlockDevice, FaultyDevice, Info, MemoryDevice};
 use qcow::{Compat, Config, CreateOptions, Error, Image};
-use support::{assert_clean, assert_matches_model, assert_not_corrupt, Rng};
-
-/// Prints what reproduces a failure when the test panics on the way.
-struct OnFailure(String);
-
-impl Drop for OnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("FAILED: {}", self.0);
-        }
-    }
-}
-
-/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
-/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
-/// process).
-fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
-    let (done, wait) = mpsc::channel();
-    let worker = std::thread::Builder::new()
-        .name(what.chars().take(40).collect())
-        .spawn(move || {
-            f();
-            let _ = done.send(());
-        })
-        .unwrap();
-    match wait.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) => worker.join().unwrap(),
-        Err(RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = worker.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
-    }
-}
+use support::{assert_clean, assert_matches_model, assert_not_corrupt, with_deadline, OnFailure, Rng};
 
 /// A `FaultyDevice` that can also lose power in the middle of an operation keeping a random subset of the
 /// unflushed writes: once armed, the write after the next `left` writes calls `power_loss` with a seeded

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 /// A command for one of QEMU's tools; panics with the install hint when it is missing, so that no test
 /// ever skips silently.
@@ -141,5 +143,39 @@ impl Rng {
     /// A value below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+}
+
+/// Prints what reproduces a failure when the test panics on the way.
+pub struct OnFailure(pub String);
+
+impl Drop for OnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("FAILED: {}", self.0);
+        }
+    }
+}
+
+/// Runs `f` on its own thread and fails if it has not finished within `secs` seconds, so that a hang in the
+/// library fails the test instead of stalling the suite. The hung thread is left behind (it dies with the test
+/// process).
+pub fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name(what.chars().take(40).collect())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        })
+        .unwrap();
+    match wait.recv_timeout(Duration::from_secs(secs)) {
+        Ok(()) => worker.join().unwrap(),
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
     }
 }
