@@ -48,7 +48,8 @@ impl Layout {
     }
 
     fn config(&self) -> Config {
-        Config { cache_size: self.cache_size, ..Config::default() }
+        // runtime_asserts: every flush also proves the stored refcounts equal what the metadata implies.
+        Config { cache_size: self.cache_size, runtime_asserts: true, ..Config::default() }
     }
 
     /// Initial and largest virtual sizes: big enough for several L2 tables, and (for 512-byte clusters) for

@@ -194,3 +194,22 @@ fn an_image_stacked_inside_an_image_is_valid_qcow2_at_both_levels() {
     assert_clean(&inner_path);
     support::assert_matches_model(&inner_path, &model);
 }
+
+#[test]
+fn runtime_asserts_catch_a_refcount_that_disagrees_with_the_metadata_at_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.qcow2");
+    qemu_create(&img, "", "4M");
+    let config = Config { runtime_asserts: true, ..Config::default() };
+    let image = Image::open(FileDevice::open(&img, &FileOptions::default()).unwrap(), config.clone()).unwrap();
+    image.write_at(0, &[1; 4096]).unwrap();
+    image.flush().unwrap();
+    image.close().unwrap();
+    // Cluster 5 holds the data (after header, table, block, L1 and L2): one reference, refcount raised to 2.
+    poke(&img, 0x20000 + 5 * 2, &[0, 2]);
+    assert_eq!(qemu_check(&img).leaks(), 1);
+    let image = Image::open(FileDevice::open(&img, &FileOptions::default()).unwrap(), config).unwrap();
+    let err = image.flush().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert!(err.to_string().contains("higher"), "{err}");
+}

@@ -9,6 +9,7 @@ pub mod feature;
 mod geometry;
 mod header;
 mod refcount;
+mod validate;
 
 pub use entry::{L1Entry, L2Entry, L2Kind};
 pub use error::FormatError;

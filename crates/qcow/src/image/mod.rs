@@ -166,6 +166,10 @@ impl<D: BlockDevice> Image<D> {
         }
         let mut m = self.meta();
         m.writeback(&self.dev)?;
+        if self.config.runtime_asserts {
+            m.assert_refcounts_exact(&self.dev)?;
+        }
+        drop(m);
         self.dev.flush()
     }
 

@@ -169,6 +169,23 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// With `runtime_asserts`: after a writeback every stored refcount must equal what the metadata implies,
+    /// neither lower (a corruption) nor higher (a leak the allocator should not have made).
+    pub fn assert_refcounts_exact(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        match self.refcount_mismatches(dev)?.first() {
+            None => Ok(()),
+            Some(&(cluster, stored, implied)) if stored < implied => {
+                Err(Error::corrupt("runtime assert: refcount lower than the number of references", cluster * cs))
+            }
+            Some(&(cluster, _, _)) => {
+                Err(Error::corrupt("runtime assert: refcount higher than the number of references", cluster * cs))
+            }
+        }
+    }
+}
+
 impl<D: BlockDevice> Image<D> {
     /// Compares every stored refcount with what the metadata implies (used by `check_on_connect`).
     ///
