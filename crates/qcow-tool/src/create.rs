@@ -1,9 +1,10 @@
 //! `qcow-tool create`: format a new qcow2 image, as `qemu-img create -f qcow2` does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qcow::block::{FileDevice, FileOptions};
-use qcow::{Compat, Config, CreateOptions, Image, Preallocation};
+use qcow::format::CompressionType;
+use qcow::{Compat, Config, CreateOptions, FileResolver, Image, Preallocation};
 
 use crate::error::{Context, Error, Result};
 use crate::open::{self, Format};
@@ -15,15 +16,24 @@ pub struct Args {
     #[arg(short = 'f', value_enum, default_value = "qcow2")]
     format: Format,
     /// qemu-img style options: cluster_size=SIZE, refcount_bits=N, compat=0.10|1.1, lazy_refcounts=on|off,
-    /// preallocation=off|metadata, size=SIZE. May be given more than once.
+    /// preallocation=off|metadata, size=SIZE, backing_file=NAME, backing_fmt=raw|qcow2, compression_type=zlib|zstd.
+    /// May be given more than once.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
+    /// Backing file: the new image is an overlay that reads what it does not hold from it. A relative name is
+    /// resolved against the new image's directory, and recorded as given.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file (raw or qcow2); required with -b, since formats are never probed.
+    #[arg(short = 'F', value_enum, value_name = "FMT")]
+    backing_format: Option<Format>,
     /// Print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
     /// The file to create; an existing file is overwritten.
     file: PathBuf,
-    /// Virtual size in bytes, with an optional K, M, G, T, P or E suffix.
+    /// Virtual size in bytes, with an optional K, M, G, T, P or E suffix. With a backing file it defaults to the
+    /// backing file's size.
     size: Option<String>,
 }
 
@@ -35,28 +45,80 @@ pub fn run(args: &Args) -> Result<()> {
     for list in &args.options {
         options.apply(list).context(|| "invalid -o option")?;
     }
-    match &args.size {
-        Some(text) => options.size = open::size(text)?,
-        None if args.options.iter().flat_map(|l| l.split(',')).any(|kv| kv.trim().starts_with("size=")) => {}
-        None => return Err(Error::msg("missing SIZE: give it after the file name, or as -o size=SIZE")),
+    if let Some(backing) = &args.backing {
+        options.backing_file = Some(backing.clone());
+    }
+    if let Some(format) = args.backing_format {
+        options.backing_format = Some(format.name().to_string());
+    }
+    let path = &args.file;
+    if options.backing_file.is_some() && options.preallocation != Preallocation::Off {
+        return Err(Error::msg("a backing file and preallocation cannot be used together"));
+    }
+    let size_option = args.options.iter().flat_map(|l| l.split(',')).any(|kv| kv.trim().starts_with("size="));
+    match (&args.size, &options.backing_file) {
+        (Some(text), _) => options.size = open::size(text)?,
+        (None, _) if size_option => {}
+        (None, Some(name)) => {
+            // Checked first, so that a missing -F is reported as such rather than as a failed open.
+            options.validate().context(|| "invalid -o option")?;
+            options.size = backing_size(path, name, options.backing_format.as_deref())?;
+        }
+        (None, None) => return Err(Error::msg("missing SIZE: give it after the file name, or as -o size=SIZE")),
     }
     options.validate().context(|| "invalid -o option")?;
-    let path = &args.file;
     if !args.quiet {
         println!("{}", formatting_line(&path.display().to_string(), &options));
     }
-    let made = FileDevice::create(path, &FileOptions::default())
-        .context(|| format!("could not create '{}'", path.display()))
-        .and_then(|dev| {
-            let image = Image::create(dev, &options, Config::default())
-                .context(|| format!("could not format '{}'", path.display()))?;
-            image.close().context(|| format!("could not write '{}'", path.display()))
-        });
+    let made = create(path, &options)
+        .and_then(|image| image.close().context(|| format!("could not write '{}'", path.display())));
     if made.is_err() {
         // Leave no half-made image behind.
         let _ = std::fs::remove_file(path);
     }
     made
+}
+
+/// Creates the image, opening its backing file (if any) under the tool's policy.
+fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
+    let made = if open::policy() == qcow::BackingPolicy::default() {
+        Image::create_path(path, options, Config::default())
+    } else {
+        FileDevice::create(path, &FileOptions::default()).and_then(|dev| {
+            Image::create_with(dev, options, Config::default(), &FileResolver::new(path, open::policy()))
+        })
+    };
+    made.map_err(|e| Error::wrap(format!("could not create '{}'{}", path.display(), open::hint(&e)), e))
+}
+
+/// Where a backing file name recorded in the image at `image` points: relative names are relative to the
+/// image's directory, as the library resolves them.
+fn backing_path(image: &Path, name: &str) -> PathBuf {
+    let named = Path::new(name);
+    if named.is_absolute() {
+        return named.to_path_buf();
+    }
+    image.parent().map_or_else(|| named.to_path_buf(), |dir| dir.join(named))
+}
+
+/// The virtual size of the backing file: a raw file's length, or a qcow2 image's virtual size.
+fn backing_size(image: &Path, name: &str, format: Option<&str>) -> Result<u64> {
+    let path = backing_path(image, name);
+    if Path::new(name).is_absolute() && !open::policy().allow_absolute {
+        return Err(Error::msg(format!(
+            "backing file '{name}' is an absolute path, which is not followed \
+             (pass --allow-absolute-backing to follow it)"
+        )));
+    }
+    match format {
+        Some("raw") => {
+            let meta =
+                std::fs::metadata(&path).context(|| format!("could not open backing file '{}'", path.display()))?;
+            // A raw file is read in whole sectors, so its last partial sector counts, as in qemu-img.
+            Ok(meta.len().next_multiple_of(512))
+        }
+        _ => Ok(open::image(&path, true)?.virtual_size()),
+    }
 }
 
 /// The line qemu-img prints before it creates an image.
@@ -65,7 +127,17 @@ fn formatting_line(file: &str, o: &CreateOptions) -> String {
     if o.preallocation == Preallocation::Metadata {
         line.push_str(" preallocation=metadata");
     }
-    line.push_str(&format!(" compression_type=zlib size={}", o.size));
+    let compression = match o.compression_type {
+        CompressionType::Zstd => "zstd",
+        _ => "zlib",
+    };
+    line.push_str(&format!(" compression_type={compression} size={}", o.size));
+    if let Some(name) = &o.backing_file {
+        line.push_str(&format!(" backing_file={name}"));
+    }
+    if let Some(format) = &o.backing_format {
+        line.push_str(&format!(" backing_fmt={format}"));
+    }
     if o.compat == Compat::V2 {
         line.push_str(" compat=0.10");
     }
@@ -91,6 +163,13 @@ mod tests {
             formatting_line("c.qcow2", &o),
             "Formatting 'c.qcow2', fmt=qcow2 cluster_size=4096 extended_l2=off preallocation=metadata \
              compression_type=zlib size=10485760 lazy_refcounts=on refcount_bits=1"
+        );
+        let mut o = CreateOptions::new(10 << 20);
+        o.apply("backing_file=base.raw,backing_fmt=raw,compression_type=zstd").unwrap();
+        assert_eq!(
+            formatting_line("ov.qcow2", &o),
+            "Formatting 'ov.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zstd \
+             size=10485760 backing_file=base.raw backing_fmt=raw lazy_refcounts=off refcount_bits=16"
         );
     }
 }

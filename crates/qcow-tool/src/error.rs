@@ -19,6 +19,11 @@ impl Error {
         Error { message: message.into(), source: None }
     }
 
+    /// An error saying what the tool was doing, caused by `source`.
+    pub fn wrap(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error { message: message.into(), source: Some(Box::new(source)) }
+    }
+
     /// Whether the error is, somewhere in its chain, a broken pipe: the reader of our output went away.
     pub fn is_broken_pipe(&self) -> bool {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);

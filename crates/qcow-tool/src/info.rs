@@ -5,10 +5,11 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use qcow::ImageInfo;
+use qcow::block::FileDevice;
+use qcow::{Image, ImageInfo};
 use serde_json::{json, Value};
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use crate::open::{self, Format};
 
 /// Output styles of `info`.
@@ -39,6 +40,36 @@ struct FileFacts {
     allocated: u64,
 }
 
+/// One internal snapshot, in the units qemu-img reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SnapshotFacts {
+    id: String,
+    name: String,
+    vm_state_size: u64,
+    date_sec: u64,
+    date_nsec: u64,
+    vm_clock_nsec: u64,
+    icount: Option<u64>,
+}
+
+/// One persistent dirty bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BitmapFacts {
+    name: String,
+    granularity: u64,
+    in_use: bool,
+    auto: bool,
+}
+
+/// Everything `info` says about a qcow2 image.
+struct Qcow2Facts {
+    info: ImageInfo,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    snapshots: Vec<SnapshotFacts>,
+    bitmaps: Vec<BitmapFacts>,
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let path = &args.file;
     let name = path.display().to_string();
@@ -49,7 +80,8 @@ pub fn run(args: &Args) -> Result<()> {
     let meta = std::fs::metadata(path).context(|| format!("could not open '{name}'"))?;
     let facts = FileFacts { length: meta.len(), allocated: meta.blocks().saturating_mul(512) };
     let qcow2 = match format {
-        Format::Qcow2 => Some(open::image(path, true)?.info()),
+        // Like qemu-img info, look at the image alone: its backing file is named, not opened.
+        Format::Qcow2 => Some(gather(&open::image_metadata(path)?, &name)?),
         Format::Raw => None,
     };
     let text = match args.output {
@@ -63,8 +95,90 @@ pub fn run(args: &Args) -> Result<()> {
     crate::rw::print(b"\n")
 }
 
-fn to_json(name: &str, file: &FileFacts, qcow2: Option<&ImageInfo>) -> Value {
-    let Some(i) = qcow2 else {
+fn gather(image: &Image<FileDevice>, name: &str) -> Result<Qcow2Facts> {
+    let header = image.header();
+    let snapshots = image
+        .snapshots()
+        .map_err(|e| Error::wrap(format!("could not read the snapshot table of '{name}'"), e))?
+        .iter()
+        .map(|s| SnapshotFacts {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_bytes(),
+            date_sec: u64::from(s.date_sec),
+            date_nsec: u64::from(s.date_nsec),
+            vm_clock_nsec: s.vm_clock_nsec,
+            // QEMU reads an icount of -1 as "none".
+            icount: s.icount().filter(|&n| n != u64::MAX),
+        })
+        .collect();
+    // QEMU ignores the bitmaps of an image whose autoclear bit 0 was cleared by a writer that does not maintain
+    // them: they are inconsistent, and not listed.
+    let bitmaps = if header.autoclear_features & qcow::format::feature::BITMAPS == 0 {
+        Vec::new()
+    } else {
+        image
+            .bitmaps()
+            .map_err(|e| Error::wrap(format!("could not read the bitmap directory of '{name}'"), e))?
+            .iter()
+            .map(|b| BitmapFacts {
+                name: b.name.clone(),
+                granularity: b.granularity(),
+                in_use: b.in_use(),
+                auto: b.auto(),
+            })
+            .collect()
+    };
+    Ok(Qcow2Facts {
+        info: image.info(),
+        backing_file: header.backing_file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()),
+        backing_format: header.backing_format(),
+        snapshots,
+        bitmaps,
+    })
+}
+
+/// The path QEMU opens for a backing file `backing` named in the image `image` (QEMU's `path_combine`): an
+/// absolute name as it is, a relative one appended to the image's name up to its last slash.
+fn full_backing_filename(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(slash) => format!("{}{backing}", image.get(..=slash).unwrap_or("")),
+        None => backing.to_string(),
+    }
+}
+
+fn snapshot_json(s: &SnapshotFacts) -> Value {
+    let mut v = json!({
+        "id": s.id,
+        "name": s.name,
+        "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    });
+    if let (Some(icount), Some(map)) = (s.icount, v.as_object_mut()) {
+        map.insert("icount".into(), icount.into());
+    }
+    v
+}
+
+fn bitmap_flags(b: &BitmapFacts) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    flags
+}
+
+fn to_json(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> Value {
+    let Some(q) = qcow2 else {
         return json!({
             "virtual-size": file.length,
             "filename": name,
@@ -73,19 +187,28 @@ fn to_json(name: &str, file: &FileFacts, qcow2: Option<&ImageInfo>) -> Value {
             "dirty-flag": false,
         });
     };
+    let i = &q.info;
     let mut data = json!({
         "compat": i.compat,
         "compression-type": i.compression_type,
         "refcount-bits": i.refcount_bits,
     });
-    if i.compat != "0.10" {
-        if let Some(map) = data.as_object_mut() {
+    if let Some(map) = data.as_object_mut() {
+        if i.compat != "0.10" {
             map.insert("lazy-refcounts".into(), i.lazy_refcounts.into());
             map.insert("corrupt".into(), i.corrupt.into());
             map.insert("extended-l2".into(), i.extended_l2.into());
         }
+        if !q.bitmaps.is_empty() {
+            let bitmaps: Vec<Value> = q
+                .bitmaps
+                .iter()
+                .map(|b| json!({"flags": bitmap_flags(b), "name": b.name, "granularity": b.granularity}))
+                .collect();
+            map.insert("bitmaps".into(), bitmaps.into());
+        }
     }
-    json!({
+    let mut v = json!({
         "virtual-size": i.virtual_size,
         "filename": name,
         "cluster-size": i.cluster_size,
@@ -93,25 +216,88 @@ fn to_json(name: &str, file: &FileFacts, qcow2: Option<&ImageInfo>) -> Value {
         "actual-size": file.allocated,
         "format-specific": { "type": "qcow2", "data": data },
         "dirty-flag": i.dirty,
-    })
+    });
+    if let Some(map) = v.as_object_mut() {
+        if let Some(backing) = &q.backing_file {
+            map.insert("backing-filename".into(), backing.as_str().into());
+            map.insert("full-backing-filename".into(), full_backing_filename(name, backing).into());
+        }
+        if let Some(format) = &q.backing_format {
+            map.insert("backing-filename-format".into(), format.as_str().into());
+        }
+        if !q.snapshots.is_empty() {
+            map.insert("snapshots".into(), q.snapshots.iter().map(snapshot_json).collect::<Vec<_>>().into());
+        }
+    }
+    v
 }
 
-fn to_human(name: &str, file: &FileFacts, qcow2: Option<&ImageInfo>) -> String {
+fn to_human(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> String {
     let format = if qcow2.is_some() { "qcow2" } else { "raw" };
-    let virtual_size = qcow2.map_or(file.length, |i| i.virtual_size);
+    let virtual_size = qcow2.map_or(file.length, |q| q.info.virtual_size);
     let mut out = vec![
         format!("image: {name}"),
         format!("file format: {format}"),
         format!("virtual size: {} ({virtual_size} bytes)", size_to_str(virtual_size)),
         format!("disk size: {}", size_to_str(file.allocated)),
     ];
-    if let Some(i) = qcow2 {
+    if let Some(q) = qcow2 {
+        let i = &q.info;
         out.push(format!("cluster_size: {}", i.cluster_size));
+        if i.dirty {
+            out.push("cleanly shut down: no".into());
+        }
+        if let Some(backing) = &q.backing_file {
+            let full = full_backing_filename(name, backing);
+            if full == *backing {
+                out.push(format!("backing file: {backing}"));
+            } else {
+                out.push(format!("backing file: {backing} (actual path: {full})"));
+            }
+        }
+        if let Some(format) = &q.backing_format {
+            out.push(format!("backing file format: {format}"));
+        }
+        if !q.snapshots.is_empty() {
+            out.push("Snapshot list:".into());
+            out.push(snapshot_line("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"));
+            for s in &q.snapshots {
+                let secs = s.vm_clock_nsec / 1_000_000_000;
+                let clock = format!(
+                    "{:04}:{:02}:{:02}.{:03}",
+                    secs / 3600,
+                    (secs / 60) % 60,
+                    secs % 60,
+                    (s.vm_clock_nsec / 1_000_000) % 1000
+                );
+                let icount = s.icount.map_or_else(|| "--".to_string(), |n| n.to_string());
+                out.push(snapshot_line(
+                    &s.id,
+                    &s.name,
+                    &size_to_str(s.vm_state_size),
+                    &utc_date(s.date_sec),
+                    &clock,
+                    &icount,
+                ));
+            }
+        }
         out.push("Format specific information:".into());
         out.push(format!("    compat: {}", i.compat));
         out.push(format!("    compression type: {}", i.compression_type));
         if i.compat != "0.10" {
             out.push(format!("    lazy refcounts: {}", i.lazy_refcounts));
+        }
+        if !q.bitmaps.is_empty() {
+            out.push("    bitmaps:".into());
+            for (n, b) in q.bitmaps.iter().enumerate() {
+                out.push(format!("        [{n}]:"));
+                out.push("            flags:".into());
+                for (f, flag) in bitmap_flags(b).iter().enumerate() {
+                    out.push(format!("                [{f}]: {flag}"));
+                }
+                out.push(format!("            name: {}", b.name));
+                out.push(format!("            granularity: {}", b.granularity));
+            }
         }
         out.push(format!("    refcount bits: {}", i.refcount_bits));
         if i.compat != "0.10" {
@@ -125,6 +311,29 @@ fn to_human(name: &str, file: &FileFacts, qcow2: Option<&ImageInfo>) -> String {
     out.push(format!("    file length: {} ({} bytes)", size_to_str(file.length), file.length));
     out.push(format!("    disk size: {}", size_to_str(file.allocated)));
     out.join("\n")
+}
+
+/// One row of the snapshot table, laid out as qemu-img lays it out.
+fn snapshot_line(id: &str, tag: &str, size: &str, date: &str, clock: &str, icount: &str) -> String {
+    format!("{id:<7} {tag:<16} {size:>8} {date:>19} {clock:>15} {icount:>10}")
+}
+
+/// A snapshot date as "YYYY-MM-DD HH:MM:SS". qemu-img prints local time; this tool prints UTC, which is the
+/// same wherever the local time zone is UTC.
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rest = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, (rest / 60) % 60, rest % 60)
 }
 
 /// A size as qemu's `size_to_str` writes it: three significant digits and a binary unit ("1 GiB", "196 KiB",
@@ -171,5 +380,32 @@ mod tests {
         assert_eq!(size_to_str(3 << 29), "1.5 GiB");
         assert_eq!(size_to_str(10 << 20), "10 MiB");
         assert_eq!(size_to_str(1_000_000), "977 KiB");
+    }
+
+    #[test]
+    fn dates_print_in_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_795_631_564), "2026-11-25 18:32:44");
+        assert_eq!(utc_date(951_825_600), "2000-02-29 12:00:00");
+    }
+
+    #[test]
+    fn snapshot_rows_line_up_like_qemu_img() {
+        assert_eq!(
+            snapshot_line("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"),
+            "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT"
+        );
+        assert_eq!(
+            snapshot_line("1", "snap1", "0 B", "2026-11-25 18:32:44", "0000:00:00.000", "0"),
+            "1       snap1                 0 B 2026-11-25 18:32:44  0000:00:00.000          0"
+        );
+    }
+
+    #[test]
+    fn full_backing_names_combine_like_qemu() {
+        assert_eq!(full_backing_filename("ov.qcow2", "base.raw"), "base.raw");
+        assert_eq!(full_backing_filename("q/ov.qcow2", "base.raw"), "q/base.raw");
+        assert_eq!(full_backing_filename("./q/../q/ov.qcow2", "b/base.raw"), "./q/../q/b/base.raw");
+        assert_eq!(full_backing_filename("q/ov.qcow2", "/abs/base.raw"), "/abs/base.raw");
     }
 }

@@ -22,6 +22,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Parser)]
 #[command(name = "qcow-tool", version, about)]
 struct Cli {
+    /// Follow backing files named by absolute paths (by default only names relative to the image's directory
+    /// are followed, so that an image cannot make the tool open arbitrary host files).
+    #[arg(long, global = true)]
+    allow_absolute_backing: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +45,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    open::allow_absolute_backing(cli.allow_absolute_backing);
     match cli.command {
         Command::Create(args) => create::run(&args),
         Command::Info(args) => info::run(&args),

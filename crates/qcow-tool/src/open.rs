@@ -1,13 +1,32 @@
 //! Opening the files the user names: probing whether a file is qcow2, and opening it as a file device or a
-//! qcow2 image with errors that name the file.
+//! qcow2 image (with its backing chain) with errors that name the file.
+//!
+//! Backing files are followed under the library's default [`BackingPolicy`]: relative names only (resolved
+//! against the overlay's directory), formats taken from the image and never probed. `--allow-absolute-backing`
+//! also lets absolute names through; it is set once, before any command runs.
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use qcow::block::{FileDevice, FileOptions};
-use qcow::{Config, Image};
+use qcow::block::{FileDevice, FileOptions, MemoryDevice};
+use qcow::format::FormatError;
+use qcow::{Backing, BackingPolicy, BackingResolver, Config, Image};
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
+
+/// Whether backing files named by absolute paths are followed (`--allow-absolute-backing`).
+static ALLOW_ABSOLUTE: AtomicBool = AtomicBool::new(false);
+
+/// Lets backing chains follow absolute names too.
+pub fn allow_absolute_backing(allow: bool) {
+    ALLOW_ABSOLUTE.store(allow, Ordering::Relaxed);
+}
+
+/// The policy every image is opened under.
+pub fn policy() -> BackingPolicy {
+    BackingPolicy { allow_absolute: ALLOW_ABSOLUTE.load(Ordering::Relaxed), ..BackingPolicy::default() }
+}
 
 /// An image format, as `-f` and `-O` name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,11 +70,61 @@ pub fn file(path: &Path, read_only: bool) -> Result<FileDevice> {
         .context(|| format!("could not open '{}'", path.display()))
 }
 
-/// Opens a qcow2 image.
+fn config(read_only: bool) -> Config {
+    if read_only {
+        Config::read_only()
+    } else {
+        Config::default()
+    }
+}
+
+/// Opens a qcow2 image and its backing chain.
 pub fn image(path: &Path, read_only: bool) -> Result<Image<FileDevice>> {
-    let dev = file(path, read_only)?;
-    let config = if read_only { Config::read_only() } else { Config::default() };
-    Image::open(dev, config).context(|| format!("could not open '{}' as qcow2", path.display()))
+    Image::open_path_with(path, config(read_only), policy()).map_err(|e| open_error(path, e))
+}
+
+/// Stands in for a backing file that is not opened: for commands that only look at the image's own metadata,
+/// as `qemu-img info` does (it opens images without their backing files).
+struct NotOpened;
+
+impl BackingResolver for NotOpened {
+    fn open_backing(&self, _name: &str, _format: Option<&str>) -> qcow::Result<Backing> {
+        Ok(Backing::new(Box::new(MemoryDevice::new(0)), 0))
+    }
+}
+
+/// Opens a qcow2 image read-only for its metadata only: the backing file is named but never opened, so its
+/// guest data must not be read through this image.
+pub fn image_metadata(path: &Path) -> Result<Image<FileDevice>> {
+    let dev = file(path, true)?;
+    Image::open_with(dev, Config::read_only(), &NotOpened).map_err(|e| open_error(path, e))
+}
+
+/// The name QEMU gives an encryption method.
+fn crypt_method_name(method: u32) -> String {
+    match method {
+        1 => "AES".into(),
+        2 => "LUKS".into(),
+        other => format!("method {other}"),
+    }
+}
+
+/// What the user can do about an error, where the library's words do not say it: empty for most errors.
+pub fn hint(e: &qcow::Error) -> String {
+    match e {
+        qcow::Error::Format(FormatError::EncryptionUnsupported { method }) => {
+            format!(": it is encrypted with {}, and encrypted images are not supported", crypt_method_name(*method))
+        }
+        qcow::Error::Unsupported { feature } if feature.contains("absolute path") => {
+            " (pass --allow-absolute-backing to follow absolute backing file names)".into()
+        }
+        _ => String::new(),
+    }
+}
+
+/// An open failure, naming the file.
+pub fn open_error(path: &Path, e: qcow::Error) -> Error {
+    Error::wrap(format!("could not open '{}' as qcow2{}", path.display(), hint(&e)), e)
 }
 
 /// Parses a size as qemu-img does, or says what a size looks like.

@@ -70,7 +70,11 @@ impl<D: BlockDevice> AllocationMap for Image<D> {
         let mut ranges = Vec::new();
         for extent in self.map(offset, len)? {
             match extent.kind {
-                ExtentKind::Data { .. } | ExtentKind::Compressed => push_range(&mut ranges, extent.guest.0, extent.len),
+                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => {
+                    push_range(&mut ranges, extent.guest.0, extent.len)
+                }
+                // Unallocated clusters show the backing file, which may hold data.
+                ExtentKind::Unallocated if self.has_backing() => push_range(&mut ranges, extent.guest.0, extent.len),
                 ExtentKind::Zero | ExtentKind::Unallocated => {}
             }
         }

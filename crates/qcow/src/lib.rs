@@ -27,4 +27,7 @@ pub mod format;
 mod image;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{parse_size, Compat, Config, CreateOptions, Extent, ExtentKind, Image, ImageInfo, Preallocation};
+pub use image::{
+    parse_size, Backing, BackingPolicy, BackingResolver, Compat, Config, CreateOptions, Extent, ExtentKind,
+    FileResolver, Image, ImageInfo, NoBacking, Preallocation,
+};

@@ -3,14 +3,22 @@
 //! Everything on disk is big-endian. Every limit QEMU enforces when it opens an image is enforced here, each with
 //! its own [`FormatError`] variant that keeps the offending value.
 
+mod bitmap;
+mod compressed;
 mod entry;
 mod error;
 pub mod feature;
 mod geometry;
 mod header;
 mod refcount;
+mod snapshot;
 mod validate;
 
+pub use bitmap::{
+    parse_bitmap_directory, parse_bitmap_table, serialize_bitmap_directory, BitmapCluster, BitmapEntry, BitmapError,
+    BitmapTableEntry, BitmapsExtension, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES,
+};
+pub use compressed::{compress, decompress, CompressedDescriptor, CompressionError};
 pub use entry::{L1Entry, L2Entry, L2Kind};
 pub use error::FormatError;
 pub use geometry::{Geometry, GuestOffset, HostOffset};
@@ -18,3 +26,7 @@ pub use header::{
     l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC,
 };
 pub use refcount::RefcountBlock;
+pub use snapshot::{
+    parse_snapshot_table, serialize_snapshot_table, snapshot_table_size, Snapshot, SnapshotError,
+    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
+};

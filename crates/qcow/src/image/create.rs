@@ -1,5 +1,6 @@
 //! Creating an image with the layout qemu-img uses: header, refcount table, refcount blocks, then the L1 table.
 
+use super::backing::{BackingResolver, NoBacking};
 use super::meta::write_meta;
 use super::options::{Compat, CreateOptions, Preallocation};
 use super::{Config, Image};
@@ -17,6 +18,19 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` for options qemu-img would refuse (including a size too large for the cluster size),
     /// `ReadOnly`, `Io`.
     pub fn create(device: D, options: &CreateOptions, config: Config) -> Result<Self> {
+        Self::create_with(device, options, config, &NoBacking)
+    }
+
+    /// Formats `device` as a new qcow2 image and opens it, opening its backing file through `resolver`.
+    ///
+    /// # Errors
+    /// As [`Image::create`], plus whatever the resolver refuses.
+    pub fn create_with(
+        device: D,
+        options: &CreateOptions,
+        config: Config,
+        resolver: &dyn BackingResolver,
+    ) -> Result<Self> {
         options.validate()?;
         if config.read_only || !device.info().read_write {
             return Err(Error::ReadOnly { op: "create" });
@@ -54,6 +68,10 @@ impl<D: BlockDevice> Image<D> {
 
         let version = if options.compat == Compat::V2 { 2 } else { 3 };
         let mut header = Header::for_create(size, cluster_bits, refcount_order, version, options.lazy_refcounts);
+        if let Some(name) = &options.backing_file {
+            header.set_backing_file(Some(name.as_bytes()), options.backing_format.as_deref());
+        }
+        header.set_compression_type(options.compression_type);
         header.refcount_table_offset = cs;
         header.refcount_table_clusters = table_clusters as u32;
         header.l1_size = l1_entries as u32;
@@ -86,7 +104,7 @@ impl<D: BlockDevice> Image<D> {
         write_meta(&device, 0, &head)?;
         device.flush()?;
 
-        let image = Image::open(device, config)?;
+        let image = Image::open_with(device, config, resolver)?;
         if options.preallocation == Preallocation::Metadata {
             image.preallocate_metadata(!blank)?;
         }

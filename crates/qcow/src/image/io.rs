@@ -21,8 +21,8 @@ struct ClusterPlan {
     target: HostOffset,
     /// Whether bytes around the new data must be filled (the cluster is new to this mapping).
     fill: Fill,
-    /// A host cluster to release once the new mapping is durable.
-    release: Option<u64>,
+    /// Host clusters (first, count) to release once the new mapping is durable.
+    release: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,10 @@ enum Fill {
     Zeros,
     /// A fresh mapping whose untouched bytes come from the old host cluster.
     CopyFrom(HostOffset),
+    /// A fresh mapping whose untouched bytes come from the backing file.
+    Backing,
+    /// A fresh mapping whose untouched bytes come from a compressed cluster.
+    Decompress(HostOffset, u64),
 }
 
 fn check_aligned(op: &'static str, offset: u64, len: usize) -> Result<()> {
@@ -98,7 +102,7 @@ impl Meta {
         Ok(bytes)
     }
 
-    fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64) -> Result<Vec<ClusterPlan>> {
+    fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64, backed: bool) -> Result<Vec<ClusterPlan>> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
@@ -113,11 +117,15 @@ impl Meta {
             let (target, fill, release) = match kind {
                 L2Kind::Normal { host, copied: true } => (host, Fill::InPlace, None),
                 L2Kind::Zero { host: Some(host) } if entry.is_copied() => (host, Fill::Zeros, None),
-                L2Kind::Normal { host, copied: false } => (HostOffset(0), Fill::CopyFrom(host), Some(host.0 / cs)),
-                L2Kind::Zero { host: Some(host) } => (HostOffset(0), Fill::Zeros, Some(host.0 / cs)),
-                L2Kind::Zero { host: None } | L2Kind::Unallocated => (HostOffset(0), Fill::Zeros, None),
-                L2Kind::Compressed { .. } => {
-                    return Err(Error::Unsupported { feature: "writing into compressed clusters".into() })
+                L2Kind::Normal { host, copied: false } => (HostOffset(0), Fill::CopyFrom(host), Some((host.0 / cs, 1))),
+                L2Kind::Zero { host: Some(host) } => (HostOffset(0), Fill::Zeros, Some((host.0 / cs, 1))),
+                L2Kind::Zero { host: None } => (HostOffset(0), Fill::Zeros, None),
+                L2Kind::Unallocated if backed => (HostOffset(0), Fill::Backing, None),
+                L2Kind::Unallocated => (HostOffset(0), Fill::Zeros, None),
+                L2Kind::Compressed { host, len } => {
+                    let first = host.0 / cs;
+                    let last = (host.0 + len.max(1) - 1) / cs;
+                    (HostOffset(0), Fill::Decompress(host, len), Some((first, last - first + 1)))
                 }
             };
             if target.0 == 0 {
@@ -140,8 +148,10 @@ impl Meta {
             let guest = GuestOffset(plan.guest_cluster * geo.cluster_size());
             let l2 = self.l2_for_write(dev, geo.l1_index(guest))?;
             self.set_l2_entry(dev, l2, geo.l2_index(guest), L2Entry::normal(plan.target))?;
-            if let Some(old) = plan.release {
-                self.free_later(old);
+            if let Some((first, count)) = plan.release {
+                for cluster in first..first + count {
+                    self.free_later(cluster);
+                }
             }
         }
         Ok(())
@@ -182,13 +192,39 @@ impl<D: BlockDevice> Image<D> {
             rest = tail;
             match extent.kind {
                 ExtentKind::Data { host } => self.dev.read_at(host.0, part)?,
-                ExtentKind::Zero | ExtentKind::Unallocated => part.fill(0),
-                ExtentKind::Compressed => {
-                    return Err(Error::Unsupported { feature: "reading compressed clusters".into() })
+                ExtentKind::Zero => part.fill(0),
+                ExtentKind::Unallocated => match &self.backing {
+                    Some(backing) => backing.read(extent.guest.0, part)?,
+                    None => part.fill(0),
+                },
+                ExtentKind::Compressed { host, len } => {
+                    let cs = self.geo.cluster_size();
+                    let mut cluster = vec![0u8; cs as usize];
+                    self.read_compressed(host, len, &mut cluster)?;
+                    let at = self.geo.offset_in_cluster(extent.guest.0) as usize;
+                    match cluster.get(at..at + part.len()) {
+                        Some(src) => part.copy_from_slice(src),
+                        None => return Err(Error::corrupt("compressed extent outside its cluster", host.0)),
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Decompresses the cluster whose compressed bytes start at `host` into `out` (one cluster). The read is
+    /// bounded by the descriptor, and data running past the end of the file is an error, not zeros.
+    pub(super) fn read_compressed(&self, host: HostOffset, len: u64, out: &mut [u8]) -> Result<()> {
+        let start = host.0 & !511;
+        let end = host.0.checked_add(len).ok_or_else(|| Error::corrupt("compressed descriptor overflows", host.0))?;
+        if end > self.dev.info().size_bytes() {
+            return Err(Error::corrupt("compressed cluster data runs past the end of the file", host.0));
+        }
+        let mut raw = vec![0u8; (end.next_multiple_of(512) - start) as usize];
+        self.dev.read_at(start, &mut raw)?;
+        let input = raw.get((host.0 - start) as usize..).unwrap_or(&[]);
+        crate::format::decompress(self.compression, input, out)
+            .map_err(|_| Error::corrupt("compressed cluster does not decompress to a full cluster", host.0))
     }
 
     /// Writes `buf` at guest offset `offset`. Both must be multiples of 512.
@@ -216,7 +252,7 @@ impl<D: BlockDevice> Image<D> {
         let _owned = self.ranges.lock(first, last + 1);
         let plans = {
             let mut m = self.meta();
-            let plans = m.plan_write(&self.dev, first, last);
+            let plans = m.plan_write(&self.dev, first, last, self.backing.is_some());
             if plans.as_ref().is_ok_and(|p| p.iter().any(|p| p.fill != Fill::InPlace)) {
                 m.mark_dirty(&self.dev)?;
             }
@@ -243,7 +279,9 @@ impl<D: BlockDevice> Image<D> {
             let lo = offset.max(cluster_start);
             let hi = end.min(cluster_start + cs);
             let data = buf.get((lo - offset) as usize..(hi - offset) as usize).unwrap_or(&[]);
+            let whole_cluster = lo == cluster_start && hi == cluster_start + cs;
             let (host, mut these) = match plan.fill {
+                _ if whole_cluster => (plan.target.0, vec![Piece::Borrowed(data)]),
                 Fill::InPlace => (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)]),
                 Fill::Zeros => {
                     let head = (lo - cluster_start) as usize;
@@ -258,9 +296,14 @@ impl<D: BlockDevice> Image<D> {
                     }
                     (plan.target.0, v)
                 }
-                Fill::CopyFrom(old) => {
+                Fill::CopyFrom(_) | Fill::Backing | Fill::Decompress(..) => {
                     let mut whole = vec![0u8; cs as usize];
-                    self.dev.read_at(old.0, &mut whole)?;
+                    match (plan.fill, &self.backing) {
+                        (Fill::CopyFrom(old), _) => self.dev.read_at(old.0, &mut whole)?,
+                        (Fill::Decompress(host, len), _) => self.read_compressed(host, len, &mut whole)?,
+                        (_, Some(backing)) => backing.read(cluster_start, &mut whole)?,
+                        _ => {}
+                    }
                     if let Some(dst) = whole.get_mut((lo - cluster_start) as usize..(hi - cluster_start) as usize) {
                         dst.copy_from_slice(data);
                     }

@@ -21,8 +21,13 @@ pub enum ExtentKind {
     Zero,
     /// Not allocated: reads as zeros (or from a backing file, when there is one).
     Unallocated,
-    /// Compressed clusters.
-    Compressed,
+    /// Part of one compressed cluster.
+    Compressed {
+        /// First byte of the cluster's compressed data in the image file.
+        host: HostOffset,
+        /// Bytes of compressed data that may be read (whole sectors from `host`'s sector).
+        len: u64,
+    },
 }
 
 /// A guest range and what backs it.
@@ -50,7 +55,7 @@ impl Extent {
         }
         match (self.kind, next.kind) {
             (ExtentKind::Data { host: a }, ExtentKind::Data { host: b }) => a.0 + self.len == b.0,
-            (ExtentKind::Compressed, _) | (_, ExtentKind::Compressed) => false,
+            (ExtentKind::Compressed { .. }, _) | (_, ExtentKind::Compressed { .. }) => false,
             (a, b) => a == b,
         }
     }
@@ -101,7 +106,7 @@ impl Meta {
                     }
                     ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
                 }
-                L2Kind::Compressed { .. } => ExtentKind::Compressed,
+                L2Kind::Compressed { host, len } => ExtentKind::Compressed { host, len },
             };
             push(&mut extents, Extent { guest: GuestOffset(pos), len: chunk, kind });
             pos += chunk;

@@ -34,6 +34,8 @@ pub struct Meta {
     pub header_dirty: bool,
     /// Lazy refcounts are on and the dirty bit has been set on disk.
     pub lazy_dirty: bool,
+    /// Where the next compressed cluster's bytes may go: inside the host cluster the previous one ended in.
+    pub free_byte_offset: u64,
 }
 
 fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
@@ -195,8 +197,12 @@ impl Meta {
             .checked_add_signed(delta)
             .ok_or_else(|| Error::corrupt("refcount would drop below zero", cluster << self.geo.cluster_bits))?;
         self.set_refcount(dev, cluster, new)?;
-        if new == 0 && cluster < self.free_hint {
-            self.free_hint = cluster;
+        if new == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+            // A freed cluster may be reused for anything: compressed data must not be appended to it.
+            if self.free_byte_offset >> self.geo.cluster_bits == cluster {
+                self.free_byte_offset = 0;
+            }
         }
         Ok(())
     }
@@ -329,6 +335,27 @@ impl Meta {
             }
             return Ok(start);
         }
+    }
+
+    /// Allocates `len` bytes (rounded up to whole sectors) for compressed data, packed after the previous
+    /// compressed cluster when they fit in its host cluster, as QEMU packs them. Every host cluster the bytes
+    /// touch gains one reference.
+    pub fn alloc_bytes(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let len = len.next_multiple_of(512).max(512);
+        let cur = self.free_byte_offset;
+        if cur != 0 && cur % cs != 0 && len <= cs - cur % cs {
+            let cluster = cur / cs;
+            let count = self.refcount(dev, cluster)?;
+            if count > 0 && count < self.geo.refcount_max() {
+                self.set_refcount(dev, cluster, count + 1)?;
+                self.free_byte_offset = cur + len;
+                return Ok(cur);
+            }
+        }
+        let first = self.alloc_clusters(dev, len.div_ceil(cs))?;
+        self.free_byte_offset = first * cs + len;
+        Ok(first * cs)
     }
 
     /// Queues a refcount decrement for after the reference's removal is durable.

@@ -15,7 +15,9 @@
 //! decrements, with a device flush between each step. So a crash at any instant may leak clusters but never
 //! leaves a reference to a cluster whose refcount is zero.
 
+mod backing;
 mod cache;
+mod compressed;
 mod config;
 mod create;
 mod device;
@@ -27,8 +29,10 @@ mod options;
 mod ranges;
 mod rebuild;
 mod resize;
+mod snapshot;
 mod writeback;
 
+pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
 pub use config::Config;
 pub use mapping::{Extent, ExtentKind};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
@@ -57,6 +61,8 @@ pub struct Image<D: BlockDevice> {
     disconnected: AtomicBool,
     config: Config,
     zeros: Box<[u8]>,
+    backing: Option<backing::Backing>,
+    compression: CompressionType,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -127,6 +133,11 @@ impl<D: BlockDevice> Image<D> {
     /// A copy of the current header.
     pub fn header(&self) -> crate::format::Header {
         self.meta().header.clone()
+    }
+
+    /// Whether the image has a backing file (opened).
+    pub fn has_backing(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// The device the image is stored on.

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, RwLock};
 
+use super::backing::{BackingResolver, NoBacking};
 use super::cache::MetadataCache;
 use super::meta::{be64, Meta};
 use super::ranges::RangeLocks;
@@ -40,6 +41,14 @@ impl<D: BlockDevice> Image<D> {
     /// `Format` for a header that fails validation (each rule has its own variant), `Unsupported` naming a
     /// feature this version cannot handle, `Corrupt`, `Io`.
     pub fn open(device: D, config: Config) -> Result<Self> {
+        Self::open_with(device, config, &NoBacking)
+    }
+
+    /// Opens the image on `device`, opening its backing file (if it names one) through `resolver`.
+    ///
+    /// # Errors
+    /// As [`Image::open`], plus whatever the resolver refuses.
+    pub fn open_with(device: D, config: Config, resolver: &dyn BackingResolver) -> Result<Self> {
         let read_only = config.read_only || !device.info().read_write;
         let dev = Padded::new(device);
         let mut first = vec![0u8; 512];
@@ -55,9 +64,13 @@ impl<D: BlockDevice> Image<D> {
                 (0..64u8).filter(|b| unsupported & (1 << b) != 0).map(|b| feature_name(&header, b)).collect();
             return Err(Error::Unsupported { feature: names.join(", ") });
         }
-        if header.backing_file.is_some() {
-            return Err(Error::Unsupported { feature: "backing file".into() });
-        }
+        let backing = match &header.backing_file {
+            Some(name) => {
+                let name = String::from_utf8_lossy(name);
+                Some(resolver.open_backing(&name, header.backing_format().as_deref())?)
+            }
+            None => None,
+        };
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
             refcount_order: header.refcount_order,
@@ -70,6 +83,7 @@ impl<D: BlockDevice> Image<D> {
         dev.read_at(header.refcount_table_offset, &mut raw)?;
         let reftable: Vec<u64> = raw.chunks_exact(8).map(be64).collect();
         let size = header.size;
+        let compression = header.compression_type;
         let dirty = header.incompatible_features & feature::DIRTY != 0;
         let meta = Meta {
             header,
@@ -82,6 +96,7 @@ impl<D: BlockDevice> Image<D> {
             pending_frees: Vec::new(),
             header_dirty: false,
             lazy_dirty: false,
+            free_byte_offset: 0,
         };
         let image = Image {
             dev,
@@ -94,6 +109,8 @@ impl<D: BlockDevice> Image<D> {
             disconnected: AtomicBool::new(false),
             zeros: vec![0u8; cs as usize].into_boxed_slice(),
             config,
+            backing,
+            compression,
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

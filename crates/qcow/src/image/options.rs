@@ -1,6 +1,7 @@
 //! What `create` is asked to make: qemu-img's `-o` vocabulary as a typed value.
 
 use crate::error::{Error, Result};
+use crate::format::CompressionType;
 
 /// The on-disk version of a new image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,12 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// What to allocate at creation.
     pub preallocation: Preallocation,
+    /// The backing file name to record (`-b`), as given: resolved against the image's directory when relative.
+    pub backing_file: Option<String>,
+    /// The backing file's format (`-F`): "raw" or "qcow2".
+    pub backing_format: Option<String>,
+    /// How compressed clusters are compressed (v3 only for zstd).
+    pub compression_type: CompressionType,
 }
 
 impl CreateOptions {
@@ -47,6 +54,9 @@ impl CreateOptions {
             compat: Compat::V3,
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
+            compression_type: CompressionType::Deflate,
         }
     }
 
@@ -75,6 +85,15 @@ impl CreateOptions {
                 }
             }
             "size" => self.size = parse_size(value).ok_or_else(|| bad("not a size"))?,
+            "backing_file" => self.backing_file = Some(value.to_string()),
+            "backing_fmt" => self.backing_format = Some(value.to_string()),
+            "compression_type" => {
+                self.compression_type = match value {
+                    "zlib" | "deflate" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(bad("expected zlib or zstd")),
+                }
+            }
             _ => return Err(Error::invalid("create", format!("unknown option {key:?}"))),
         }
         Ok(())
@@ -113,6 +132,17 @@ impl CreateOptions {
         }
         if self.compat == Compat::V2 && self.refcount_bits != 16 {
             return Err(Error::invalid("create", "compat=0.10 supports only 16-bit refcounts"));
+        }
+        if self.compat == Compat::V2 && self.compression_type != CompressionType::Deflate {
+            return Err(Error::invalid("create", "compression_type=zstd needs compat=1.1"));
+        }
+        if self.backing_file.is_some() && self.backing_format.is_none() {
+            return Err(Error::invalid("create", "a backing file needs its format (-F raw or -F qcow2)"));
+        }
+        if let Some(f) = &self.backing_format {
+            if f != "raw" && f != "qcow2" {
+                return Err(Error::invalid("create", format!("backing format {f:?} is not supported (raw, qcow2)")));
+            }
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {
             return Err(Error::invalid("create", "lazy refcounts need compat=1.1"));

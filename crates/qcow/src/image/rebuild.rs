@@ -4,11 +4,14 @@
 //! The count array has one entry per host cluster of the file as it exists, so memory follows the file's real
 //! size; a reference past the end of the file is an error, not an allocation.
 
+use super::meta::be64;
 use super::meta::Meta;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{feature, L2Kind, RefcountBlock};
+use crate::format::{
+    feature, snapshot_table_size, BitmapsExtension, Extension, HostOffset, L1Entry, L2Kind, RefcountBlock,
+};
 
 /// QEMU's cap on the refcount table.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -46,12 +49,6 @@ impl Counts {
 
 impl Meta {
     fn count_references(&mut self, dev: &dyn BlockDevice, include_refcounts: bool) -> Result<Counts> {
-        if self.header.nb_snapshots != 0 {
-            return Err(Error::Unsupported { feature: "refcount rebuild of an image with internal snapshots".into() });
-        }
-        if self.header.autoclear_features & feature::BITMAPS != 0 {
-            return Err(Error::Unsupported { feature: "refcount rebuild of an image with persistent bitmaps".into() });
-        }
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut counts = Counts { counts: vec![0; self.end_cluster as usize], cluster_bits: geo.cluster_bits };
@@ -73,23 +70,89 @@ impl Meta {
         counts.add_range(self.header.l1_table_offset, self.l1_size() * 8, "L1 table outside the file")?;
         for l1_index in 0..self.l1_size() {
             let l1_at = self.header.l1_table_offset + l1_index * 8;
-            let Some(l2) = self.l1_entry(dev, l1_index)?.l2_offset() else { continue };
-            counts.add(l2.0, "L2 table outside the file", l1_at)?;
-            for index in 0..geo.l2_entries() {
-                let at = l2.0 + index * geo.l2_entry_size();
-                let entry = self.l2_entry(dev, l2, index)?;
-                match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
-                    L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
-                        counts.add(host.0, "data cluster outside the file", at)?
+            if let Some(l2) = self.l1_entry(dev, l1_index)?.l2_offset() {
+                self.count_l2(dev, &mut counts, l2, l1_at)?;
+            }
+        }
+        self.count_snapshots(dev, &mut counts)?;
+        if self.header.autoclear_features & feature::BITMAPS != 0 {
+            self.count_bitmaps(dev, &mut counts)?;
+        }
+        Ok(counts)
+    }
+
+    fn count_l2(&mut self, dev: &dyn BlockDevice, counts: &mut Counts, l2: HostOffset, l1_at: u64) -> Result<()> {
+        let geo = self.geo;
+        counts.add(l2.0, "L2 table outside the file", l1_at)?;
+        for index in 0..geo.l2_entries() {
+            let at = l2.0 + index * geo.l2_entry_size();
+            let entry = self.l2_entry(dev, l2, index)?;
+            match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
+                    counts.add(host.0, "data cluster outside the file", at)?
+                }
+                L2Kind::Compressed { host, len } => {
+                    counts.add_range(host.0, len, "compressed data outside the file")?
+                }
+                L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshot table, and every snapshot's L1 table and the tree below it (read from disk: snapshots are never
+    /// modified, so the cache cannot hold a newer copy).
+    fn count_snapshots(&mut self, dev: &dyn BlockDevice, counts: &mut Counts) -> Result<()> {
+        let snapshots = self.snapshots(dev)?;
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        let table_len = snapshot_table_size(&snapshots);
+        counts.add_range(self.header.snapshots_offset, table_len, "snapshot table outside the file")?;
+        for snapshot in snapshots {
+            let l1_bytes = u64::from(snapshot.l1_size) * 8;
+            counts.add_range(snapshot.l1_table_offset, l1_bytes, "snapshot L1 table outside the file")?;
+            let mut l1 = vec![0u8; l1_bytes.next_multiple_of(512) as usize];
+            dev.read_at(snapshot.l1_table_offset, &mut l1)?;
+            for (i, raw) in l1.chunks_exact(8).take(snapshot.l1_size as usize).enumerate() {
+                let entry = L1Entry(be64(raw));
+                let at = snapshot.l1_table_offset + i as u64 * 8;
+                if entry.is_malformed(&self.geo) {
+                    return Err(Error::corrupt("malformed snapshot L1 entry", at));
+                }
+                if let Some(l2) = entry.l2_offset() {
+                    if l2
+                        .0
+                        .checked_add(self.geo.cluster_size())
+                        .is_none_or(|e| e > self.end_cluster * self.geo.cluster_size())
+                    {
+                        return Err(Error::corrupt("snapshot L1 entry points outside the file", at));
                     }
-                    L2Kind::Compressed { host, len } => {
-                        counts.add_range(host.0, len, "compressed data outside the file")?
-                    }
-                    L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+                    self.count_l2(dev, counts, l2, at)?;
                 }
             }
         }
-        Ok(counts)
+        Ok(())
+    }
+
+    /// Bitmap directory, bitmap tables and the bitmap data clusters they point at.
+    fn count_bitmaps(&mut self, dev: &dyn BlockDevice, counts: &mut Counts) -> Result<()> {
+        let Some(ext) = self.header.extension(Extension::BITMAPS) else { return Ok(()) };
+        let ext = BitmapsExtension::parse(&ext.data).map_err(|_| Error::corrupt("malformed bitmaps extension", 0))?;
+        counts.add_range(ext.directory_offset, ext.directory_size, "bitmap directory outside the file")?;
+        for bitmap in self.bitmaps(dev)? {
+            let bytes = u64::from(bitmap.table_size) * 8;
+            counts.add_range(bitmap.table_offset, bytes, "bitmap table outside the file")?;
+            let mut table = vec![0u8; bytes.next_multiple_of(512) as usize];
+            dev.read_at(bitmap.table_offset, &mut table)?;
+            for (i, raw) in table.chunks_exact(8).take(bitmap.table_size as usize).enumerate() {
+                let data = be64(raw) & 0x00ff_ffff_ffff_fe00;
+                if data != 0 {
+                    counts.add(data, "bitmap data cluster outside the file", bitmap.table_offset + i as u64 * 8)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the refcount structures with new ones computed from the metadata, written past the end of the

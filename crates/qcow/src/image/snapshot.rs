@@ -1,0 +1,118 @@
+//! Internal snapshots and persistent bitmaps as this version handles them: listed, counted in refcount
+//! rebuilds, and snapshots readable as read-only images. Snapshot-owned clusters are never freed because their
+//! refcounts stay above one, which also makes every write to them copy first.
+
+use std::path::Path;
+
+use super::backing::{BackingPolicy, BackingResolver, FileResolver};
+use super::meta::Meta;
+use super::{Config, Image};
+use crate::block::{BlockDevice, FileDevice, FileOptions};
+use crate::error::{Error, Result};
+use crate::format::{
+    feature, parse_bitmap_directory, parse_snapshot_table, BitmapEntry, BitmapsExtension, Extension, Snapshot,
+    MAX_BITMAP_DIRECTORY_BYTES, MAX_SNAPSHOT_TABLE_BYTES,
+};
+
+impl Meta {
+    /// The snapshot table, parsed and validated.
+    pub fn snapshots(&mut self, dev: &dyn BlockDevice) -> Result<Vec<Snapshot>> {
+        let count = self.header.nb_snapshots;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = self.header.snapshots_offset;
+        let file = dev.info().size_bytes();
+        let len = file.saturating_sub(offset).min(MAX_SNAPSHOT_TABLE_BYTES);
+        if len == 0 {
+            return Err(Error::corrupt("snapshot table starts past the end of the file", offset));
+        }
+        let mut bytes = vec![0u8; len.next_multiple_of(512) as usize];
+        dev.read_at(offset, &mut bytes)?;
+        let snapshots = parse_snapshot_table(&bytes, count, self.header.version)
+            .map_err(|_| Error::corrupt("malformed snapshot table", offset))?;
+        for s in &snapshots {
+            s.validate(self.geo.cluster_size()).map_err(|_| Error::corrupt("malformed snapshot entry", offset))?;
+        }
+        Ok(snapshots)
+    }
+
+    /// The persistent bitmaps the header's extension points at.
+    pub fn bitmaps(&mut self, dev: &dyn BlockDevice) -> Result<Vec<BitmapEntry>> {
+        let Some(ext) = self.header.extension(Extension::BITMAPS) else {
+            return Ok(Vec::new());
+        };
+        let ext = BitmapsExtension::parse(&ext.data).map_err(|_| Error::corrupt("malformed bitmaps extension", 0))?;
+        let size = ext.directory_size.min(MAX_BITMAP_DIRECTORY_BYTES);
+        if ext.directory_offset % 512 != 0
+            || ext.directory_offset.checked_add(size).is_none_or(|end| end > dev.info().size_bytes())
+        {
+            return Err(Error::corrupt("bitmap directory outside the file", ext.directory_offset));
+        }
+        let mut bytes = vec![0u8; size.next_multiple_of(512) as usize];
+        dev.read_at(ext.directory_offset, &mut bytes)?;
+        parse_bitmap_directory(&bytes, ext.nb_bitmaps)
+            .map_err(|_| Error::corrupt("malformed bitmap directory", ext.directory_offset))
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// The internal snapshots stored in the image.
+    ///
+    /// # Errors
+    /// `Corrupt` for a malformed snapshot table, `Io`.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        self.meta().snapshots(&self.dev)
+    }
+
+    /// The persistent dirty bitmaps stored in the image.
+    ///
+    /// # Errors
+    /// `Corrupt` for a malformed directory, `Io`.
+    pub fn bitmaps(&self) -> Result<Vec<BitmapEntry>> {
+        self.meta().bitmaps(&self.dev)
+    }
+
+    /// Whether QEMU may trust the image's bitmaps (autoclear bit 0). A read-write open clears it, because this
+    /// version does not update bitmaps when it writes.
+    pub fn bitmaps_consistent(&self) -> bool {
+        self.meta().header.autoclear_features & feature::BITMAPS != 0
+    }
+
+    /// Opens the contents of the snapshot named `name` (or with that id) as a read-only image.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when no snapshot has that name or id; as [`Image::open_with`] otherwise.
+    pub fn open_snapshot(device: D, name: &str, resolver: &dyn BackingResolver) -> Result<Self> {
+        let image = Image::open_with(device, Config::read_only(), resolver)?;
+        let snapshot = image
+            .snapshots()?
+            .into_iter()
+            .find(|s| s.name == name)
+            .or_else(|| image.snapshots().ok()?.into_iter().find(|s| s.id == name))
+            .ok_or_else(|| Error::invalid("open snapshot", format!("no snapshot named {name:?}")))?;
+        {
+            let mut m = image.meta();
+            m.header.l1_table_offset = snapshot.l1_table_offset;
+            m.header.l1_size = snapshot.l1_size;
+            if let Some(size) = snapshot.disk_size() {
+                m.header.size = size;
+            }
+            m.cache.clear_clean();
+            image.size.store(m.header.size, std::sync::atomic::Ordering::Release);
+        }
+        Ok(image)
+    }
+}
+
+impl Image<FileDevice> {
+    /// Opens the snapshot named `name` of the image file at `path`, read-only.
+    ///
+    /// # Errors
+    /// As [`Image::open_snapshot`].
+    pub fn open_snapshot_path(path: impl AsRef<Path>, name: &str) -> Result<Self> {
+        let path = path.as_ref();
+        let file = FileDevice::open(path, &FileOptions { read_only: true, direct: false })?;
+        Image::open_snapshot(file, name, &FileResolver::new(path, BackingPolicy::default()))
+    }
+}
