@@ -132,14 +132,14 @@ fn formatting_line(file: &str, o: &CreateOptions) -> String {
         _ => "zlib",
     };
     line.push_str(&format!(" compression_type={compression} size={}", o.size));
+    if o.compat == Compat::V2 {
+        line.push_str(" compat=0.10");
+    }
     if let Some(name) = &o.backing_file {
         line.push_str(&format!(" backing_file={name}"));
     }
     if let Some(format) = &o.backing_format {
         line.push_str(&format!(" backing_fmt={format}"));
-    }
-    if o.compat == Compat::V2 {
-        line.push_str(" compat=0.10");
     }
     let lazy = if o.lazy_refcounts { "on" } else { "off" };
     line.push_str(&format!(" lazy_refcounts={lazy} refcount_bits={}", o.refcount_bits));

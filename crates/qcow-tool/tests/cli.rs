@@ -585,3 +585,340 @@ fn every_command_has_help() {
         assert!(!out.stdout.is_empty());
     }
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// Backing files, compression, snapshots, bitmaps, encryption
+// ------------------------------------------------------------------------------------------------------------
+
+/// A raw file of `len` bytes with a few patterned stretches and holes between them.
+fn patterned_raw(path: &Path, len: u64, seed: u8) {
+    let mut file = std::fs::File::create(path).unwrap();
+    file.set_len(len).unwrap();
+    let mut at = 0;
+    let mut k = 0u64;
+    while at < len {
+        let n = (len - at).min(48 << 10);
+        if k % 3 != 1 {
+            let bytes: Vec<u8> = (0..n).map(|i| (i / 512 * 7 + k * 13 + u64::from(seed)) as u8 | 1).collect();
+            file.seek(SeekFrom::Start(at)).unwrap();
+            file.write_all(&bytes).unwrap();
+        }
+        at += 160 << 10;
+        k += 1;
+    }
+    file.sync_all().unwrap();
+}
+
+/// The backing fields of `qemu-img info --output=json`.
+const BACKING_FIELDS: [&str; 3] = ["backing-filename", "backing-filename-format", "full-backing-filename"];
+
+/// The line qemu-img prints when it creates `name` with `args`, for comparison with ours.
+fn qemu_formatting_line(dir: &Dir, args: &[&str], size: Option<&str>) -> String {
+    let img = dir.path("qemu-twin.qcow2");
+    let out = ok(qemu_img().args(["create", "-f", "qcow2"]).args(args).arg(&img).args(size));
+    let line = String::from_utf8(out.stdout).unwrap();
+    let _ = std::fs::remove_file(&img);
+    line.replace(&img.display().to_string(), "IMAGE")
+}
+
+#[test]
+fn create_with_a_backing_file_agrees_with_qemu_img() {
+    let dir = Dir::new();
+    patterned_raw(&dir.path("base.raw"), 10 << 20, 1);
+    let base_q = dir.path("base.qcow2");
+    qemu_create(&base_q, "cluster_size=4k", "7M");
+    qemu_io_cmds(&base_q, &["write -P 0x61 0 1M", "write -c -P 0x62 2M 64k", "write -z 3M 64k"]);
+    // (name, arguments, size, expected virtual size, what it must read like)
+    let cases: &[(&str, &[&str], Option<&str>, u64, &str)] = &[
+        ("ov-raw.qcow2", &["-b", "base.raw", "-F", "raw"], None, 10 << 20, "base.raw"),
+        (
+            "ov-q.qcow2",
+            &["-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=4k,compression_type=zstd"],
+            None,
+            7 << 20,
+            "base.qcow2",
+        ),
+        ("ov-big.qcow2", &["-b", "base.raw", "-F", "raw"], Some("20M"), 20 << 20, ""),
+        ("ov-o.qcow2", &["-o", "backing_file=base.qcow2,backing_fmt=qcow2"], None, 7 << 20, "base.qcow2"),
+        ("ov-v2.qcow2", &["-o", "compat=0.10", "-b", "base.raw", "-F", "raw"], Some("4M"), 4 << 20, ""),
+    ];
+    for &(name, args, size, virtual_size, same_as) in cases {
+        let img = dir.path(name);
+        let out = ok(tool().arg("create").args(args).arg(&img).args(size));
+        let ours = String::from_utf8(out.stdout).unwrap().replace(&img.display().to_string(), "IMAGE");
+        assert_eq!(ours, qemu_formatting_line(&dir, args, size), "{name}");
+        assert_clean(&img);
+        let q = qemu_info(&img);
+        assert_eq!(q["virtual-size"], virtual_size, "{name}: {q}");
+        let backing = if args.contains(&"base.raw") { "base.raw" } else { "base.qcow2" };
+        assert_eq!(q["backing-filename"], backing, "{name}: {q}");
+        let ours = our_info(&img);
+        for key in BACKING_FIELDS.iter().chain(&["virtual-size", "cluster-size", "format-specific"]) {
+            assert_eq!(ours[key], q[key], "{name}, field {key}:\nours {ours}\nqemu {q}");
+        }
+        let theirs = String::from_utf8(ok(qemu_img().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        assert_eq!(own_lines(&human), own_lines(&theirs), "{name}");
+        if !same_as.is_empty() {
+            let fmt = if same_as.ends_with("raw") { "raw" } else { "qcow2" };
+            let out = qemu_img()
+                .args(["compare", "-f", "qcow2", "-F", fmt])
+                .arg(&img)
+                .arg(dir.path(same_as))
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{name}: {}", show(&out));
+        }
+        // Reading through the tool goes through the chain too.
+        let guest = qemu_raw(&img, dir.0.path());
+        let out = ok(tool().args(["read"]).arg(&img).args(["--sector", "0", "--length", "2048"]));
+        assert!(out.stdout == guest[..1 << 20], "{name}: read through the chain");
+    }
+    // Writing into an overlay leaves the backing file alone, and QEMU sees the write over the backing data.
+    let img = dir.path("ov-raw.qcow2");
+    let before = std::fs::read(dir.path("base.raw")).unwrap();
+    ok(tool().args(["write"]).arg(&img).args(["--sector", "3", "--text", "overlay"]));
+    assert_clean(&img);
+    assert!(std::fs::read(dir.path("base.raw")).unwrap() == before);
+    let guest = qemu_raw(&img, dir.0.path());
+    assert_eq!(&guest[3 * 512..3 * 512 + 7], b"overlay");
+    assert!(guest[3 * 512 + 7..4 * 512].iter().all(|&b| b == 0));
+    assert!(guest[..3 * 512] == before[..3 * 512] && guest[4 * 512..] == before[4 * 512..]);
+}
+
+#[test]
+fn create_refuses_a_backing_file_without_its_format() {
+    let dir = Dir::new();
+    patterned_raw(&dir.path("base.raw"), 1 << 20, 2);
+    let img = dir.path("nofmt.qcow2");
+    let err = fails(tool().args(["create", "-b", "base.raw"]).arg(&img));
+    assert!(err.contains("-F"), "{err}");
+    assert!(!img.exists());
+    let err = fails(tool().args(["create", "-b", "missing.raw", "-F", "raw"]).arg(&img));
+    assert!(err.contains("missing.raw"), "{err}");
+    assert!(!img.exists());
+    let err = fails(tool().args(["create", "-b", "base.raw", "-F", "raw", "-o", "preallocation=metadata"]).arg(&img));
+    assert!(err.contains("preallocation"), "{err}");
+}
+
+#[test]
+fn absolute_backing_names_are_refused_unless_allowed() {
+    let dir = Dir::new();
+    let base = dir.path("base.raw");
+    patterned_raw(&base, 2 << 20, 3);
+    let img = dir.path("abs.qcow2");
+    // qemu-img makes such images; the tool reads them only when told to.
+    ok(qemu_img().args(["create", "-q", "-f", "qcow2", "-b"]).arg(&base).args(["-F", "raw"]).arg(&img));
+    qemu_io_cmds(&img, &["write -P 0x33 64k 4k"]);
+    let expected = qemu_raw(&img, dir.0.path());
+    for args in [vec!["read", "--sector", "0"], vec!["write", "--sector", "0", "--text", "x"]] {
+        let (cmd, rest) = args.split_first().unwrap();
+        let err = fails(tool().arg(cmd).arg(&img).args(rest));
+        assert!(err.contains("absolute"), "{args:?}: {err}");
+        assert!(err.contains("--allow-absolute-backing"), "{args:?}: {err}");
+        assert!(err.contains("abs.qcow2"), "{args:?}: {err}");
+    }
+    let err = fails(tool().arg("convert").arg(&img).arg(dir.path("out.raw")));
+    assert!(err.contains("absolute"), "{err}");
+    // info only names the backing file, as qemu-img info does.
+    let ours = our_info(&img);
+    let q = qemu_info(&img);
+    for key in BACKING_FIELDS {
+        assert_eq!(ours[key], q[key], "{key}");
+    }
+    ok(tool().args(["--allow-absolute-backing", "convert"]).arg(&img).arg(dir.path("out.raw")));
+    assert!(std::fs::read(dir.path("out.raw")).unwrap() == expected);
+    // create refuses an absolute name the same way, and takes it when allowed.
+    let made = dir.path("made.qcow2");
+    let err = fails(tool().args(["create", "-b"]).arg(&base).args(["-F", "raw"]).arg(&made));
+    assert!(err.contains("absolute"), "{err}");
+    assert!(!made.exists());
+    ok(tool().args(["create", "-q", "--allow-absolute-backing", "-b"]).arg(&base).args(["-F", "raw"]).arg(&made));
+    assert_eq!(qemu_info(&made)["backing-filename"], base.display().to_string());
+    assert_clean(&made);
+}
+
+/// Whether `qemu-img map` shows compressed data, and how much data it shows.
+fn compressed_and_data(img: &Path) -> (bool, u64) {
+    let map: Value = json(qemu_img().args(["map", "--output=json"]).arg(img));
+    let entries = map.as_array().unwrap();
+    let compressed = entries.iter().any(|e| e["compressed"] == true);
+    let data = entries.iter().filter(|e| e["data"] == true).map(|e| e["length"].as_u64().unwrap()).sum();
+    (compressed, data)
+}
+
+#[test]
+fn convert_compressed_is_read_back_identically_by_qemu() {
+    let dir = Dir::new();
+    let src = qemu_written_image(&dir, "src.qcow2", "");
+    // An odd-sized raw source: its last cluster is partial.
+    let raw = dir.path("odd.raw");
+    patterned_raw(&raw, (3 << 20) + 1000, 4);
+    // An overlay source: converted, it stands alone.
+    patterned_raw(&dir.path("base.raw"), 4 << 20, 5);
+    let overlay = dir.path("overlay.qcow2");
+    ok(qemu_img().args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"]).arg(&overlay));
+    qemu_io_cmds(&overlay, &["write -P 0x44 1M 100k", "write -z 2M 64k"]);
+    for (i, (source, opts)) in [
+        (&src, vec![]),
+        (&src, vec!["-o", "compression_type=zlib"]),
+        (&src, vec!["-o", "compression_type=zstd,cluster_size=4k"]),
+        (&raw, vec!["-o", "compression_type=zstd"]),
+        (&raw, vec!["-o", "compat=0.10,cluster_size=16k"]),
+        (&overlay, vec!["-o", "compression_type=zstd"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path(&format!("c{i}.qcow2"));
+        ok(tool().args(["convert", "-c", "-O", "qcow2"]).args(&opts).arg(source).arg(&out));
+        assert_clean(&out);
+        let expected = if source == &raw {
+            let mut bytes = std::fs::read(&raw).unwrap();
+            bytes.resize(bytes.len().next_multiple_of(512), 0);
+            bytes
+        } else {
+            qemu_raw(source, dir.0.path())
+        };
+        let got = qemu_raw(&out, dir.0.path());
+        assert!(got == expected, "case {i}: qemu-img convert -O raw of our compressed copy differs");
+        let (compressed, _) = compressed_and_data(&out);
+        assert!(compressed, "case {i}: qemu-img map shows no compressed data");
+        let q = qemu_info(&out);
+        let want = if opts.iter().any(|o| o.contains("zstd")) { "zstd" } else { "zlib" };
+        assert_eq!(field(&q, "format-specific/data/compression-type"), want, "case {i}");
+        assert!(q.get("backing-filename").is_none(), "case {i}: the copy stands alone");
+        // And we read our own compressed copy back.
+        let back = dir.path(&format!("c{i}.raw"));
+        ok(tool().args(["convert", "-O", "raw"]).arg(&out).arg(&back));
+        assert!(std::fs::read(&back).unwrap()[..] == expected[..std::fs::metadata(&back).unwrap().len() as usize]);
+    }
+    // The last, partial cluster of the odd source is compressed too.
+    let map: Value = json(qemu_img().args(["map", "--output=json"]).arg(dir.path("c3.qcow2")));
+    let last = map.as_array().unwrap().iter().rev().find(|e| e["data"] == true).unwrap().clone();
+    assert_eq!(last["compressed"], true, "{map}");
+    // Without -c nothing is compressed.
+    let plain = dir.path("plain.qcow2");
+    ok(tool().args(["convert", "-O", "qcow2"]).arg(&src).arg(&plain));
+    assert!(!compressed_and_data(&plain).0);
+    // -c needs a qcow2 output.
+    let err = fails(tool().args(["convert", "-c", "-O", "raw"]).arg(&src).arg(dir.path("x.raw")));
+    assert!(err.contains("-c"), "{err}");
+}
+
+#[test]
+fn convert_reads_an_overlay_through_its_chain() {
+    let dir = Dir::new();
+    patterned_raw(&dir.path("base.raw"), 4 << 20, 6);
+    let mid = dir.path("mid.qcow2");
+    ok(qemu_img().args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"]).arg(&mid));
+    qemu_io_cmds(&mid, &["write -P 0x55 0 300k"]);
+    let top = dir.path("top.qcow2");
+    ok(qemu_img()
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "mid.qcow2", "-F", "qcow2"])
+        .arg(&top));
+    qemu_io_cmds(&top, &["write -P 0x66 100k 10k", "write -z 200k 8k"]);
+    let out = dir.path("flat.raw");
+    ok(tool().arg("convert").arg(&top).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == qemu_raw(&top, dir.0.path()));
+    let flat = dir.path("flat.qcow2");
+    ok(tool().args(["convert", "-O", "qcow2"]).arg(&top).arg(&flat));
+    assert_clean(&flat);
+    let cmp = qemu_img().args(["compare", "-f", "qcow2", "-F", "qcow2"]).arg(&flat).arg(&top).output().unwrap();
+    assert_eq!(cmp.status.code(), Some(0), "{}", show(&cmp));
+}
+
+/// `qemu-img` with the time zone fixed to UTC, the zone the tool prints snapshot dates in.
+fn qemu_img_utc() -> Command {
+    let mut cmd = qemu_img();
+    cmd.env("TZ", "UTC");
+    cmd
+}
+
+#[test]
+fn info_lists_snapshots_like_qemu_img() {
+    let dir = Dir::new();
+    for (i, options) in ["", "compat=0.10", "cluster_size=4k,compression_type=zstd"].iter().enumerate() {
+        let img = dir.path(&format!("snap{i}.qcow2"));
+        qemu_create(&img, options, "16M");
+        qemu_io_cmds(&img, &["write -P 0x11 0 64k"]);
+        ok(qemu_img().args(["snapshot", "-c", "first"]).arg(&img));
+        qemu_io_cmds(&img, &["write -P 0x12 64k 64k"]);
+        ok(qemu_img().args(["snapshot", "-c", "a-rather-long-snapshot-name"]).arg(&img));
+        let q = json(qemu_img_utc().args(["info", "--output=json"]).arg(&img));
+        assert_eq!(q["snapshots"].as_array().map(Vec::len), Some(2), "{q}");
+        let ours = our_info(&img);
+        assert_eq!(ours["snapshots"], q["snapshots"], "case {i}:\nours {ours}\nqemu {q}");
+        for key in ["virtual-size", "format-specific", "dirty-flag"] {
+            assert_eq!(ours[key], q[key], "case {i}, {key}");
+        }
+        let theirs = String::from_utf8(ok(qemu_img_utc().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        assert!(human.contains("Snapshot list:"), "{human}");
+        assert_eq!(own_lines(&human), own_lines(&theirs), "case {i}");
+    }
+}
+
+#[test]
+fn info_lists_bitmaps_like_qemu_img() {
+    let dir = Dir::new();
+    let img = dir.path("bitmaps.qcow2");
+    qemu_create(&img, "", "16M");
+    qemu_io_cmds(&img, &["write -P 0x11 0 64k"]);
+    ok(qemu_img().args(["bitmap", "--add"]).arg(&img).arg("b1"));
+    ok(qemu_img().args(["bitmap", "--add", "-g", "128k", "--disable"]).arg(&img).arg("b2"));
+    ok(qemu_img().args(["snapshot", "-c", "s"]).arg(&img));
+    let check = |label: &str| {
+        let q = json(qemu_img_utc().args(["info", "--output=json"]).arg(&img));
+        let ours = our_info(&img);
+        for key in ["format-specific", "snapshots", "virtual-size", "dirty-flag"] {
+            assert_eq!(ours[key], q[key], "{label}, {key}:\nours {ours}\nqemu {q}");
+        }
+        let theirs = String::from_utf8(ok(qemu_img_utc().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        assert_eq!(own_lines(&human), own_lines(&theirs), "{label}");
+        q
+    };
+    let q = check("fresh");
+    assert_eq!(field(&q, "format-specific/data/bitmaps").as_array().map(Vec::len), Some(2), "{q}");
+    // A QEMU that dies with the image open leaves its enabled bitmap marked in use.
+    let _ = qemu_io().args(["-f", "qcow2", "-c", "write -P 0x22 1M 64k", "-c", "sigraise 9"]).arg(&img).output();
+    let q = check("in use");
+    assert_eq!(field(&q, "format-specific/data/bitmaps/0/flags"), &serde_json::json!(["in-use", "auto"]), "{q}");
+    // After our write QEMU no longer trusts (nor lists) the bitmaps, and neither do we.
+    ok(tool().args(["write"]).arg(&img).args(["--sector", "0", "--text", "ours"]));
+    let q = check("after our write");
+    assert!(field(&q, "format-specific/data").get("bitmaps").is_none(), "{q}");
+}
+
+#[test]
+fn an_encrypted_image_is_refused_naming_luks() {
+    let dir = Dir::new();
+    let img = dir.path("luks.qcow2");
+    ok(qemu_img()
+        .args(["create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456"])
+        .args(["-o", "encrypt.format=luks,encrypt.key-secret=sec0"])
+        .arg(&img)
+        .arg("1M"));
+    for args in [vec!["info"], vec!["read", "--sector", "0"], vec!["write", "--sector", "0", "--text", "x"]] {
+        let (cmd, rest) = args.split_first().unwrap();
+        let err = fails(tool().arg(cmd).arg(&img).args(rest));
+        assert!(err.contains("LUKS"), "{args:?}: {err}");
+        assert!(err.contains("luks.qcow2"), "{args:?}: {err}");
+    }
+    let err = fails(tool().arg("convert").arg(&img).arg(dir.path("o.raw")));
+    assert!(err.contains("LUKS"), "{err}");
+}
+
+#[test]
+fn extended_l2_and_external_data_files_are_refused_by_name() {
+    let dir = Dir::new();
+    let l2 = dir.path("l2.qcow2");
+    qemu_create(&l2, "extended_l2=on", "1M");
+    let err = fails(tool().args(["read"]).arg(&l2).args(["--sector", "0"]));
+    assert!(err.contains("extended L2"), "{err}");
+    let data = dir.path("data.qcow2");
+    qemu_create(&data, &format!("data_file={}", dir.path("data.raw").display()), "1M");
+    let err = fails(tool().arg("convert").arg(&data).arg(dir.path("o.raw")));
+    assert!(err.contains("external data file"), "{err}");
+}

@@ -350,11 +350,13 @@ fn first_fill(cs: u64, size: u64) -> Vec<String> {
     ]
 }
 
-/// The qemu-io requests after the snapshot (if any): they overwrite shared and compressed clusters.
+/// The qemu-io requests after the snapshot (if any): they overwrite shared and compressed clusters, and compress
+/// into clusters that the first fill left unallocated.
 fn second_fill(cs: u64, size: u64) -> Vec<String> {
     vec![
         format!("write -P 0x77 {} {}", cs / 2, cs),
-        format!("write -c -P 0x88 {} {}", 8 * cs, cs),
+        // QEMU writes compressed clusters only where the top image has none allocated.
+        format!("write -c -P 0x88 {} {}", 6 * cs, cs),
         format!("write -P 0x99 {} 512", 4 * cs + 512.min(cs / 2)),
         format!("discard {} {}", 5 * cs, cs),
         format!("write -z {} {}", size - cs, cs),

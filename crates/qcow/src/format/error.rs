@@ -156,7 +156,7 @@ pub enum FormatError {
     #[error("image is marked corrupt; it cannot be opened read-write")]
     CorruptBitSet,
     /// The image is encrypted.
-    #[error("encrypted images are not supported (crypt_method {method})")]
+    #[error("encrypted images are not supported ({} encryption, crypt_method {method})", encryption_name(*method))]
     EncryptionUnsupported {
         /// The `crypt_method` that was found.
         method: u32,
@@ -237,6 +237,15 @@ pub enum FormatError {
         /// The cluster size.
         cluster_size: u64,
     },
+}
+
+/// The name of a `crypt_method` value, as QEMU calls it.
+fn encryption_name(method: u32) -> &'static str {
+    match method {
+        1 => "AES",
+        2 => "LUKS",
+        _ => "unknown",
+    }
 }
 
 impl FormatError {

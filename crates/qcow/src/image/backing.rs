@@ -79,6 +79,16 @@ pub trait BackingResolver {
     /// # Errors
     /// Whatever refuses or fails the open, naming the file.
     fn open_backing(&self, name: &str, format: Option<&str>) -> Result<Backing>;
+
+    /// Opens the external data file `name` (as recorded in the image), read-only.
+    ///
+    /// # Errors
+    /// Whatever refuses or fails the open, naming the file. The default refuses every data file.
+    fn open_data_file(&self, name: &str) -> Result<Box<dyn BlockDevice>> {
+        Err(Error::Unsupported {
+            feature: format!("external data file {name:?} (open the image by path, or pass a resolver)"),
+        })
+    }
 }
 
 /// A resolver that refuses every backing file (for images opened from a bare device).
@@ -115,14 +125,12 @@ fn looks_like_protocol(name: &str) -> bool {
     }
 }
 
-impl BackingResolver for FileResolver {
-    fn open_backing(&self, name: &str, format: Option<&str>) -> Result<Backing> {
-        let refuse = |why: &str| Error::Unsupported { feature: format!("backing file {name:?}: {why}") };
+impl FileResolver {
+    /// Where a name the image records points, if the policy lets us follow it.
+    fn resolve(&self, what: &str, name: &str) -> Result<PathBuf> {
+        let refuse = |why: &str| Error::Unsupported { feature: format!("{what} {name:?}: {why}") };
         if !self.policy.follow {
-            return Err(refuse("following backing files is disabled"));
-        }
-        if self.chain.len() as u64 > u64::from(self.policy.max_depth) {
-            return Err(refuse("the backing chain is deeper than the policy allows"));
+            return Err(refuse("following names recorded in images is disabled"));
         }
         if looks_like_protocol(name) {
             return Err(refuse("protocol names are not followed"));
@@ -132,7 +140,23 @@ impl BackingResolver for FileResolver {
             return Err(refuse("absolute paths are not followed unless the policy allows them"));
         }
         let path = if path.is_absolute() { path.to_path_buf() } else { self.dir.join(path) };
-        let canonical = std::fs::canonicalize(&path).map_err(|e| Error::io("open backing file", 0, e))?;
+        std::fs::canonicalize(&path).map_err(|e| Error::io("open a file named by the image", 0, e))
+    }
+}
+
+impl BackingResolver for FileResolver {
+    fn open_data_file(&self, name: &str) -> Result<Box<dyn BlockDevice>> {
+        let path = self.resolve("external data file", name)?;
+        let file = FileDevice::open(&path, &FileOptions { read_only: true, direct: false })?;
+        Ok(Box::new(Padded::new(file)))
+    }
+
+    fn open_backing(&self, name: &str, format: Option<&str>) -> Result<Backing> {
+        let refuse = |why: &str| Error::Unsupported { feature: format!("backing file {name:?}: {why}") };
+        if self.chain.len() as u64 > u64::from(self.policy.max_depth) {
+            return Err(refuse("the backing chain is deeper than the policy allows"));
+        }
+        let canonical = self.resolve("backing file", name)?;
         if self.chain.contains(&canonical) {
             return Err(refuse("the backing chain loops"));
         }

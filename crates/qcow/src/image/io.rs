@@ -191,7 +191,10 @@ impl<D: BlockDevice> Image<D> {
             let (part, tail) = std::mem::take(&mut rest).split_at_mut(extent.len as usize);
             rest = tail;
             match extent.kind {
-                ExtentKind::Data { host } => self.dev.read_at(host.0, part)?,
+                ExtentKind::Data { host } => match &self.data_file {
+                    Some(data) => data.read_at(host.0, part)?,
+                    None => self.dev.read_at(host.0, part)?,
+                },
                 ExtentKind::Zero => part.fill(0),
                 ExtentKind::Unallocated => match &self.backing {
                     Some(backing) => backing.read(extent.guest.0, part)?,

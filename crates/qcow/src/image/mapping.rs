@@ -7,7 +7,7 @@ use super::meta::Meta;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{GuestOffset, HostOffset, L2Kind};
+use crate::format::{GuestOffset, HostOffset, L2Entry, L2Kind};
 
 /// What backs a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,11 +97,21 @@ impl Meta {
             let index = geo.l2_index(GuestOffset(pos));
             let entry = self.l2_entry(dev, l2, index)?;
             let at = l2.0 + index * geo.l2_entry_size();
+            if geo.extended_l2 && !entry.is_compressed() {
+                self.map_subclusters(dev, &mut extents, entry, l2, index, pos, chunk)?;
+                pos += chunk;
+                continue;
+            }
             let kind = match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                // In an external data file, guest cluster 0 may map to host offset 0.
+                L2Kind::Unallocated if self.data_file_size.is_some() && entry.is_copied() => {
+                    ExtentKind::Data { host: HostOffset(in_cluster) }
+                }
                 L2Kind::Unallocated => ExtentKind::Unallocated,
                 L2Kind::Zero { .. } => ExtentKind::Zero,
                 L2Kind::Normal { host, .. } => {
-                    if host.0.checked_add(cs).is_none_or(|e| e > self.end_cluster.saturating_mul(cs)) {
+                    let limit = self.data_file_size.unwrap_or(self.end_cluster.saturating_mul(cs)).next_multiple_of(cs);
+                    if host.0.checked_add(cs).is_none_or(|e| e > limit) {
                         return Err(Error::corrupt("L2 entry points outside the file", at));
                     }
                     ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
@@ -112,6 +122,62 @@ impl Meta {
             pos += chunk;
         }
         Ok(extents)
+    }
+}
+
+impl Meta {
+    /// Extents for part of one cluster of an image with extended L2 entries: each 1/32 of the cluster is
+    /// allocated (data at its place in the host cluster), reads as zeros, or is unallocated.
+    #[allow(clippy::too_many_arguments)]
+    fn map_subclusters(
+        &mut self,
+        dev: &dyn BlockDevice,
+        extents: &mut Vec<Extent>,
+        entry: L2Entry,
+        l2: HostOffset,
+        index: u64,
+        pos: u64,
+        chunk: u64,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let at = l2.0 + index * geo.l2_entry_size();
+        let bitmap = self.l2_bitmap(dev, l2, index)?;
+        let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
+        if entry.0 & 1 != 0 || entry.0 & 0x3f00_0000_0000_01fe != 0 {
+            return Err(Error::corrupt("reserved bits set in extended L2 entry", at));
+        }
+        if alloc & zero != 0 {
+            return Err(Error::corrupt("subcluster both allocated and zero in extended L2 entry", at));
+        }
+        let host = entry.host_cluster();
+        match host {
+            None if alloc != 0 => return Err(Error::corrupt("allocated subclusters without a host cluster", at)),
+            Some(h)
+                if !geo.is_aligned(h.0)
+                    || h.0.checked_add(cs).is_none_or(|e| {
+                        e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)
+                    }) =>
+            {
+                return Err(Error::corrupt("extended L2 entry points outside the file", at))
+            }
+            _ => {}
+        }
+        let sub = cs / 32;
+        let start = geo.offset_in_cluster(pos);
+        let mut off = start;
+        while off < start + chunk {
+            let i = off / sub;
+            let end = ((i + 1) * sub).min(start + chunk);
+            let kind = match host {
+                Some(h) if alloc >> i & 1 != 0 => ExtentKind::Data { host: HostOffset(h.0 + off) },
+                _ if zero >> i & 1 != 0 => ExtentKind::Zero,
+                _ => ExtentKind::Unallocated,
+            };
+            push(extents, Extent { guest: GuestOffset(pos - start + off), len: end - off, kind });
+            off = end;
+        }
+        Ok(())
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Meta {
     pub lazy_dirty: bool,
     /// Where the next compressed cluster's bytes may go: inside the host cluster the previous one ended in.
     pub free_byte_offset: u64,
+    /// Size in bytes of the external data file, when guest data lives there instead of in the image file.
+    pub data_file_size: Option<u64>,
 }
 
 fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
@@ -131,6 +133,14 @@ impl Meta {
         let at = (index * self.geo.l2_entry_size()) as usize;
         let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64);
         raw.map(L2Entry).ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
+    }
+
+    /// The subcluster bitmap of extended L2 entry `index` (allocation bits 0..=31, zero bits 32..=63).
+    pub fn l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<u64> {
+        self.load(dev, l2.0, TableKind::L2)?;
+        let at = (index * self.geo.l2_entry_size() + 8) as usize;
+        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64);
+        raw.ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
     /// Stores the L2 entry at `index` of the table at `l2` (in the cache).

@@ -63,6 +63,7 @@ pub struct Image<D: BlockDevice> {
     zeros: Box<[u8]>,
     backing: Option<backing::Backing>,
     compression: CompressionType,
+    data_file: Option<Box<dyn BlockDevice>>,
 }
 
 /// What `qemu-img info` says about an image, in typed form.

@@ -20,6 +20,8 @@ use crate::format::{feature, Geometry, Header};
 
 /// Incompatible features this version reads and writes.
 const SUPPORTED_INCOMPATIBLE: u64 = feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE;
+/// Incompatible features this version reads but does not write yet.
+const READ_ONLY_INCOMPATIBLE: u64 = feature::EXTENDED_L2 | feature::EXTERNAL_DATA_FILE;
 
 /// The name the image gives an incompatible feature bit, or QEMU's name for it.
 fn feature_name(header: &Header, bit: u8) -> String {
@@ -58,11 +60,15 @@ impl<D: BlockDevice> Image<D> {
         dev.read_at(0, &mut cluster0)?;
         let header = Header::parse(&cluster0)?;
         header.validate(!read_only)?;
-        let unsupported = header.incompatible_features & !SUPPORTED_INCOMPATIBLE;
+        let supported =
+            if read_only { SUPPORTED_INCOMPATIBLE | READ_ONLY_INCOMPATIBLE } else { SUPPORTED_INCOMPATIBLE };
+        let unsupported = header.incompatible_features & !supported;
         if unsupported != 0 {
             let names: Vec<String> =
                 (0..64u8).filter(|b| unsupported & (1 << b) != 0).map(|b| feature_name(&header, b)).collect();
-            return Err(Error::Unsupported { feature: names.join(", ") });
+            let mode =
+                if read_only || unsupported & READ_ONLY_INCOMPATIBLE == 0 { "" } else { " (read-only opens work)" };
+            return Err(Error::Unsupported { feature: format!("{}{mode}", names.join(", ")) });
         }
         let backing = match &header.backing_file {
             Some(name) => {
@@ -70,6 +76,13 @@ impl<D: BlockDevice> Image<D> {
                 Some(resolver.open_backing(&name, header.backing_format().as_deref())?)
             }
             None => None,
+        };
+        let data_file = match header.external_data_file() {
+            Some(name) if header.has_external_data_file() => Some(resolver.open_data_file(&name)?),
+            None if header.has_external_data_file() => {
+                return Err(Error::Unsupported { feature: "external data file with no name recorded".into() })
+            }
+            _ => None,
         };
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
@@ -97,6 +110,7 @@ impl<D: BlockDevice> Image<D> {
             header_dirty: false,
             lazy_dirty: false,
             free_byte_offset: 0,
+            data_file_size: data_file.as_ref().map(|d| d.info().size_bytes()),
         };
         let image = Image {
             dev,
@@ -111,6 +125,7 @@ impl<D: BlockDevice> Image<D> {
             config,
             backing,
             compression,
+            data_file,
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

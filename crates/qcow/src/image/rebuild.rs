@@ -88,6 +88,8 @@ impl Meta {
             let at = l2.0 + index * geo.l2_entry_size();
             let entry = self.l2_entry(dev, l2, index)?;
             match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                // Data in an external data file is not refcounted.
+                L2Kind::Normal { .. } | L2Kind::Zero { host: Some(_) } if self.data_file_size.is_some() => {}
                 L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
                     counts.add(host.0, "data cluster outside the file", at)?
                 }
