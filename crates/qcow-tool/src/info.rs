@@ -66,6 +66,8 @@ struct Qcow2Facts {
     info: ImageInfo,
     backing_file: Option<String>,
     backing_format: Option<String>,
+    /// The external data file's name, and whether it is a valid raw image on its own.
+    data_file: Option<(String, bool)>,
     snapshots: Vec<SnapshotFacts>,
     bitmaps: Vec<BitmapFacts>,
 }
@@ -133,6 +135,9 @@ fn gather(image: &Image<FileDevice>, name: &str) -> Result<Qcow2Facts> {
         info: image.info(),
         backing_file: header.backing_file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()),
         backing_format: header.backing_format(),
+        data_file: header
+            .has_external_data_file()
+            .then(|| (header.external_data_file().unwrap_or_default(), header.is_data_file_raw())),
         snapshots,
         bitmaps,
     })
@@ -198,6 +203,10 @@ fn to_json(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> Value {
             map.insert("lazy-refcounts".into(), i.lazy_refcounts.into());
             map.insert("corrupt".into(), i.corrupt.into());
             map.insert("extended-l2".into(), i.extended_l2.into());
+        }
+        if let Some((file, raw)) = &q.data_file {
+            map.insert("data-file".into(), file.as_str().into());
+            map.insert("data-file-raw".into(), (*raw).into());
         }
         if !q.bitmaps.is_empty() {
             let bitmaps: Vec<Value> = q
@@ -300,6 +309,10 @@ fn to_human(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> String 
             }
         }
         out.push(format!("    refcount bits: {}", i.refcount_bits));
+        if let Some((file, raw)) = &q.data_file {
+            out.push(format!("    data file: {file}"));
+            out.push(format!("    data file raw: {raw}"));
+        }
         if i.compat != "0.10" {
             out.push(format!("    corrupt: {}", i.corrupt));
             out.push(format!("    extended l2: {}", i.extended_l2));

@@ -91,10 +91,14 @@ impl BackingResolver for NotOpened {
     fn open_backing(&self, _name: &str, _format: Option<&str>) -> qcow::Result<Backing> {
         Ok(Backing::new(Box::new(MemoryDevice::new(0)), 0))
     }
+
+    fn open_data_file(&self, _name: &str, _read_only: bool) -> qcow::Result<Box<dyn qcow::block::BlockDevice>> {
+        Ok(Box::new(MemoryDevice::new(0)))
+    }
 }
 
-/// Opens a qcow2 image read-only for its metadata only: the backing file is named but never opened, so its
-/// guest data must not be read through this image.
+/// Opens a qcow2 image read-only for its metadata only: the backing file and the external data file are named
+/// but never opened, so guest data must not be read through this image.
 pub fn image_metadata(path: &Path) -> Result<Image<FileDevice>> {
     let dev = file(path, true)?;
     Image::open_with(dev, Config::read_only(), &NotOpened).map_err(|e| open_error(path, e))

@@ -80,11 +80,12 @@ pub trait BackingResolver {
     /// Whatever refuses or fails the open, naming the file.
     fn open_backing(&self, name: &str, format: Option<&str>) -> Result<Backing>;
 
-    /// Opens the external data file `name` (as recorded in the image), read-only.
+    /// Opens the external data file `name` (as recorded in the image).
     ///
     /// # Errors
     /// Whatever refuses or fails the open, naming the file. The default refuses every data file.
-    fn open_data_file(&self, name: &str) -> Result<Box<dyn BlockDevice>> {
+    fn open_data_file(&self, name: &str, read_only: bool) -> Result<Box<dyn BlockDevice>> {
+        let _ = read_only;
         Err(Error::Unsupported {
             feature: format!("external data file {name:?} (open the image by path, or pass a resolver)"),
         })
@@ -145,9 +146,9 @@ impl FileResolver {
 }
 
 impl BackingResolver for FileResolver {
-    fn open_data_file(&self, name: &str) -> Result<Box<dyn BlockDevice>> {
+    fn open_data_file(&self, name: &str, read_only: bool) -> Result<Box<dyn BlockDevice>> {
         let path = self.resolve("external data file", name)?;
-        let file = FileDevice::open(&path, &FileOptions { read_only: true, direct: false })?;
+        let file = FileDevice::open(&path, &FileOptions { read_only, direct: false })?;
         Ok(Box::new(Padded::new(file)))
     }
 
@@ -202,8 +203,13 @@ impl Image<FileDevice> {
     /// As [`Image::create`], plus refusals of the backing file by the default policy.
     pub fn create_path(path: impl AsRef<Path>, options: &super::CreateOptions, config: Config) -> Result<Self> {
         let path = path.as_ref();
+        let resolver = FileResolver::new(path, BackingPolicy::default());
+        if let Some(name) = &options.data_file {
+            let data = resolver.dir.join(name);
+            FileDevice::create(&data, &FileOptions::default())?;
+        }
         let file = FileDevice::create(path, &FileOptions::default())?;
-        Image::create_with(file, options, config, &FileResolver::new(path, BackingPolicy::default()))
+        Image::create_with(file, options, config, &resolver)
     }
 
     /// Opens the image file at `path` under an explicit backing policy.

@@ -72,6 +72,9 @@ impl<D: BlockDevice> Image<D> {
             header.set_backing_file(Some(name.as_bytes()), options.backing_format.as_deref());
         }
         header.set_compression_type(options.compression_type);
+        if let Some(name) = &options.data_file {
+            header.set_external_data_file(Some(name), options.data_file_raw);
+        }
         header.refcount_table_offset = cs;
         header.refcount_table_clusters = table_clusters as u32;
         header.l1_size = l1_entries as u32;

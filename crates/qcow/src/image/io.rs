@@ -17,8 +17,10 @@ use super::mapping::ExtentKind;
 #[derive(Debug, Clone, Copy)]
 struct ClusterPlan {
     guest_cluster: u64,
-    /// Where the cluster's data goes.
+    /// Where the cluster's data goes (assigned after planning when `allocate`).
     target: HostOffset,
+    /// Whether `target` is a new cluster still to be allocated.
+    allocate: bool,
     /// Whether bytes around the new data must be filled (the cluster is new to this mapping).
     fill: Fill,
     /// Host clusters (first, count) to release once the new mapping is durable.
@@ -70,33 +72,21 @@ impl Meta {
         }
     }
 
-    /// A private copy of a shared L2 table. Every cluster it references gains a reference, and COPIED flags
-    /// are cleared because those clusters are now shared with the old table.
+    /// A private copy of a shared L2 table. Refcounts count references by traversal, so the clusters it maps
+    /// were already counted once per L1 table reaching the shared copy: they keep their counts. COPIED flags are
+    /// cleared because those clusters stay shared with the old table.
     fn copy_shared_l2(&mut self, dev: &dyn BlockDevice, l2: HostOffset) -> Result<Box<[u8]>> {
         let geo = self.geo;
-        let mut bytes = vec![0u8; geo.cluster_size() as usize].into_boxed_slice();
-        for index in 0..geo.l2_entries() {
-            let entry = self.l2_entry(dev, l2, index)?;
-            let at = l2.0 + index * geo.l2_entry_size();
-            let kind = entry.kind(&geo).map_err(|what| Error::corrupt(what, at))?;
-            let raw = match kind {
-                L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => {
-                    self.adjust_refcount(dev, host.0 / geo.cluster_size(), 1)?;
-                    entry.0 & !(1 << 63)
-                }
-                L2Kind::Compressed { host, len } => {
-                    let first = host.0 / geo.cluster_size();
-                    let last = (host.0 + len.max(1) - 1) / geo.cluster_size();
-                    for c in first..=last {
-                        self.adjust_refcount(dev, c, 1)?;
-                    }
-                    entry.0
-                }
-                _ => entry.0,
-            };
-            let slot = (index * geo.l2_entry_size()) as usize;
-            if let Some(s) = bytes.get_mut(slot..slot + 8) {
-                s.copy_from_slice(&raw.to_be_bytes());
+        self.l2_entry(dev, l2, 0)?;
+        let mut bytes: Box<[u8]> = self
+            .cache
+            .get(l2.0)
+            .map(Box::from)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from the cache", l2.0))?;
+        let stride = geo.l2_entry_size() as usize;
+        for slot in bytes.chunks_exact_mut(stride) {
+            if let Some(flags) = slot.first_mut() {
+                *flags &= 0x7f;
             }
         }
         Ok(bytes)
@@ -114,8 +104,15 @@ impl Meta {
             let entry = self.l2_entry(dev, l2, index)?;
             let at = l2.0 + index * geo.l2_entry_size();
             let kind = entry.kind(&geo).map_err(|what| Error::corrupt(what, at))?;
+            let external = self.data_file_size.is_some();
             let (target, fill, release) = match kind {
+                // In an external data file every guest cluster has its fixed place: the guest offset.
+                L2Kind::Unallocated if external && entry.is_copied() => (HostOffset(0), Fill::InPlace, None),
                 L2Kind::Normal { host, copied: true } => (host, Fill::InPlace, None),
+                _ if external => {
+                    let fill = if backed && matches!(kind, L2Kind::Unallocated) { Fill::Backing } else { Fill::Zeros };
+                    (HostOffset(guest.0), fill, None)
+                }
                 L2Kind::Zero { host: Some(host) } if entry.is_copied() => (host, Fill::Zeros, None),
                 L2Kind::Normal { host, copied: false } => (HostOffset(0), Fill::CopyFrom(host), Some((host.0 / cs, 1))),
                 L2Kind::Zero { host: Some(host) } => (HostOffset(0), Fill::Zeros, Some((host.0 / cs, 1))),
@@ -128,14 +125,20 @@ impl Meta {
                     (HostOffset(0), Fill::Decompress(host, len), Some((first, last - first + 1)))
                 }
             };
-            if target.0 == 0 {
+            // Everything but in-place writes, preallocated zero clusters and data-file clusters needs a new cluster.
+            let allocate = match kind {
+                _ if external || fill == Fill::InPlace => false,
+                L2Kind::Zero { host: Some(_) } => release.is_some(),
+                _ => true,
+            };
+            if allocate {
                 needs_new += 1;
             }
-            plans.push(ClusterPlan { guest_cluster, target, fill, release });
+            plans.push(ClusterPlan { guest_cluster, target, allocate, fill, release });
         }
         if needs_new > 0 {
             let first = self.alloc_clusters(dev, needs_new)?;
-            for (plan, cluster) in plans.iter_mut().filter(|p| p.target.0 == 0).zip(first..) {
+            for (plan, cluster) in plans.iter_mut().filter(|p| p.allocate).zip(first..) {
                 plan.target = HostOffset(cluster * cs);
             }
         }
@@ -147,7 +150,8 @@ impl Meta {
         for plan in plans.iter().filter(|p| p.fill != Fill::InPlace) {
             let guest = GuestOffset(plan.guest_cluster * geo.cluster_size());
             let l2 = self.l2_for_write(dev, geo.l1_index(guest))?;
-            self.set_l2_entry(dev, l2, geo.l2_index(guest), L2Entry::normal(plan.target))?;
+            let entry = L2Entry::normal(plan.target);
+            self.set_l2_entry(dev, l2, geo.l2_index(guest), entry)?;
             if let Some((first, count)) = plan.release {
                 for cluster in first..first + count {
                     self.free_later(cluster);
@@ -191,10 +195,7 @@ impl<D: BlockDevice> Image<D> {
             let (part, tail) = std::mem::take(&mut rest).split_at_mut(extent.len as usize);
             rest = tail;
             match extent.kind {
-                ExtentKind::Data { host } => match &self.data_file {
-                    Some(data) => data.read_at(host.0, part)?,
-                    None => self.dev.read_at(host.0, part)?,
-                },
+                ExtentKind::Data { host } => self.data_device().read_at(host.0, part)?,
                 ExtentKind::Zero => part.fill(0),
                 ExtentKind::Unallocated => match &self.backing {
                     Some(backing) => backing.read(extent.guest.0, part)?,
@@ -213,6 +214,14 @@ impl<D: BlockDevice> Image<D> {
             }
         }
         Ok(())
+    }
+
+    /// Where guest data lives: the external data file when there is one, else the image file.
+    fn data_device(&self) -> &dyn BlockDevice {
+        match &self.data_file {
+            Some(data) => data.as_ref(),
+            None => &self.dev,
+        }
     }
 
     /// Decompresses the cluster whose compressed bytes start at `host` into `out` (one cluster). The read is
@@ -302,7 +311,7 @@ impl<D: BlockDevice> Image<D> {
                 Fill::CopyFrom(_) | Fill::Backing | Fill::Decompress(..) => {
                     let mut whole = vec![0u8; cs as usize];
                     match (plan.fill, &self.backing) {
-                        (Fill::CopyFrom(old), _) => self.dev.read_at(old.0, &mut whole)?,
+                        (Fill::CopyFrom(old), _) => self.data_device().read_at(old.0, &mut whole)?,
                         (Fill::Decompress(host, len), _) => self.read_compressed(host, len, &mut whole)?,
                         (_, Some(backing)) => backing.read(cluster_start, &mut whole)?,
                         _ => {}
@@ -340,7 +349,16 @@ impl<D: BlockDevice> Image<D> {
                 Piece::Owned(v) => v.as_slice(),
             })
             .collect();
-        self.dev.write(host / 512, &bufs)
+        match &self.data_file {
+            Some(data) => {
+                let end = host + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+                if end > data.info().size_bytes() {
+                    data.resize(end.div_ceil(512))?;
+                }
+                data.write(host / 512, &bufs)
+            }
+            None => self.dev.write(host / 512, &bufs),
+        }
     }
 }
 

@@ -19,9 +19,10 @@ use crate::format::feature::FeatureKind;
 use crate::format::{feature, Geometry, Header};
 
 /// Incompatible features this version reads and writes.
-const SUPPORTED_INCOMPATIBLE: u64 = feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE;
+const SUPPORTED_INCOMPATIBLE: u64 =
+    feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE | feature::EXTERNAL_DATA_FILE;
 /// Incompatible features this version reads but does not write yet.
-const READ_ONLY_INCOMPATIBLE: u64 = feature::EXTENDED_L2 | feature::EXTERNAL_DATA_FILE;
+const READ_ONLY_INCOMPATIBLE: u64 = feature::EXTENDED_L2;
 
 /// The name the image gives an incompatible feature bit, or QEMU's name for it.
 fn feature_name(header: &Header, bit: u8) -> String {
@@ -78,7 +79,7 @@ impl<D: BlockDevice> Image<D> {
             None => None,
         };
         let data_file = match header.external_data_file() {
-            Some(name) if header.has_external_data_file() => Some(resolver.open_data_file(&name)?),
+            Some(name) if header.has_external_data_file() => Some(resolver.open_data_file(&name, read_only)?),
             None if header.has_external_data_file() => {
                 return Err(Error::Unsupported { feature: "external data file with no name recorded".into() })
             }
@@ -141,8 +142,10 @@ impl<D: BlockDevice> Image<D> {
     fn prepare_for_writes(&self, dirty: bool) -> Result<()> {
         let mut m = self.meta();
         // Bitmaps are not maintained yet: clearing their bit tells QEMU they are stale rather than wrong.
-        if m.header.autoclear_features != 0 {
-            m.header.autoclear_features = 0;
+        // A raw data file stays a valid raw image: guest data is written at guest offsets, zeros included.
+        let keep = m.header.autoclear_features & feature::DATA_FILE_RAW;
+        if m.header.autoclear_features != keep {
+            m.header.autoclear_features = keep;
             m.write_header(&self.dev)?;
             self.dev.flush()?;
         }

@@ -42,6 +42,10 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// How compressed clusters are compressed (v3 only for zstd).
     pub compression_type: CompressionType,
+    /// An external data file for guest data (`data_file=`), created next to the image (v3 only).
+    pub data_file: Option<String>,
+    /// Whether the data file is kept a valid raw image of the disk (`data_file_raw=on`).
+    pub data_file_raw: bool,
 }
 
 impl CreateOptions {
@@ -57,6 +61,8 @@ impl CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: CompressionType::Deflate,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 
@@ -85,6 +91,8 @@ impl CreateOptions {
                 }
             }
             "size" => self.size = parse_size(value).ok_or_else(|| bad("not a size"))?,
+            "data_file" => self.data_file = Some(value.to_string()),
+            "data_file_raw" => self.data_file_raw = parse_switch(value).ok_or_else(|| bad("expected on or off"))?,
             "backing_file" => self.backing_file = Some(value.to_string()),
             "backing_fmt" => self.backing_format = Some(value.to_string()),
             "compression_type" => {
@@ -143,6 +151,15 @@ impl CreateOptions {
             if f != "raw" && f != "qcow2" {
                 return Err(Error::invalid("create", format!("backing format {f:?} is not supported (raw, qcow2)")));
             }
+        }
+        if self.data_file.is_some() && self.compat == Compat::V2 {
+            return Err(Error::invalid("create", "an external data file needs compat=1.1"));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::invalid("create", "data_file_raw=on needs data_file"));
+        }
+        if self.data_file.is_some() && self.preallocation != Preallocation::Off {
+            return Err(Error::invalid("create", "preallocation with an external data file is not supported"));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {
             return Err(Error::invalid("create", "lazy refcounts need compat=1.1"));

@@ -73,7 +73,6 @@ impl Meta {
             let Some(mut l2) = entry.l2_offset() else { continue };
             let table_start = l1_index * geo.l2_span();
             let first = if table_start >= from { 0 } else { geo.l2_index(GuestOffset(from)) };
-            let shared = !entry.is_copied();
             if first == 0 {
                 self.set_l1_entry(dev, l1_index, L1Entry(0))?;
             } else {
@@ -85,9 +84,6 @@ impl Meta {
                 let entry = self.l2_entry(dev, l2, index)?;
                 if first != 0 && !entry.is_unallocated() {
                     self.set_l2_entry(dev, l2, index, L2Entry(0))?;
-                }
-                if first == 0 && shared {
-                    continue;
                 }
                 match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
                     L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => self.free_later(host.0 / cs),

@@ -51,7 +51,7 @@ impl Meta {
         }
         let mut bytes = vec![0u8; size.next_multiple_of(512) as usize];
         dev.read_at(ext.directory_offset, &mut bytes)?;
-        parse_bitmap_directory(&bytes, ext.nb_bitmaps)
+        parse_bitmap_directory(bytes.get(..size as usize).unwrap_or(&[]), ext.nb_bitmaps)
             .map_err(|_| Error::corrupt("malformed bitmap directory", ext.directory_offset))
     }
 }
