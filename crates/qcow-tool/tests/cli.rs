@@ -629,7 +629,8 @@ fn create_with_a_backing_file_agrees_with_qemu_img() {
     qemu_create(&base_q, "cluster_size=4k", "7M");
     qemu_io_cmds(&base_q, &["write -P 0x61 0 1M", "write -c -P 0x62 2M 64k", "write -z 3M 64k"]);
     // (name, arguments, size, expected virtual size, what it must read like)
-    let cases: &[(&str, &[&str], Option<&str>, u64, &str)] = &[
+    type Case<'a> = (&'a str, &'a [&'a str], Option<&'a str>, u64, &'a str);
+    let cases: &[Case] = &[
         ("ov-raw.qcow2", &["-b", "base.raw", "-F", "raw"], None, 10 << 20, "base.raw"),
         (
             "ov-q.qcow2",
@@ -884,7 +885,7 @@ fn info_lists_bitmaps_like_qemu_img() {
     // A QEMU that dies with the image open leaves its enabled bitmap marked in use.
     let _ = qemu_io().args(["-f", "qcow2", "-c", "write -P 0x22 1M 64k", "-c", "sigraise 9"]).arg(&img).output();
     let q = check("in use");
-    assert_eq!(field(&q, "format-specific/data/bitmaps/0/flags"), &serde_json::json!(["in-use", "auto"]), "{q}");
+    assert_eq!(field(&q, "format-specific/data/bitmaps")[0]["flags"], serde_json::json!(["in-use", "auto"]), "{q}");
     // After our write QEMU no longer trusts (nor lists) the bitmaps, and neither do we.
     ok(tool().args(["write"]).arg(&img).args(["--sector", "0", "--text", "ours"]));
     let q = check("after our write");

@@ -14,6 +14,11 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` when the range is not a whole cluster, plus everything [`Image::write_at`] returns.
     pub fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("write compressed")?;
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported {
+                feature: "compressed clusters in an image with an external data file".into(),
+            });
+        }
         let cs = self.geo.cluster_size();
         let size = self.virtual_size().next_multiple_of(512);
         let expected = cs.min(size.saturating_sub(offset));
@@ -52,6 +57,9 @@ impl<D: BlockDevice> Image<D> {
         let old = m.l2_entry(&self.dev, l2, index)?;
         let at = l2.0 + index * self.geo.l2_entry_size();
         m.set_l2_entry(&self.dev, l2, index, L2Entry(descriptor))?;
+        if self.geo.extended_l2 {
+            m.set_l2_bitmap(&self.dev, l2, index, 0)?;
+        }
         match old.kind(&self.geo).map_err(|what| Error::corrupt(what, at))? {
             L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),
             L2Kind::Compressed { host: HostOffset(h), len } => {

@@ -39,7 +39,7 @@ impl<D: BlockDevice> Image<D> {
             options.size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("create", "size overflows"))?;
         let cluster_bits = options.cluster_size.trailing_zeros();
         let refcount_order = options.refcount_bits.trailing_zeros();
-        let geo = Geometry { cluster_bits, refcount_order, extended_l2: false };
+        let geo = Geometry { cluster_bits, refcount_order, extended_l2: options.extended_l2 };
         let cs = geo.cluster_size();
         let l1_entries = geo.l1_entries_for(size);
         if l1_entries * 8 > MAX_L1_BYTES {
@@ -75,6 +75,7 @@ impl<D: BlockDevice> Image<D> {
         if let Some(name) = &options.data_file {
             header.set_external_data_file(Some(name), options.data_file_raw);
         }
+        header.set_extended_l2(options.extended_l2);
         header.refcount_table_offset = cs;
         header.refcount_table_clusters = table_clusters as u32;
         header.l1_size = l1_entries as u32;
@@ -138,6 +139,9 @@ impl<D: BlockDevice> Image<D> {
             for i in 0..n {
                 let index = geo.l2_index(GuestOffset((guest_cluster + i) * cs));
                 m.set_l2_entry(&self.dev, l2, index, L2Entry::normal(HostOffset((first + i) * cs)))?;
+                if geo.extended_l2 {
+                    m.set_l2_bitmap(&self.dev, l2, index, 0xffff_ffff)?;
+                }
             }
             guest_cluster += n;
             if m.cache.over_budget() {

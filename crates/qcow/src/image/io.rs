@@ -163,8 +163,10 @@ impl Meta {
 }
 
 /// One piece of a vectored device write.
-enum Piece<'a> {
+pub(super) enum Piece<'a> {
+    /// Bytes owned by the caller.
     Borrowed(&'a [u8]),
+    /// Bytes built for this write.
     Owned(Vec<u8>),
 }
 
@@ -189,6 +191,11 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        self.read_mapped(offset, buf)
+    }
+
+    /// Reads guest data through the current mapping; the caller holds the resize lock.
+    pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let extents = self.meta().map(&self.dev, offset, buf.len() as u64)?;
         let mut rest = buf;
         for extent in extents {
@@ -262,6 +269,9 @@ impl<D: BlockDevice> Image<D> {
         let first = offset >> cb;
         let last = (offset + buf.len() as u64 - 1) >> cb;
         let _owned = self.ranges.lock(first, last + 1);
+        if self.geo.extended_l2 {
+            return self.write_subclusters(offset, buf);
+        }
         let plans = {
             let mut m = self.meta();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some());
@@ -341,7 +351,7 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {
+    pub(super) fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {
         let bufs: Vec<&[u8]> = pieces
             .iter()
             .map(|p| match p {
@@ -349,16 +359,17 @@ impl<D: BlockDevice> Image<D> {
                 Piece::Owned(v) => v.as_slice(),
             })
             .collect();
-        match &self.data_file {
-            Some(data) => {
-                let end = host + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
-                if end > data.info().size_bytes() {
-                    data.resize(end.div_ceil(512))?;
-                }
-                data.write(host / 512, &bufs)
+        let device = self.data_device();
+        let end = host + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        if end > device.info().size_bytes() {
+            // Files may end inside an allocated cluster (QEMU writes only the subclusters it touches, and data
+            // files grow as written). Grow under the metadata lock so that two writers never shrink each other.
+            let _m = self.meta();
+            if end > device.info().size_bytes() {
+                device.resize(end.div_ceil(512))?;
             }
-            None => self.dev.write(host / 512, &bufs),
         }
+        device.write(host / 512, &bufs)
     }
 }
 

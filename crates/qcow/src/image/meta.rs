@@ -143,6 +143,17 @@ impl Meta {
         raw.ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
+    /// Stores the subcluster bitmap of extended L2 entry `index` (in the cache).
+    pub fn set_l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, bitmap: u64) -> Result<()> {
+        self.load(dev, l2.0, TableKind::L2)?;
+        let at = (index * self.geo.l2_entry_size() + 8) as usize;
+        match self.cache.get_mut(l2.0).and_then(|c| c.get_mut(at..at + 8)) {
+            Some(s) => s.copy_from_slice(&bitmap.to_be_bytes()),
+            None => return Err(Error::corrupt("L2 index outside its table", l2.0)),
+        }
+        Ok(())
+    }
+
     /// Stores the L2 entry at `index` of the table at `l2` (in the cache).
     pub fn set_l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, entry: L2Entry) -> Result<()> {
         self.load(dev, l2.0, TableKind::L2)?;

@@ -30,6 +30,7 @@ mod ranges;
 mod rebuild;
 mod resize;
 mod snapshot;
+mod subcluster;
 mod writeback;
 
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};

@@ -20,9 +20,7 @@ use crate::format::{feature, Geometry, Header};
 
 /// Incompatible features this version reads and writes.
 const SUPPORTED_INCOMPATIBLE: u64 =
-    feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE | feature::EXTERNAL_DATA_FILE;
-/// Incompatible features this version reads but does not write yet.
-const READ_ONLY_INCOMPATIBLE: u64 = feature::EXTENDED_L2;
+    feature::DIRTY | feature::CORRUPT | feature::COMPRESSION_TYPE | feature::EXTERNAL_DATA_FILE | feature::EXTENDED_L2;
 
 /// The name the image gives an incompatible feature bit, or QEMU's name for it.
 fn feature_name(header: &Header, bit: u8) -> String {
@@ -61,15 +59,11 @@ impl<D: BlockDevice> Image<D> {
         dev.read_at(0, &mut cluster0)?;
         let header = Header::parse(&cluster0)?;
         header.validate(!read_only)?;
-        let supported =
-            if read_only { SUPPORTED_INCOMPATIBLE | READ_ONLY_INCOMPATIBLE } else { SUPPORTED_INCOMPATIBLE };
-        let unsupported = header.incompatible_features & !supported;
+        let unsupported = header.incompatible_features & !SUPPORTED_INCOMPATIBLE;
         if unsupported != 0 {
             let names: Vec<String> =
                 (0..64u8).filter(|b| unsupported & (1 << b) != 0).map(|b| feature_name(&header, b)).collect();
-            let mode =
-                if read_only || unsupported & READ_ONLY_INCOMPATIBLE == 0 { "" } else { " (read-only opens work)" };
-            return Err(Error::Unsupported { feature: format!("{}{mode}", names.join(", ")) });
+            return Err(Error::Unsupported { feature: names.join(", ") });
         }
         let backing = match &header.backing_file {
             Some(name) => {

@@ -46,6 +46,8 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// Whether the data file is kept a valid raw image of the disk (`data_file_raw=on`).
     pub data_file_raw: bool,
+    /// Whether L2 entries carry subcluster bitmaps (`extended_l2=on`; v3, clusters of 16 KiB and more).
+    pub extended_l2: bool,
 }
 
 impl CreateOptions {
@@ -63,6 +65,7 @@ impl CreateOptions {
             compression_type: CompressionType::Deflate,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
         }
     }
 
@@ -91,6 +94,7 @@ impl CreateOptions {
                 }
             }
             "size" => self.size = parse_size(value).ok_or_else(|| bad("not a size"))?,
+            "extended_l2" => self.extended_l2 = parse_switch(value).ok_or_else(|| bad("expected on or off"))?,
             "data_file" => self.data_file = Some(value.to_string()),
             "data_file_raw" => self.data_file_raw = parse_switch(value).ok_or_else(|| bad("expected on or off"))?,
             "backing_file" => self.backing_file = Some(value.to_string()),
@@ -154,6 +158,9 @@ impl CreateOptions {
         }
         if self.data_file.is_some() && self.compat == Compat::V2 {
             return Err(Error::invalid("create", "an external data file needs compat=1.1"));
+        }
+        if self.extended_l2 && (self.compat == Compat::V2 || self.cluster_size < 16 << 10) {
+            return Err(Error::invalid("create", "extended_l2=on needs compat=1.1 and clusters of at least 16 KiB"));
         }
         if self.data_file_raw && self.data_file.is_none() {
             return Err(Error::invalid("create", "data_file_raw=on needs data_file"));

@@ -82,10 +82,17 @@ impl Meta {
             for index in first..geo.l2_entries() {
                 let at = l2.0 + index * geo.l2_entry_size();
                 let entry = self.l2_entry(dev, l2, index)?;
-                if first != 0 && !entry.is_unallocated() {
-                    self.set_l2_entry(dev, l2, index, L2Entry(0))?;
+                if first != 0 {
+                    if !entry.is_unallocated() {
+                        self.set_l2_entry(dev, l2, index, L2Entry(0))?;
+                    }
+                    if geo.extended_l2 {
+                        self.set_l2_bitmap(dev, l2, index, 0)?;
+                    }
                 }
                 match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                    // Data in an external data file is not refcounted.
+                    L2Kind::Normal { .. } | L2Kind::Zero { host: Some(_) } if self.data_file_size.is_some() => {}
                     L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => self.free_later(host.0 / cs),
                     L2Kind::Compressed { host, len } => {
                         for c in host.0 / cs..=(host.0 + len.max(1) - 1) / cs {
