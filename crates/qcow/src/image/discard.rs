@@ -149,6 +149,8 @@ impl Meta {
             }
         }
         self.set_l1_entry(dev, l1_index, L1Entry(0))?;
+        // Unlinked: its edits need never reach the disk, and its cluster may soon hold something else.
+        self.cache.remove(l2.0);
         self.free_later(l2.0 / geo.cluster_size());
         Ok(())
     }

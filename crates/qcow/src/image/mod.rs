@@ -17,6 +17,7 @@
 
 mod backing;
 mod cache;
+mod compact;
 mod compressed;
 mod config;
 mod create;
@@ -35,6 +36,7 @@ mod subcluster;
 mod writeback;
 
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
