@@ -169,7 +169,7 @@ pub fn run(args: &Args) -> Result<u8> {
 }
 
 /// Runs the library's check, printing each finding on stderr as qemu-img does while it checks.
-fn run_check(dev: &dyn BlockDevice, repair: Repair, name: &str) -> Result<CheckReport> {
+fn run_check<D: BlockDevice>(dev: &D, repair: Repair, name: &str) -> Result<CheckReport> {
     let report = qcow::check::check(dev, repair)
         .map_err(|e| Error::wrap(format!("could not check '{name}'{}", open::hint(&e)), e))?;
     let mut findings = String::new();
