@@ -47,16 +47,17 @@ if [ ! -f "$image" ]; then
     mv "$image.part" "$image"
 fi
 
-# Runs a command under /usr/bin/time; prints "<wall seconds> <peak RSS KiB> <exit code>".
+# Runs a command under /usr/bin/time; prints "<wall ns> <peak RSS KiB> <user+sys CPU s> <exit code>".
 measure() {
     local log=$dir/time.log start end code
     start=$(date +%s%N)
     set +e
-    /usr/bin/time -o "$log" -f '%M' "$@" >/dev/null 2>&1
+    /usr/bin/time -o "$log" -f '%M %U %S' "$@" >/dev/null 2>&1
     code=$?
     set -e
     end=$(date +%s%N)
-    echo "$(( end - start )) $(tail -n 1 "$log") $code"
+    read -r rss user sys < <(tail -n 1 "$log")
+    echo "$(( end - start )) $rss $(python3 -c "print($user + $sys)") $code"
 }
 
 # Both must agree on the image before their times mean anything.
@@ -74,24 +75,31 @@ print(q["allocated-clusters"])
 EOF
 )
 
-qemu_times=() our_times=() qemu_rss=() our_rss=()
+qemu_times=() our_times=() qemu_rss=() our_rss=() qemu_cpu=() our_cpu=()
 for ((i = 0; i < runs; i++)); do
-    read -r t m c < <(measure qemu-img check "$image")
+    read -r t m u c < <(measure qemu-img check "$image")
     [ "$c" = 0 ] || { echo "bench-check: qemu-img check exited $c" >&2; exit 1; }
-    qemu_times+=("$t") qemu_rss+=("$m")
-    read -r t m c < <(measure "$ours" check "$image")
+    qemu_times+=("$t") qemu_rss+=("$m") qemu_cpu+=("$u")
+    read -r t m u c < <(measure "$ours" check "$image")
     [ "$c" = 0 ] || { echo "bench-check: qcow-tool check exited $c" >&2; exit 1; }
-    our_times+=("$t") our_rss+=("$m")
+    our_times+=("$t") our_rss+=("$m") our_cpu+=("$u")
 done
 
-python3 - "$image" "$allocated" "$runs" "${qemu_times[*]}" "${our_times[*]}" "${qemu_rss[*]}" "${our_rss[*]}" <<'EOF'
+python3 - "$image" "$allocated" "$runs" "${qemu_times[*]}" "${our_times[*]}" "${qemu_rss[*]}" "${our_rss[*]}" \
+    "${qemu_cpu[*]}" "${our_cpu[*]}" "$(cat /proc/loadavg 2>/dev/null || echo unknown)" <<'EOF'
 import statistics, sys
 image, allocated, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 qt, ot, qm, om = ([int(x) for x in a.split()] for a in sys.argv[4:8])
+qc, oc = ([float(x) for x in a.split()] for a in sys.argv[8:10])
 q, o = statistics.median(qt) / 1e9, statistics.median(ot) / 1e9
+qcpu, ocpu = statistics.median(qc), statistics.median(oc)
+def line(name, med, times, cpu, rss):
+    runs = ", ".join(f"{t / 1e9:.3f}" for t in times)
+    return f"{name} median {med:.3f} s wall (runs: {runs}), median {cpu:.2f} s CPU, peak RSS {max(rss) / 1024:.1f} MiB"
 print(f"image: {image}")
-print(f"allocated clusters: {allocated} (4 KiB clusters); {runs} runs of each, alternating")
-print(f"qemu-img check:  median {q:.3f} s  (runs: {', '.join(f'{t / 1e9:.3f}' for t in qt)})  peak RSS {max(qm) / 1024:.1f} MiB")
-print(f"qcow-tool check: median {o:.3f} s  (runs: {', '.join(f'{t / 1e9:.3f}' for t in ot)})  peak RSS {max(om) / 1024:.1f} MiB")
-print(f"ratio qcow-tool/qemu-img: {o / q:.2f}x time, {max(om) / max(qm):.2f}x peak RSS")
+print(f"allocated clusters: {allocated} (4 KiB clusters); {runs} runs of each, alternating; load average {sys.argv[10]}")
+print(line("qemu-img check: ", q, qt, qcpu, qm))
+print(line("qcow-tool check:", o, ot, ocpu, om))
+cpu_ratio = f"{ocpu / qcpu:.2f}x" if qcpu > 0 else "n/a"
+print(f"ratio qcow-tool/qemu-img: {o / q:.2f}x wall time, {cpu_ratio} CPU time, {max(om) / max(qm):.2f}x peak RSS")
 EOF
