@@ -224,7 +224,11 @@ fn corrupt_images(dir: &Dir) -> Vec<PathBuf> {
         .output()
         .unwrap();
     assert!(!out.status.success(), "qemu-io should have died by its own signal:\n{}", show(&out));
-    vec![zero, copied, beyond, crashed]
+    // The same COPIED damage in an image QEMU has marked corrupt (incompatible feature bit 1).
+    let marked = dir.path("marked-corrupt.qcow2");
+    std::fs::copy(&copied, &marked).unwrap();
+    write_at(&marked, 72, &(read_u64(&marked, 72) | 2).to_be_bytes());
+    vec![zero, copied, beyond, crashed, marked]
 }
 
 /// Our plain check prints what qemu-img's prints, byte for byte, in both forms, with the same exit code.
@@ -270,6 +274,13 @@ fn assert_same_repair(dir: &Dir, img: &Path, mode: &str, ours_cmd: &[&str]) {
     assert_eq!(after_o.code, after_q.code, "{what}: qemu-img check afterwards\nours {after_o:?}\nqemu {after_q:?}");
     if after_q.code == 0 {
         assert_eq!(after_o.json(), after_q.json(), "{what}: qemu-img check afterwards");
+        // The header bits a repair clears (dirty, corrupt) are cleared in ours too.
+        let info = |p: &Path| -> Value {
+            let out = run_ok(qemu("qemu-img").args(["info", "--output=json"]).arg(p));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            serde_json::json!([v["dirty-flag"], v["format-specific"]])
+        };
+        assert_eq!(info(&ours), info(&theirs), "{what}: qemu-img info afterwards");
         // The guest sees the same bytes in both repaired copies.
         let cmp = qemu("qemu-img").args(["compare", "-f", "qcow2", "-F", "qcow2"]).arg(&ours).arg(&theirs).output();
         let cmp = cmp.unwrap();
