@@ -213,10 +213,12 @@ fn compare(
         } else if value > references && repair.leaks() {
             stored.set(cluster, references)?;
             report.leaks_fixed += 1;
+            report.note(Problem::Repaired(Box::new(Problem::RefcountMismatch { cluster, stored: value, references })));
             continue;
         } else if value < references && repair.all() {
             stored.set(cluster, references)?;
             report.corruptions_fixed += 1;
+            report.note(Problem::Repaired(Box::new(Problem::RefcountMismatch { cluster, stored: value, references })));
             continue;
         }
         report.found(Problem::RefcountMismatch { cluster, stored: value, references });

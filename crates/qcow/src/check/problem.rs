@@ -225,6 +225,8 @@ pub enum Problem {
     /// The refcount structures are broken in a way that only a rebuild can fix, and the repair mode does not
     /// allow one.
     NeedsRebuild,
+    /// A finding that the repair fixed (counted in `corruptions_fixed` or `leaks_fixed`, not as found).
+    Repaired(Box<Problem>),
 }
 
 impl Problem {
@@ -240,7 +242,8 @@ impl Problem {
             Problem::Overlap { .. }
             | Problem::SharedCluster { .. }
             | Problem::L1TableShared { .. }
-            | Problem::L2TableRepeated { .. } => Severity::Detail,
+            | Problem::L2TableRepeated { .. }
+            | Problem::Repaired(_) => Severity::Detail,
             _ => Severity::Corruption,
         }
     }
@@ -259,8 +262,8 @@ impl fmt::Display for Problem {
             ),
             Problem::OutsideFile { referrer, offset, len } => write!(
                 f,
-                "ERROR: {} at {offset:#x} (size {len:#x}, pointer at {:#x}) exceeds the end of the file by one \
-                 cluster or more",
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset \
+                 {offset:#x} size {len:#x} ({} pointed at from {:#x})",
                 referrer.target, referrer.at
             ),
             Problem::Misaligned { referrer, offset } => write!(
@@ -269,7 +272,7 @@ impl fmt::Display for Problem {
                 referrer.target, referrer.at
             ),
             Problem::ReservedBits { table, at, entry } => {
-                write!(f, "ERROR {table} entry at {at:#x} has reserved bits set: {entry:#x}")
+                write!(f, "ERROR found {table} entry with reserved bits set: {entry:x} (entry at {at:#x})")
             }
             Problem::CopiedFlag { table, at, entry, refcount } => {
                 write!(f, "ERROR OFLAG_COPIED in {table} entry at {at:#x}: entry={entry:#x} refcount={refcount}")
@@ -309,6 +312,11 @@ impl fmt::Display for Problem {
             }
             Problem::Unreadable { what, offset, why } => write!(f, "ERROR cannot read {what} at {offset:#x}: {why}"),
             Problem::NeedsRebuild => write!(f, "ERROR need to rebuild refcount structures"),
+            Problem::Repaired(inner) => {
+                let text = inner.to_string();
+                let rest = text.strip_prefix("ERROR ").or_else(|| text.strip_prefix("Leaked ")).unwrap_or(&text);
+                write!(f, "Repairing {rest}")
+            }
         }
     }
 }

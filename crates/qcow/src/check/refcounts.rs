@@ -163,6 +163,9 @@ pub struct Stored<'a> {
     layout: &'a Layout,
     blocks: HashMap<u64, Vec<u8>>,
     dirty: BTreeSet<u64>,
+    /// The block used last, kept out of the map: lookups run cluster by cluster, so it is nearly always the one
+    /// asked for next.
+    current: Option<(u64, Vec<u8>)>,
 }
 
 /// Loaded refcount blocks kept at most, in bytes, before clean ones are dropped.
@@ -170,7 +173,7 @@ const CACHE_BYTES: usize = 64 << 20;
 
 impl<'a> Stored<'a> {
     pub fn new(dev: &'a dyn BlockDevice, layout: &'a Layout) -> Self {
-        Stored { dev, layout, blocks: HashMap::new(), dirty: BTreeSet::new() }
+        Stored { dev, layout, blocks: HashMap::new(), dirty: BTreeSet::new(), current: None }
     }
 
     /// Where the refcount block describing `cluster` lives: `Ok(None)` when none is allocated.
@@ -189,18 +192,28 @@ impl<'a> Stored<'a> {
     }
 
     fn block(&mut self, table_index: u64, offset: u64) -> Result<&mut Vec<u8>> {
-        if !self.blocks.contains_key(&table_index) {
-            if self.blocks.len() * self.layout.geo.cluster_size() as usize >= CACHE_BYTES {
-                self.write_back()?;
-                self.blocks.clear();
+        if self.current.as_ref().is_none_or(|(i, _)| *i != table_index) {
+            if let Some((i, bytes)) = self.current.take() {
+                self.blocks.insert(i, bytes);
             }
-            let mut bytes = vec![0u8; self.layout.geo.cluster_size() as usize];
-            read_padded(self.dev, self.layout.file_len, offset, &mut bytes)?;
-            self.blocks.insert(table_index, bytes);
+            let bytes = match self.blocks.remove(&table_index) {
+                Some(bytes) => bytes,
+                None => {
+                    if self.blocks.len() * self.layout.geo.cluster_size() as usize >= CACHE_BYTES {
+                        self.write_back()?;
+                        self.blocks.clear();
+                    }
+                    let mut bytes = vec![0u8; self.layout.geo.cluster_size() as usize];
+                    read_padded(self.dev, self.layout.file_len, offset, &mut bytes)?;
+                    bytes
+                }
+            };
+            self.current = Some((table_index, bytes));
         }
-        self.blocks
-            .get_mut(&table_index)
-            .ok_or_else(|| Error::corrupt("refcount block vanished from the cache", offset))
+        match &mut self.current {
+            Some((_, bytes)) => Ok(bytes),
+            None => Err(Error::corrupt("refcount block vanished from the cache", offset)),
+        }
     }
 
     /// The stored refcount of `cluster`.
@@ -240,7 +253,11 @@ impl<'a> Stored<'a> {
             let Ok((_, Some(offset))) = self.locate(table_index * self.layout.geo.refcount_block_entries()) else {
                 continue;
             };
-            if let Some(bytes) = self.blocks.get(&table_index) {
+            let bytes = match &self.current {
+                Some((i, bytes)) if *i == table_index => Some(bytes),
+                _ => self.blocks.get(&table_index),
+            };
+            if let Some(bytes) = bytes {
                 super::repair::write_grow(self.dev, offset, bytes)?;
             }
         }

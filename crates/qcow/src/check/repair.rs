@@ -135,7 +135,8 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
                 raw.copy_from_slice(&fixed.to_be_bytes());
                 l1_dirty = true;
                 report.corruptions_fixed += 1;
-                report.note(Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount });
+                let found = Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount };
+                report.note(Problem::Repaired(Box::new(found)));
             } else {
                 report.found(Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount });
             }
@@ -168,7 +169,7 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
                 put(slot, 0, &fixed.to_be_bytes());
                 l2_dirty = true;
                 report.corruptions_fixed += 1;
-                report.note(problem);
+                report.note(Problem::Repaired(Box::new(problem)));
             } else {
                 report.found(problem);
             }
