@@ -6,11 +6,15 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod compact;
 mod convert;
 mod create;
+mod discard;
 mod error;
 mod info;
+mod mapped;
 mod open;
+mod progress;
 mod rw;
 
 use std::process::ExitCode;
@@ -48,6 +52,12 @@ enum Command {
     Check(check::Args),
     /// Repair a qcow2 image: `check -r all`.
     Repair(check::RepairArgs),
+    /// Find clusters whose data is all zeros and discard them.
+    Discard(discard::Args),
+    /// Move clusters from the end of the file into holes, then truncate it; prints how much it shrank.
+    Compact(compact::Args),
+    /// List the extents the image maps (data, and zero clusters unless --ignore-zeroes).
+    Mapped(mapped::Args),
 }
 
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
@@ -61,13 +71,16 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Write(args) => rw::write(&args).map(|()| 0),
         Command::Check(args) => check::run(&args),
         Command::Repair(args) => check::run(&args.into()),
+        Command::Discard(args) => discard::run(&args).map(|()| 0),
+        Command::Compact(args) => compact::run(&args).map(|()| 0),
+        Command::Mapped(args) => mapped::run(&args).map(|()| 0),
     }
 }
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, convert, read, write, check, repair (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

@@ -83,6 +83,16 @@ pub fn image(path: &Path, read_only: bool) -> Result<Image<FileDevice>> {
     Image::open_path_with(path, config(read_only), policy()).map_err(|e| open_error(path, e))
 }
 
+/// Opens a qcow2 image read-write with `config` (for commands that need discard or other runtime settings).
+pub fn image_with(path: &Path, config: Config) -> Result<Image<FileDevice>> {
+    Image::open_path_with(path, config, policy()).map_err(|e| open_error(path, e))
+}
+
+/// A failure while working on an open image, naming the file.
+pub fn io_error(path: &Path, e: qcow::Error) -> Error {
+    Error::wrap(format!("'{}'", path.display()), e)
+}
+
 /// Stands in for a backing file that is not opened: for commands that only look at the image's own metadata,
 /// as `qemu-img info` does (it opens images without their backing files).
 struct NotOpened;

@@ -31,6 +31,7 @@ mod options;
 mod ranges;
 mod rebuild;
 mod resize;
+mod seek;
 mod snapshot;
 mod subcluster;
 mod writeback;
@@ -40,6 +41,7 @@ pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
+pub use seek::{MappedExtent, MappedKind};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
