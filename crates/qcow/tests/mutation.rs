@@ -3,7 +3,8 @@
 //! opened read-only, read, listed, checked and repaired in memory. None may panic or hang.
 //!
 //! Deterministic: mutant `i` depends only on `i` and the seed images, so a failure names the mutant and the
-//! mutations that reproduce it (`QCOW_MUTANT=i` runs that one alone). `QCOW_MUTANTS=N` runs N mutants instead of
+//! mutations that reproduce it (`QCOW_MUTANT=i` runs that one alone, on the corpus cached under the target
+//! directory; rebuilt seeds differ only in snapshot timestamps). `QCOW_MUTANTS=N` runs N mutants instead of
 //! the default.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -158,8 +159,9 @@ fn mutate(seed: &Seed, rng: &mut Rng) -> (Vec<u8>, Vec<String>) {
                 done.push(format!("set byte {at} to {v:#04x}"));
             }
             9..=13 => {
-                let at = at & !7;
+                // Aligned to its width, as header fields and table entries are.
                 let width = [2u64, 4, 8][rng.below(3) as usize];
+                let at = at & !(width - 1);
                 let v = interesting(rng, seed);
                 let end = (at + width).min(len);
                 for (i, o) in (at..end).enumerate() {
