@@ -29,6 +29,6 @@ mod image;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, Backing, BackingPolicy, BackingResolver, Compat, Config, CreateOptions, Extent, ExtentKind,
-    FileResolver, Image, ImageInfo, NoBacking, Preallocation,
+    parse_size, Backing, BackingPolicy, BackingResolver, CompactProgress, CompactSummary, Compat, Config,
+    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, NoBacking, Preallocation,
 };

@@ -202,6 +202,25 @@ fn clean_images_of_every_kind_count_like_qemu() {
     run_ok(qemu("qemu-img").args(["snapshot", "-c", "two"]).arg(&snap));
     run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&snap).arg("b0"));
     assert_same_counts("snapshots", &ours(&snap, Repair::None), &qemu_check(&snap));
+    // Bitmaps a writer of ours has declared stale (autoclear bit cleared): their clusters are leaks to QEMU.
+    let stale = copy(&snap, "stale.qcow2");
+    qcow::Image::open(FileDevice::open(&stale, &FileOptions::default()).unwrap(), qcow::Config::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    let report = ours(&stale, Repair::None);
+    assert!(report.leaks > 0, "the stale bitmap's clusters are leaked: {report:#?}");
+    assert_same_counts("stale bitmaps", &report, &qemu_check(&stale));
+    // Guest data in an external data file is not refcounted.
+    let data_file = dir.path().join("data.raw");
+    let with_data = image(
+        dir.path(),
+        "data_file",
+        &format!("data_file={}", data_file.display()),
+        "8M",
+        &["write -P 1 0 300k", "write -z 1M 64k"],
+    );
+    assert_same_counts("data_file", &ours(&with_data, Repair::None), &qemu_check(&with_data));
     let empty = image(dir.path(), "empty", "", "0", &[]);
     assert_same_counts("empty", &ours(&empty, Repair::None), &qemu_check(&empty));
 }

@@ -48,6 +48,10 @@ impl<D: BlockDevice> BlockDevice for Image<D> {
         Image::resize(self, bytes, false)
     }
 
+    fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        Image::discard(self, sector, count)
+    }
+
     fn disconnect(&self) {
         if !self.disconnected.load(Ordering::Acquire) {
             let _ = self.shutdown();

@@ -17,10 +17,12 @@
 
 mod backing;
 mod cache;
+mod compact;
 mod compressed;
 mod config;
 mod create;
 mod device;
+mod discard;
 mod io;
 mod mapping;
 mod meta;
@@ -34,7 +36,9 @@ mod subcluster;
 mod writeback;
 
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
+pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 
@@ -65,6 +69,7 @@ pub struct Image<D: BlockDevice> {
     backing: Option<backing::Backing>,
     compression: CompressionType,
     data_file: Option<Box<dyn BlockDevice>>,
+    stats: discard::DiscardCounters,
 }
 
 /// What `qemu-img info` says about an image, in typed form.

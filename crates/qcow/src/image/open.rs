@@ -121,6 +121,7 @@ impl<D: BlockDevice> Image<D> {
             backing,
             compression,
             data_file,
+            stats: Default::default(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

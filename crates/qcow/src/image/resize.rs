@@ -111,7 +111,7 @@ impl Meta {
     }
 
     /// Truncates the device after the last cluster with a nonzero refcount.
-    fn trim_file(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+    pub(super) fn trim_file(&mut self, dev: &dyn BlockDevice) -> Result<()> {
         let mut end = self.end_cluster;
         while end > 1 && self.refcount(dev, end - 1)? == 0 {
             end -= 1;

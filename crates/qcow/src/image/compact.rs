@@ -1,0 +1,271 @@
+//! Offline compaction: move the highest clusters of the file into the lowest holes, then truncate it.
+//!
+//! Movable are the clusters with exactly one referrer this code knows how to rewrite: data clusters and
+//! preallocated zero clusters of the active L1 tree with refcount 1, L2 tables with refcount 1 reached from the
+//! active L1 table, and refcount blocks. Everything else (the header, L1 and refcount tables, snapshot tables and
+//! trees, compressed clusters, bitmaps, anything shared) stays where it is. Refcount blocks that describe nothing
+//! but free clusters (and themselves) are dropped instead of moved.
+//!
+//! Each batch of moves keeps the durability rules: the destinations' refcounts are durable first, then the
+//! copies, then the rewritten pointers, and only then are the sources freed. A crash (or a cancel) between any
+//! two steps leaves a consistent image that at worst leaks the clusters of the batch in flight.
+
+use std::collections::BTreeMap;
+
+use super::meta::Meta;
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{HostOffset, L1Entry, L2Entry, L2Kind};
+
+/// Clusters moved per batch: a batch costs four device flushes.
+const BATCH: usize = 512;
+
+/// The one pointer to a movable cluster, by position rather than by address, so that it stays valid when the
+/// table holding it moves too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Referrer {
+    /// Entry `index` of the L2 table that active L1 entry `l1` points at.
+    Data { l1: u64, index: u64 },
+    /// Active L1 entry `l1`.
+    L2Table { l1: u64 },
+    /// Refcount table entry `index`.
+    RefcountBlock { index: u64 },
+}
+
+/// How far a compaction has got, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactProgress {
+    /// Clusters moved so far.
+    pub moved: u64,
+    /// Clusters the compaction planned to move.
+    pub planned: u64,
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactSummary {
+    /// Clusters copied to lower offsets.
+    pub clusters_copied: u64,
+    /// Pointers rewritten (L2 entries, L1 entries, refcount table entries).
+    pub references_updated: u64,
+    /// Empty refcount blocks dropped.
+    pub refcount_blocks_dropped: u64,
+    /// File length before, in bytes.
+    pub old_size: u64,
+    /// File length after, in bytes.
+    pub new_size: u64,
+    /// Whether the progress callback asked to stop early (the image is consistent either way).
+    pub cancelled: bool,
+}
+
+impl Meta {
+    /// Every movable cluster in use, keyed by host cluster.
+    fn movable_clusters(&mut self, dev: &dyn BlockDevice) -> Result<BTreeMap<u64, Referrer>> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut movable = BTreeMap::new();
+        for (index, &entry) in self.reftable.iter().enumerate() {
+            let offset = entry & !0x1ff;
+            if offset != 0 {
+                movable.insert(offset / cs, Referrer::RefcountBlock { index: index as u64 });
+            }
+        }
+        for l1 in 0..self.l1_size() {
+            let entry = self.l1_entry(dev, l1)?;
+            let Some(l2) = entry.l2_offset() else { continue };
+            if !entry.is_copied() || self.refcount(dev, l2.0 / cs)? != 1 {
+                continue; // shared with a snapshot: its entries are shared too
+            }
+            movable.insert(l2.0 / cs, Referrer::L2Table { l1 });
+            if self.data_file_size.is_some() {
+                continue; // guest data lives elsewhere
+            }
+            for index in 0..geo.l2_entries() {
+                let entry = self.l2_entry(dev, l2, index)?;
+                let at = l2.0 + index * geo.l2_entry_size();
+                let host = match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                    L2Kind::Normal { host, copied: true } => host,
+                    L2Kind::Zero { host: Some(host) } if entry.is_copied() => host,
+                    _ => continue,
+                };
+                if self.refcount(dev, host.0 / cs)? == 1 {
+                    movable.insert(host.0 / cs, Referrer::Data { l1, index });
+                }
+            }
+        }
+        Ok(movable)
+    }
+
+    /// Whether refcount block `index` describes no cluster in use but possibly itself.
+    fn refblock_is_empty(&mut self, dev: &dyn BlockDevice, index: u64, at: u64) -> Result<bool> {
+        let per_block = self.geo.refcount_block_entries();
+        for cluster in index * per_block..(index + 1) * per_block {
+            if cluster != at && self.refcount(dev, cluster)? != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Drops refcount blocks that describe only free clusters (and themselves): unlinked from the table first,
+    /// their own cluster freed after, when another block counts it.
+    fn drop_empty_refblocks(&mut self, dev: &dyn BlockDevice) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let per_block = self.geo.refcount_block_entries();
+        let mut dropped = 0;
+        // Block 0 describes the header: it is never empty.
+        for index in 1..self.reftable.len() as u64 {
+            let offset = self.reftable.get(index as usize).map_or(0, |e| e & !0x1ff);
+            if offset == 0 || !self.refblock_is_empty(dev, index, offset / cs)? {
+                continue;
+            }
+            if let Some(slot) = self.reftable.get_mut(index as usize) {
+                *slot = 0;
+            }
+            self.reftable_dirty.insert(index * 8 / cs);
+            self.cache.remove(offset);
+            if offset / cs / per_block != index {
+                self.free_later(offset / cs);
+            }
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// Pairs the highest movable clusters with the lowest free clusters below them whose refcount block exists
+    /// (so that taking them never creates a block).
+    fn plan_moves(&mut self, dev: &dyn BlockDevice, movable: &BTreeMap<u64, Referrer>) -> Result<Vec<(u64, u64)>> {
+        let per_block = self.geo.refcount_block_entries();
+        let mut moves = Vec::new();
+        let mut low = 1;
+        for (&high, _) in movable.iter().rev() {
+            while low < high {
+                let has_block = self.reftable.get((low / per_block) as usize).is_some_and(|e| e & !0x1ff != 0);
+                if has_block && self.refcount(dev, low)? == 0 && !movable.contains_key(&low) {
+                    break;
+                }
+                low += 1;
+            }
+            if low >= high {
+                break;
+            }
+            moves.push((high, low));
+            low += 1;
+        }
+        Ok(moves)
+    }
+
+    /// Rewrites the pointer to a moved cluster.
+    fn repoint(&mut self, dev: &dyn BlockDevice, referrer: Referrer, to: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        match referrer {
+            Referrer::Data { l1, index } => {
+                let l2 = self.l1_entry(dev, l1)?.l2_offset().ok_or_else(|| {
+                    Error::corrupt("L2 table vanished during compaction", self.header.l1_table_offset)
+                })?;
+                let old = self.l2_entry(dev, l2, index)?;
+                let entry = L2Entry((old.0 & !0x00ff_ffff_ffff_fe00) | (to * cs));
+                self.set_l2_entry(dev, l2, index, entry)?;
+            }
+            Referrer::L2Table { l1 } => self.set_l1_entry(dev, l1, L1Entry::new(HostOffset(to * cs)))?,
+            Referrer::RefcountBlock { index } => {
+                if let Some(slot) = self.reftable.get_mut(index as usize) {
+                    *slot = to * cs;
+                }
+                self.reftable_dirty.insert(index * 8 / cs);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Copies each source cluster to its destination and makes the copies durable. Tables leave the cache, so
+    /// that later changes load them from their new place.
+    fn copy_clusters(&self, m: &mut Meta, moves: &[(u64, u64, Referrer)]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut buf = vec![0u8; cs as usize];
+        for &(from, to, _) in moves {
+            self.dev.read_at(from * cs, &mut buf)?;
+            self.dev.write_at(to * cs, &buf)?;
+            // Neither place may be served from the cache any more: the source is going, and the destination
+            // may still be cached as whatever table it held before it was freed.
+            m.cache.remove(from * cs);
+            m.cache.remove(to * cs);
+        }
+        self.dev.flush()
+    }
+
+    /// Moves clusters from the end of the file into holes nearer its start, then truncates the file. Guest I/O
+    /// waits while it runs. `progress` is called after every batch; returning `false` stops early, leaving a
+    /// consistent (and already partly compacted) image.
+    ///
+    /// # Errors
+    /// `ReadOnly`, `Disconnected`, `Corrupt` for metadata that cannot be followed, `Io`.
+    pub fn compact(&self, progress: &mut dyn FnMut(CompactProgress) -> bool) -> Result<CompactSummary> {
+        self.check_writable("compact")?;
+        let _offline = self.resize.write().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        let mut summary = CompactSummary { old_size: self.dev.info().size_bytes(), ..CompactSummary::default() };
+        let mut m = self.meta();
+        m.mark_dirty(&self.dev)?;
+        m.writeback(&self.dev)?;
+        summary.refcount_blocks_dropped = m.drop_empty_refblocks(&self.dev)?;
+        m.writeback(&self.dev)?;
+        let movable = m.movable_clusters(&self.dev)?;
+        let moves = m.plan_moves(&self.dev, &movable)?;
+        let planned = moves.len() as u64;
+        for batch in moves.chunks(BATCH) {
+            let referrer = |from: u64| {
+                movable.get(&from).copied().ok_or_else(|| Error::corrupt("moved cluster lost its referrer", from * cs))
+            };
+            // The destinations are taken, durably.
+            for &(_, to) in batch {
+                m.set_refcount(&self.dev, to, 1)?;
+            }
+            m.writeback(&self.dev)?;
+            // Data first: its pointers live in L2 tables that may move below, which must copy the new pointers.
+            // Tables second: after the writeback that follows the data, their bytes on disk are current.
+            for tables in [false, true] {
+                let part: Vec<(u64, u64, Referrer)> = batch
+                    .iter()
+                    .map(|&(from, to)| Ok((from, to, referrer(from)?)))
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .filter(|&(_, _, r)| matches!(r, Referrer::Data { .. }) != tables)
+                    .collect();
+                if part.is_empty() {
+                    continue;
+                }
+                self.copy_clusters(&mut m, &part)?;
+                for &(from, to, r) in &part {
+                    m.repoint(&self.dev, r, to)?;
+                    m.free_later(from);
+                }
+                // Pointers durable, then the sources freed: the order writeback keeps.
+                m.writeback(&self.dev)?;
+            }
+            summary.clusters_copied += batch.len() as u64;
+            summary.references_updated += batch.len() as u64;
+            if !progress(CompactProgress { moved: summary.clusters_copied, planned }) {
+                summary.cancelled = true;
+                break;
+            }
+        }
+        summary.refcount_blocks_dropped += m.drop_empty_refblocks(&self.dev)?;
+        m.writeback(&self.dev)?;
+        m.trim_file(&self.dev)?;
+        // The L1 table is written only up to its last sector, so a file that ends with it may end there too,
+        // as a fresh image does.
+        let l1_end = (m.header.l1_table_offset + m.l1_size() * 8).next_multiple_of(512);
+        let file = self.dev.info().size_bytes();
+        if m.l1_size() > 0 && l1_end < file && l1_end > file - cs.min(file) {
+            self.dev.resize(l1_end / 512)?;
+        }
+        m.mark_clean(&self.dev)?;
+        self.dev.flush()?;
+        summary.new_size = self.dev.info().size_bytes();
+        Ok(summary)
+    }
+}
