@@ -179,3 +179,81 @@ pub fn with_deadline(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
         Err(RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {secs} s (hung)"),
     }
 }
+
+/// Runs a command and collects its output, killing it and failing after `secs` seconds so that a hang in QEMU
+/// does not stall the suite.
+pub fn output_within(cmd: &mut Command, secs: u64) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::Instant;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?}: did not finish within {secs} s (hung)");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// The hostile-image corpus made by `tests/hostile/make-corpus.sh`, built once per version of the script and
+/// shared by the test binaries that use it (they run one after another under `cargo test`).
+pub fn hostile_corpus() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/make-corpus.sh");
+    let text = std::fs::read(&script).unwrap();
+    // FNV-1a: enough to tell versions of the script apart.
+    let hash = text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("hostile-corpus-{hash:016x}"));
+    if dir.is_dir() {
+        return dir;
+    }
+    qemu("qemu-img");
+    qemu("qemu-io");
+    let tmp = root.join(format!("hostile-corpus-{hash:016x}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = output_within(Command::new("bash").arg(&script).arg(&tmp), 300);
+    assert!(
+        out.status.success(),
+        "make-corpus.sh failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another test binary finished first; its corpus is the same.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(dir.is_dir(), "corpus directory {} missing", dir.display());
+    dir
+}
+
+/// The images of a corpus directory, sorted by name.
+pub fn corpus_images(dir: &Path) -> Vec<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    images.sort();
+    images
+}
