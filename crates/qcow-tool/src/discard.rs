@@ -54,7 +54,12 @@ pub fn run(args: &Args) -> Result<()> {
     progress.finish(total);
     image.close().map_err(fail)?;
     print(
-        format!("{}: {} bytes of zero clusters discarded out of {} bytes scanned\n", args.file.display(), discarded, scanned)
-            .as_bytes(),
+        format!(
+            "{}: {} bytes of zero clusters discarded out of {} bytes scanned\n",
+            args.file.display(),
+            discarded,
+            scanned
+        )
+        .as_bytes(),
     )
 }

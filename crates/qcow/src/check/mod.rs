@@ -262,13 +262,19 @@ fn name_referrers(dev: &dyn BlockDevice, layout: &Layout, implied: &Implied, rep
     Ok(())
 }
 
-fn run(dev: &dyn BlockDevice, repair: Repair) -> Result<CheckReport> {
-    let mut layout = Layout::read(dev)?;
+fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
+    let mut layout = Layout::read(dev, requested.all())?;
     let mut report = CheckReport {
         total_clusters: layout.header.size.div_ceil(layout.geo.cluster_size()),
         ..CheckReport::default()
     };
     let pass = count(dev, &layout)?;
+    // With part of the metadata unread, the implied counts are too low: any refcount repair could free clusters
+    // still in use. Only the dirty and corrupt bits stay as they are, too.
+    let repair = if pass.incomplete { Repair::None } else { requested };
+    if pass.incomplete && requested != Repair::None {
+        report.note(Problem::RepairRefused);
+    }
     report.allocated_clusters = pass.stats.allocated;
     report.fragmented_clusters = pass.stats.fragmented;
     report.compressed_clusters = pass.stats.compressed;
@@ -317,6 +323,12 @@ fn run(dev: &dyn BlockDevice, repair: Repair) -> Result<CheckReport> {
         name_referrers(dev, &layout, &pass.implied, &mut report)?;
     }
 
+    // Snapshot table entries are judged after the refcounts, as QEMU does, and rewritten last.
+    let defects = layout.snapshot_defects.len() as u64;
+    for defect in &layout.snapshot_defects {
+        report.found(Problem::Snapshot(*defect));
+    }
+
     let copied_repair = match repair {
         Repair::All => true,
         Repair::Leaks => report.check_errors == 0 && report.corruptions == 0 && report.leaks == 0,
@@ -325,8 +337,17 @@ fn run(dev: &dyn BlockDevice, repair: Repair) -> Result<CheckReport> {
     repair::copied_flags(dev, &layout, copied_repair, &mut report)?;
     report.image_end_offset = (highest + 1) * layout.geo.cluster_size();
 
-    if repair != Repair::None && report.check_errors == 0 && report.corruptions == 0 {
+    let only_snapshot_defects_left = report.check_errors == 0 && report.corruptions == defects;
+    if repair != Repair::None && only_snapshot_defects_left {
         repair::mark_clean(dev, &layout)?;
+    }
+    if repair.all() && defects > 0 && only_snapshot_defects_left {
+        repair::rewrite_snapshot_table(dev, &layout)?;
+        report.corruptions -= defects;
+        report.corruptions_fixed += defects;
+        for defect in &layout.snapshot_defects {
+            report.note(Problem::Repaired(Box::new(Problem::Snapshot(*defect))));
+        }
     }
     if repair != Repair::None {
         dev.flush()?;

@@ -225,6 +225,11 @@ pub enum Problem {
     /// The refcount structures are broken in a way that only a rebuild can fix, and the repair mode does not
     /// allow one.
     NeedsRebuild,
+    /// A snapshot table entry that only a rewrite of the table fixes.
+    Snapshot(crate::format::SnapshotDefect),
+    /// Refcounts were not repaired because part of the metadata could not be read: clusters only that part
+    /// references would have looked free, and a repair would have freed them.
+    RepairRefused,
     /// A finding that the repair fixed (counted in `corruptions_fixed` or `leaks_fixed`, not as found).
     Repaired(Box<Problem>),
 }
@@ -243,7 +248,8 @@ impl Problem {
             | Problem::SharedCluster { .. }
             | Problem::L1TableShared { .. }
             | Problem::L2TableRepeated { .. }
-            | Problem::Repaired(_) => Severity::Detail,
+            | Problem::Repaired(_)
+            | Problem::RepairRefused => Severity::Detail,
             _ => Severity::Corruption,
         }
     }
@@ -312,6 +318,18 @@ impl fmt::Display for Problem {
             }
             Problem::Unreadable { what, offset, why } => write!(f, "ERROR cannot read {what} at {offset:#x}: {why}"),
             Problem::NeedsRebuild => write!(f, "ERROR need to rebuild refcount structures"),
+            Problem::Snapshot(crate::format::SnapshotDefect::ExtraDataDropped { index, size }) => write!(
+                f,
+                "ERROR snapshot table entry {index} has too much extra metadata ({size} > 1024): the excess is dropped"
+            ),
+            Problem::Snapshot(crate::format::SnapshotDefect::ExtraDataIncomplete { index, size }) => {
+                write!(f, "ERROR snapshot table entry {index} is incomplete ({size} bytes of extra data, 16 required)")
+            }
+            Problem::RepairRefused => write!(
+                f,
+                "ERROR refcounts not repaired: part of the metadata could not be read, and what only it references \
+                 would have been freed"
+            ),
             Problem::Repaired(inner) => {
                 let text = inner.to_string();
                 let rest = text.strip_prefix("ERROR ").or_else(|| text.strip_prefix("Leaked ")).unwrap_or(&text);

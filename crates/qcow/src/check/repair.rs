@@ -201,3 +201,56 @@ pub fn mark_clean(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
     patch_first_sector(dev, layout.file_len, |s| put(s, INCOMPATIBLE_FIELD, &cleared.to_be_bytes()))?;
     dev.flush()
 }
+
+/// Lets the engine open, by reference, the device a check was handed: rewriting the snapshot table needs its
+/// allocator.
+struct Borrowed<'a>(&'a dyn BlockDevice);
+
+impl BlockDevice for Borrowed<'_> {
+    fn info(&self) -> crate::block::Info {
+        self.0.info()
+    }
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.0.read(sector, bufs)
+    }
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.0.write(sector, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+    fn resize(&self, sectors: u64) -> Result<()> {
+        self.0.resize(sectors)
+    }
+    fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        self.0.discard(sector, count)
+    }
+    fn disconnect(&self) {}
+}
+
+/// Rewrites the snapshot table with its defects fixed: too much extra data cut to 1024 bytes (done while
+/// reading), and version 3 entries given the 16 bytes of extra data they lack (the VM state size and the disk
+/// size, as QEMU fills them). Runs through the engine, once the refcounts are sound, so that the new table is
+/// allocated and counted like any other cluster.
+pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
+    let Ok(snapshots) = &layout.snapshots else { return Ok(()) };
+    let fixed: Vec<crate::format::Snapshot> = snapshots
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            if layout.header.version >= 3 && s.extra.len() < 16 {
+                let mut extra = vec![0u8; 16];
+                put(&mut extra, 0, &u64::from(s.vm_state_size).to_be_bytes());
+                put(&mut extra, 8, &layout.header.size.to_be_bytes());
+                if let (Some(dst), Some(src)) = (extra.get_mut(..s.extra.len()), s.extra.get(..)) {
+                    dst.copy_from_slice(src);
+                }
+                s.extra = extra;
+            }
+            s
+        })
+        .collect();
+    let image = crate::Image::open(Borrowed(dev), crate::Config::default())?;
+    image.replace_snapshot_table(&fixed, layout.snapshots_size)?;
+    image.close()
+}

@@ -27,6 +27,6 @@ pub use header::{
 };
 pub use refcount::RefcountBlock;
 pub use snapshot::{
-    parse_snapshot_table, serialize_snapshot_table, snapshot_table_size, Snapshot, SnapshotError,
-    MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
+    parse_snapshot_table, parse_snapshot_table_for_check, serialize_snapshot_table, snapshot_table_size, Snapshot,
+    SnapshotDefect, SnapshotError, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
 };

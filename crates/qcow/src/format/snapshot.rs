@@ -205,6 +205,57 @@ impl Snapshot {
 /// [`SnapshotError::Truncated`], [`SnapshotError::ExtraDataTooLarge`], [`SnapshotError::ExtraDataIncomplete`] or
 /// [`SnapshotError::TableTooLarge`].
 pub fn parse_snapshot_table(bytes: &[u8], count: u32, version: u32) -> Result<Vec<Snapshot>, SnapshotError> {
+    parse_entries(bytes, count, version, false).map(|(snaps, _, _)| snaps)
+}
+
+/// Something wrong with a snapshot table entry that a check reports and a repair fixes by rewriting the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotDefect {
+    /// The entry had more than 1024 bytes of extra data; only the first 1024 were kept.
+    ExtraDataDropped {
+        /// The entry's index.
+        index: u32,
+        /// The `extra_data_size` found.
+        size: u32,
+    },
+    /// A version 3 entry with less than the 16 bytes of extra data version 3 requires.
+    ExtraDataIncomplete {
+        /// The entry's index.
+        index: u32,
+        /// The `extra_data_size` found.
+        size: u32,
+    },
+}
+
+/// Parses the snapshot table as `qemu-img check` reads it: an entry lacking version 3's extra data is kept and
+/// reported, and with `drop_excess` (a repair) an entry with too much extra data keeps its first 1024 bytes and is
+/// reported; without it, too much extra data is still an error. Also returns the bytes the table occupies on
+/// disk as found (which `snapshot_table_size` of the kept entries may undercount).
+///
+/// # Errors
+/// As [`parse_snapshot_table`], less the defects above.
+pub fn parse_snapshot_table_for_check(
+    bytes: &[u8],
+    count: u32,
+    version: u32,
+    drop_excess: bool,
+) -> Result<(Vec<Snapshot>, Vec<SnapshotDefect>, u64), SnapshotError> {
+    parse_entries(bytes, count, version, true).and_then(|(snaps, defects, len)| {
+        match defects.iter().find(|d| matches!(d, SnapshotDefect::ExtraDataDropped { .. })) {
+            Some(&SnapshotDefect::ExtraDataDropped { index, size }) if !drop_excess => {
+                Err(SnapshotError::ExtraDataTooLarge { index, offset: 0, size })
+            }
+            _ => Ok((snaps, defects, len)),
+        }
+    })
+}
+
+fn parse_entries(
+    bytes: &[u8],
+    count: u32,
+    version: u32,
+    lenient: bool,
+) -> Result<(Vec<Snapshot>, Vec<SnapshotDefect>, u64), SnapshotError> {
     if count > MAX_SNAPSHOTS {
         return Err(SnapshotError::TooMany { count });
     }
@@ -212,6 +263,7 @@ pub fn parse_snapshot_table(bytes: &[u8], count: u32, version: u32) -> Result<Ve
     let fit = bytes.len() / FIXED;
     let mut snaps = Vec::with_capacity(usize::try_from(count).map_or(fit, |c| c.min(fit)));
     let mut offset: u64 = 0;
+    let mut defects = Vec::new();
     for index in 0..count {
         offset = round_up8(offset);
         let at = |needed: u64| SnapshotError::Truncated { index, offset, needed, available: len_u64(bytes.len()) };
@@ -228,10 +280,16 @@ pub fn parse_snapshot_table(bytes: &[u8], count: u32, version: u32) -> Result<Ve
         let extra_size = r.u32();
         // QEMU rejects oversized extra data before reading any of it, so the size never drives a large read.
         if extra_size > MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(SnapshotError::ExtraDataTooLarge { index, offset, size: extra_size });
+            if !lenient {
+                return Err(SnapshotError::ExtraDataTooLarge { index, offset, size: extra_size });
+            }
+            defects.push(SnapshotDefect::ExtraDataDropped { index, size: extra_size });
         }
         if version >= 3 && extra_size < MIN_V3_EXTRA_DATA {
-            return Err(SnapshotError::ExtraDataIncomplete { index, offset, size: extra_size });
+            if !lenient {
+                return Err(SnapshotError::ExtraDataIncomplete { index, offset, size: extra_size });
+            }
+            defects.push(SnapshotDefect::ExtraDataIncomplete { index, size: extra_size });
         }
         // Every length is at most 16 or 32 bits and already bounded, so these sums cannot overflow a u64.
         let extra_at = offset + SNAPSHOT_HEADER_BYTES;
@@ -241,7 +299,8 @@ pub fn parse_snapshot_table(bytes: &[u8], count: u32, version: u32) -> Result<Ve
         if end > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(SnapshotError::TableTooLarge { index, end });
         }
-        let extra = slice(bytes, extra_at, u64::from(extra_size)).ok_or_else(|| at(end))?;
+        let kept = extra_size.min(MAX_SNAPSHOT_EXTRA_DATA);
+        let extra = slice(bytes, extra_at, u64::from(kept)).ok_or_else(|| at(end))?;
         let id = slice(bytes, id_at, u64::from(id_size)).ok_or_else(|| at(end))?;
         let name = slice(bytes, name_at, u64::from(name_size)).ok_or_else(|| at(end))?;
         snaps.push(Snapshot {
@@ -257,7 +316,7 @@ pub fn parse_snapshot_table(bytes: &[u8], count: u32, version: u32) -> Result<Ve
         });
         offset = end;
     }
-    Ok(snaps)
+    Ok((snaps, defects, offset))
 }
 
 /// The length of the table [`serialize_snapshot_table`] writes for `snaps`: entries aligned to 8 bytes, the last

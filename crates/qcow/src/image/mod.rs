@@ -41,8 +41,8 @@ pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
-pub use seek::{MappedExtent, MappedKind};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
+pub use seek::{MappedExtent, MappedKind};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};

@@ -116,3 +116,45 @@ impl Image<FileDevice> {
         Image::open_snapshot(file, name, &FileResolver::new(path, BackingPolicy::default()))
     }
 }
+
+impl Meta {
+    /// Writes `snapshots` as a new snapshot table in newly allocated clusters and switches the header to it,
+    /// then frees the old table (`old_len` bytes at the current offset). The new table and its refcounts are
+    /// durable before the header points at it.
+    fn replace_snapshot_table(&mut self, dev: &dyn BlockDevice, snapshots: &[Snapshot], old_len: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut bytes = crate::format::serialize_snapshot_table(snapshots);
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
+        self.writeback(dev)?;
+        let clusters = self.geo.clusters_for(bytes.len() as u64).max(1);
+        let first = self.alloc_clusters(dev, clusters)?;
+        self.writeback(dev)?;
+        super::meta::write_meta(dev, first * cs, &bytes)?;
+        dev.flush()?;
+        let old = self.header.snapshots_offset;
+        let count =
+            u32::try_from(snapshots.len()).map_err(|_| Error::invalid("snapshot table", "too many snapshots"))?;
+        self.header.snapshots_offset = first * cs;
+        self.header.nb_snapshots = count;
+        self.write_header(dev)?;
+        dev.flush()?;
+        if old_len > 0 {
+            for cluster in old / cs..=(old + old_len - 1) / cs {
+                self.free_later(cluster);
+            }
+        }
+        self.writeback(dev)
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Replaces the snapshot table with `snapshots` (for repairs that rewrite entries), freeing the old table of
+    /// `old_len` bytes.
+    pub(crate) fn replace_snapshot_table(&self, snapshots: &[Snapshot], old_len: u64) -> Result<()> {
+        self.check_writable("rewrite the snapshot table")?;
+        let mut m = self.meta();
+        m.replace_snapshot_table(&self.dev, snapshots, old_len)?;
+        drop(m);
+        self.dev.flush()
+    }
+}
