@@ -51,7 +51,7 @@ impl Progress {
             bar.set_length(total);
             bar.set_position(done);
         }
-        let percent = if total == 0 { 100 } else { (done.min(total) * 100) / total };
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
         if self.last_percent != Some(percent) {
             self.last_percent = Some(percent);
             if let Some(fd) = &mut self.fd {
