@@ -26,6 +26,7 @@ mod mapping;
 mod meta;
 mod open;
 mod options;
+mod overlap;
 mod ranges;
 mod rebuild;
 mod resize;
@@ -39,12 +40,13 @@ pub use mapping::{Extent, ExtentKind};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::block::{BlockDevice, Padded};
 use crate::error::{Error, Result};
 use crate::format::{feature, CompressionType, Geometry};
 use meta::Meta;
+use overlap::Corruption;
 use ranges::RangeLocks;
 
 /// An open qcow2 image. It is itself a [`BlockDevice`] with 512-byte sectors.
@@ -60,6 +62,8 @@ pub struct Image<D: BlockDevice> {
     size: AtomicU64,
     read_only: bool,
     disconnected: AtomicBool,
+    /// Corruption found while open: once set, every write is refused.
+    corruption: Arc<Corruption>,
     config: Config,
     zeros: Box<[u8]>,
     backing: Option<backing::Backing>,
@@ -109,7 +113,7 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Err(Error::ReadOnly { op });
         }
-        Ok(())
+        self.corruption.check()
     }
 
     /// Virtual size in bytes.
