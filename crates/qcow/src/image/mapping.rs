@@ -157,9 +157,9 @@ impl Meta {
                 return Err(self.signal_corruption(dev, "extended L2 entry offset is not cluster aligned", at))
             }
             Some(h)
-                if h.0.checked_add(cs).is_none_or(|e| {
-                        e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)
-                    }) =>
+                if h.0
+                    .checked_add(cs)
+                    .is_none_or(|e| e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)) =>
             {
                 return Err(Error::corrupt("extended L2 entry points outside the file", at))
             }

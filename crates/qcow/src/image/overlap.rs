@@ -137,12 +137,7 @@ impl OverlapIndex {
             .flatten()
             .and_then(|ext| BitmapsExtension::parse(&ext.data).ok())
             .and_then(|ext| {
-                cluster_range(
-                    ext.directory_offset,
-                    ext.directory_size,
-                    header.cluster_bits,
-                    MetaKind::BitmapDirectory,
-                )
+                cluster_range(ext.directory_offset, ext.directory_size, header.cluster_bits, MetaKind::BitmapDirectory)
             });
         OverlapIndex { l2: None, refblocks: None, snapshots: None, bitmap_directory, enabled: true }
     }
@@ -191,9 +186,10 @@ impl Meta {
     /// image then refuses writes until it is closed, as QEMU does.
     pub fn signal_corruption(&mut self, dev: &dyn BlockDevice, what: &'static str, offset: u64) -> Error {
         let _ = self.corruption.0.set((what, offset));
-        if self.header.incompatible_features & feature::CORRUPT == 0 {
+        // A read-only image is left as it is on disk, and reports what the disk says (QEMU: a non-fatal event).
+        if self.writable && self.header.incompatible_features & feature::CORRUPT == 0 {
             self.header.incompatible_features |= feature::CORRUPT;
-            if self.writable && self.header.version >= 3 {
+            if self.header.version >= 3 {
                 let _ = mark_corrupt_on_disk(dev);
             }
         }
@@ -253,7 +249,12 @@ impl Meta {
     }
 
     /// The kind of metadata host cluster `cluster` holds, other than `ignore`.
-    fn overlapping(&mut self, dev: &dyn BlockDevice, cluster: u64, ignore: Option<MetaKind>) -> Result<Option<MetaKind>> {
+    fn overlapping(
+        &mut self,
+        dev: &dyn BlockDevice,
+        cluster: u64,
+        ignore: Option<MetaKind>,
+    ) -> Result<Option<MetaKind>> {
         let cb = self.geo.cluster_bits;
         let h = &self.header;
         let fixed = [
@@ -288,9 +289,9 @@ impl Meta {
     fn refblock_set(&mut self) -> &HashSet<u64> {
         let cb = self.geo.cluster_bits;
         let reftable = &self.reftable;
-        self.overlap.refblocks.get_or_insert_with(|| {
-            reftable.iter().map(|e| e & !0x1ff).filter(|&o| o != 0).map(|o| o >> cb).collect()
-        })
+        self.overlap
+            .refblocks
+            .get_or_insert_with(|| reftable.iter().map(|e| e & !0x1ff).filter(|&o| o != 0).map(|o| o >> cb).collect())
     }
 
     /// Active L2 tables. Built by one pass over the L1 table, taking each L1 cluster from the cache when it is
