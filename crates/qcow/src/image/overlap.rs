@@ -14,6 +14,7 @@
 //! the L1 table), built on first use and kept up to date as entries change, so a check costs two hash lookups.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use super::cache::TableKind;
@@ -87,6 +88,30 @@ fn load_refused(loading: TableKind, found: MetaKind) -> &'static str {
     }
 }
 
+/// Hashes cluster indices with one multiplication: the sets below sit on the write path, and their keys are
+/// offsets from the image, not from an adversary who could aim at collisions worth more than a slow lookup.
+#[derive(Default)]
+struct ClusterHasher(u64);
+
+impl Hasher for ClusterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ClusterMap<V> = HashMap<u64, V, BuildHasherDefault<ClusterHasher>>;
+type ClusterSet = HashSet<u64, BuildHasherDefault<ClusterHasher>>;
+
 /// The first corruption found while the image was open. Once set, every write is refused with it.
 #[derive(Debug, Default)]
 pub struct Corruption(OnceLock<(&'static str, u64)>);
@@ -108,9 +133,9 @@ type ClusterRange = (u64, u64, MetaKind);
 #[derive(Debug)]
 pub struct OverlapIndex {
     /// Active L2 tables by host cluster, with how many L1 entries name each; built on first use.
-    l2: Option<HashMap<u64, u32>>,
+    l2: Option<ClusterMap<u32>>,
     /// Refcount blocks by host cluster; rebuilt from the refcount table when it is replaced.
-    refblocks: Option<HashSet<u64>>,
+    refblocks: Option<ClusterSet>,
     /// Snapshot table and snapshot L1 tables (this version never changes them while open); read on first use.
     snapshots: Option<Vec<ClusterRange>>,
     /// The bitmap directory, when QEMU would consider it (the bitmaps autoclear bit was set at open).
@@ -286,7 +311,7 @@ impl Meta {
         Ok(None)
     }
 
-    fn refblock_set(&mut self) -> &HashSet<u64> {
+    fn refblock_set(&mut self) -> &ClusterSet {
         let cb = self.geo.cluster_bits;
         let reftable = &self.reftable;
         self.overlap
@@ -296,13 +321,13 @@ impl Meta {
 
     /// Active L2 tables. Built by one pass over the L1 table, taking each L1 cluster from the cache when it is
     /// there (it may be newer than the disk) and from the disk otherwise, without filling the cache.
-    fn l2_set(&mut self, dev: &dyn BlockDevice) -> Result<&HashMap<u64, u32>> {
+    fn l2_set(&mut self, dev: &dyn BlockDevice) -> Result<&ClusterMap<u32>> {
         if self.overlap.l2.is_none() {
             let cs = self.geo.cluster_size();
             let cb = self.geo.cluster_bits;
             let start = self.header.l1_table_offset;
             let entries = self.l1_size();
-            let mut map: HashMap<u64, u32> = HashMap::new();
+            let mut map = ClusterMap::<u32>::default();
             let mut cluster_at = start & !(cs - 1);
             let mut done = 0u64;
             let mut disk = vec![0u8; cs as usize];
