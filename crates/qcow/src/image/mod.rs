@@ -14,6 +14,12 @@
 //! order refcount blocks, refcount table, L2 tables, L1 table and header, then applies deferred refcount
 //! decrements, with a device flush between each step. So a crash at any instant may leak clusters but never
 //! leaves a reference to a cluster whose refcount is zero.
+//!
+//! # Corruption met during I/O
+//! A write that would land on metadata (a guest write through an L2 entry naming it, a table written back over
+//! another), a table loaded on top of other metadata, and a misaligned L1 or L2 offset are refused with
+//! `Corrupt`; a writable image gets the corrupt bit on disk and refuses every later write, flush included, while
+//! sane reads go on (see [`overlap`]).
 
 mod backing;
 mod cache;
