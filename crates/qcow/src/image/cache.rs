@@ -64,6 +64,11 @@ impl MetadataCache {
         })
     }
 
+    /// What the cluster cached at `offset` holds, if it is cached.
+    pub fn kind(&self, offset: u64) -> Option<TableKind> {
+        self.slots.get(&offset).map(|s| s.kind)
+    }
+
     /// Whether the cluster at `offset` is cached.
     pub fn contains(&self, offset: u64) -> bool {
         self.slots.contains_key(&offset)

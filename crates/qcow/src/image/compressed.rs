@@ -60,7 +60,7 @@ impl<D: BlockDevice> Image<D> {
         if self.geo.extended_l2 {
             m.set_l2_bitmap(&self.dev, l2, index, 0)?;
         }
-        match old.kind(&self.geo).map_err(|what| Error::corrupt(what, at))? {
+        match m.decode_l2(&self.dev, old, at)? {
             L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),
             L2Kind::Compressed { host: HostOffset(h), len } => {
                 for cluster in h / cs..=(h + len.max(1) - 1) / cs {

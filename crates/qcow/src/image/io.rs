@@ -93,6 +93,7 @@ impl Meta {
     }
 
     fn plan_write(&mut self, dev: &dyn BlockDevice, first: u64, last: u64, backed: bool) -> Result<Vec<ClusterPlan>> {
+        self.corruption.check()?;
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
@@ -103,7 +104,7 @@ impl Meta {
             let index = geo.l2_index(guest);
             let entry = self.l2_entry(dev, l2, index)?;
             let at = l2.0 + index * geo.l2_entry_size();
-            let kind = entry.kind(&geo).map_err(|what| Error::corrupt(what, at))?;
+            let kind = self.decode_l2(dev, entry, at)?;
             let external = self.data_file_size.is_some();
             let (target, fill, release) = match kind {
                 // In an external data file every guest cluster has its fixed place: the guest offset.
@@ -133,6 +134,9 @@ impl Meta {
             };
             if allocate {
                 needs_new += 1;
+            } else if !external {
+                // The target came from an L2 entry on disk: it must not be metadata.
+                self.check_data_write(dev, target.0)?;
             }
             plans.push(ClusterPlan { guest_cluster, target, allocate, fill, release });
         }

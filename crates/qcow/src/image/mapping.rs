@@ -102,7 +102,7 @@ impl Meta {
                 pos += chunk;
                 continue;
             }
-            let kind = match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+            let kind = match self.decode_l2(dev, entry, at)? {
                 // In an external data file, guest cluster 0 may map to host offset 0.
                 L2Kind::Unallocated if self.data_file_size.is_some() && entry.is_copied() => {
                     ExtentKind::Data { host: HostOffset(in_cluster) }
@@ -153,11 +153,13 @@ impl Meta {
         let host = entry.host_cluster();
         match host {
             None if alloc != 0 => return Err(Error::corrupt("allocated subclusters without a host cluster", at)),
+            Some(h) if !geo.is_aligned(h.0) => {
+                return Err(self.signal_corruption(dev, "extended L2 entry offset is not cluster aligned", at))
+            }
             Some(h)
-                if !geo.is_aligned(h.0)
-                    || h.0.checked_add(cs).is_none_or(|e| {
-                        e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)
-                    }) =>
+                if h.0
+                    .checked_add(cs)
+                    .is_none_or(|e| e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)) =>
             {
                 return Err(Error::corrupt("extended L2 entry points outside the file", at))
             }

@@ -6,8 +6,10 @@
 //! correspond to are durably gone.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::cache::{MetadataCache, TableKind};
+use super::overlap::{Corruption, OverlapIndex};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{Geometry, Header, HostOffset, L1Entry, L2Entry, RefcountBlock};
@@ -38,6 +40,12 @@ pub struct Meta {
     pub free_byte_offset: u64,
     /// Size in bytes of the external data file, when guest data lives there instead of in the image file.
     pub data_file_size: Option<u64>,
+    /// Where metadata lies, for refusing writes onto it.
+    pub overlap: OverlapIndex,
+    /// Corruption found while open (shared with the image, which refuses writes once it is set).
+    pub corruption: Arc<Corruption>,
+    /// Whether the image may be written (the corrupt bit is set on disk only then).
+    pub writable: bool,
 }
 
 fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
@@ -75,7 +83,11 @@ impl Meta {
     }
 
     fn load(&mut self, dev: &dyn BlockDevice, offset: u64, kind: TableKind) -> Result<()> {
-        if !self.cache.contains(offset) {
+        if self.cache.kind(offset) != Some(kind) {
+            self.check_table_load(dev, offset, kind)?;
+            if self.cache.contains(offset) {
+                return Err(Error::corrupt("table is already cached as another kind of table", offset));
+            }
             let bytes = read_cluster(dev, &self.geo, offset)?;
             self.cache.insert(offset, kind, bytes, false);
         }
@@ -107,7 +119,12 @@ impl Meta {
         let raw = self.cache.get(cluster).and_then(|c| c.get(at..at + 8)).map(be64);
         let entry = L1Entry(raw.ok_or_else(|| Error::corrupt("L1 entry outside its cluster", cluster))?);
         if entry.is_malformed(&self.geo) {
-            return Err(Error::corrupt("malformed L1 entry", cluster + at as u64));
+            let at = cluster + at as u64;
+            // QEMU marks the image corrupt for a misaligned L2 table offset; reserved bits only fail the request.
+            if entry.l2_offset().is_some_and(|l2| !self.geo.is_aligned(l2.0)) {
+                return Err(self.signal_corruption(dev, "L1 entry offset is not cluster aligned", at));
+            }
+            return Err(Error::corrupt("malformed L1 entry", at));
         }
         if let Some(l2) = entry.l2_offset() {
             self.check_table_offset(l2.0, "L1 entry points outside the file", cluster + at as u64)?;
@@ -120,10 +137,15 @@ impl Meta {
         let (cluster, at) = self.l1_slot(index)?;
         self.load(dev, cluster, TableKind::L1)?;
         let slot = self.cache.get_mut(cluster).and_then(|c| c.get_mut(at..at + 8));
-        match slot {
-            Some(s) => s.copy_from_slice(&entry.0.to_be_bytes()),
+        let old = match slot {
+            Some(s) => {
+                let old = L1Entry(be64(s));
+                s.copy_from_slice(&entry.0.to_be_bytes());
+                old
+            }
             None => return Err(Error::corrupt("L1 entry outside its cluster", cluster)),
-        }
+        };
+        self.overlap.l1_entry_changed(old, entry, self.geo.cluster_bits);
         Ok(())
     }
 
@@ -220,6 +242,8 @@ impl Meta {
         self.set_refcount(dev, cluster, new)?;
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
+            // A stale cached copy of a freed table must not pass for the cluster's next use.
+            self.cache.remove(cluster << self.geo.cluster_bits);
             // A freed cluster may be reused for anything: compressed data must not be appended to it.
             if self.free_byte_offset >> self.geo.cluster_bits == cluster {
                 self.free_byte_offset = 0;
@@ -249,6 +273,7 @@ impl Meta {
         if let Some(slot) = self.reftable.get_mut(block as usize) {
             *slot = offset;
         }
+        self.overlap.refblock_added(offset, self.geo.cluster_bits);
         self.reftable_dirty.insert(block * 8 / self.geo.cluster_size());
         self.reserve_to(dev, cluster + 1)?;
         Ok(offset)
@@ -268,6 +293,7 @@ impl Meta {
 
     /// Allocates `n` contiguous free host clusters with refcount 1 and returns the first.
     pub fn alloc_clusters(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
+        self.corruption.check()?;
         let rbe = self.geo.refcount_block_entries();
         let n = n.max(1);
         // A new refcount block sits on the first cluster it describes, so first fit can never find a run as
@@ -348,6 +374,7 @@ impl Meta {
                 if let Some(slot) = self.reftable.get_mut(block as usize) {
                     *slot = offset;
                 }
+                self.overlap.refblock_added(offset, self.geo.cluster_bits);
                 self.reftable_dirty.insert(block * 8 / cs);
             }
             self.reserve_to(dev, end)?;

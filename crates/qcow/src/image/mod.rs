@@ -14,6 +14,12 @@
 //! order refcount blocks, refcount table, L2 tables, L1 table and header, then applies deferred refcount
 //! decrements, with a device flush between each step. So a crash at any instant may leak clusters but never
 //! leaves a reference to a cluster whose refcount is zero.
+//!
+//! # Corruption met during I/O
+//! A write that would land on metadata (a guest write through an L2 entry naming it, a table written back over
+//! another), a table loaded on top of other metadata, and a misaligned L1 or L2 offset are refused with
+//! `Corrupt`; a writable image gets the corrupt bit on disk and refuses every later write, flush included, while
+//! sane reads go on (see [`overlap`]).
 
 mod backing;
 mod cache;
@@ -28,6 +34,7 @@ mod mapping;
 mod meta;
 mod open;
 mod options;
+mod overlap;
 mod ranges;
 mod rebuild;
 mod resize;
@@ -45,12 +52,13 @@ pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 pub use seek::{MappedExtent, MappedKind};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::block::{BlockDevice, Padded};
 use crate::error::{Error, Result};
 use crate::format::{feature, CompressionType, Geometry};
 use meta::Meta;
+use overlap::Corruption;
 use ranges::RangeLocks;
 
 /// An open qcow2 image. It is itself a [`BlockDevice`] with 512-byte sectors.
@@ -66,6 +74,8 @@ pub struct Image<D: BlockDevice> {
     size: AtomicU64,
     read_only: bool,
     disconnected: AtomicBool,
+    /// Corruption found while open: once set, every write is refused.
+    corruption: Arc<Corruption>,
     config: Config,
     zeros: Box<[u8]>,
     backing: Option<backing::Backing>,
@@ -116,7 +126,7 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Err(Error::ReadOnly { op });
         }
-        Ok(())
+        self.corruption.check()
     }
 
     /// Virtual size in bytes.

@@ -6,11 +6,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::backing::{BackingResolver, NoBacking};
 use super::cache::MetadataCache;
 use super::meta::{be64, Meta};
+use super::overlap::{Corruption, OverlapIndex};
 use super::ranges::RangeLocks;
 use super::{Config, Image};
 use crate::block::{BlockDevice, Padded};
@@ -93,7 +94,11 @@ impl<D: BlockDevice> Image<D> {
         let size = header.size;
         let compression = header.compression_type;
         let dirty = header.incompatible_features & feature::DIRTY != 0;
+        let corruption = Arc::new(Corruption::default());
         let meta = Meta {
+            overlap: OverlapIndex::new(&header),
+            corruption: Arc::clone(&corruption),
+            writable: !read_only,
             header,
             geo,
             reftable,
@@ -116,6 +121,7 @@ impl<D: BlockDevice> Image<D> {
             size: AtomicU64::new(size),
             read_only,
             disconnected: AtomicBool::new(false),
+            corruption,
             zeros: vec![0u8; cs as usize].into_boxed_slice(),
             config,
             backing,

@@ -161,7 +161,11 @@ impl Meta {
     /// file; the old table and blocks simply become free space. Clears the dirty bit.
     pub fn rebuild_refcounts(&mut self, dev: &dyn BlockDevice) -> Result<()> {
         self.writeback(dev)?;
-        let mut counts = self.count_references(dev, false)?.counts;
+        // The refcount structures about to be replaced may be stale: do not judge other metadata by them.
+        self.overlap.enabled = false;
+        let counted = self.count_references(dev, false);
+        self.overlap.enabled = true;
+        let mut counts = counted?.counts;
         let geo = self.geo;
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
@@ -212,6 +216,7 @@ impl Meta {
         self.write_header(dev)?;
         dev.flush()?;
         self.reftable = table;
+        self.overlap.reftable_replaced();
         self.reftable_dirty.clear();
         self.cache.clear_clean();
         self.free_hint = 0;

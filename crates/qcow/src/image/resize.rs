@@ -90,7 +90,7 @@ impl Meta {
                         self.set_l2_bitmap(dev, l2, index, 0)?;
                     }
                 }
-                match entry.kind(&geo).map_err(|what| Error::corrupt(what, at))? {
+                match self.decode_l2(dev, entry, at)? {
                     // Data in an external data file is not refcounted.
                     L2Kind::Normal { .. } | L2Kind::Zero { host: Some(_) } if self.data_file_size.is_some() => {}
                     L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => self.free_later(host.0 / cs),

@@ -99,6 +99,7 @@ impl<D: BlockDevice> Image<D> {
                 m.header.size = size;
             }
             m.cache.clear_clean();
+            m.overlap.l1_replaced();
             image.size.store(m.header.size, std::sync::atomic::Ordering::Release);
         }
         Ok(image)

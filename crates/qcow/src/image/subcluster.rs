@@ -79,6 +79,7 @@ impl<D: BlockDevice> Image<D> {
     fn plan_subclusters(&self, cluster_start: u64, touched: u64, span_lo: u64, span_hi: u64) -> Result<SubclusterPlan> {
         let cs = self.geo.cluster_size();
         let mut m = self.meta();
+        m.corruption.check()?;
         m.mark_dirty(&self.dev)?;
         let guest = GuestOffset(cluster_start);
         let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
@@ -101,7 +102,7 @@ impl<D: BlockDevice> Image<D> {
             release,
             remap: true,
         };
-        let mut plan = match entry.kind(&self.geo).map_err(|what| Error::corrupt(what, at))? {
+        let mut plan = match m.decode_l2(&self.dev, entry, at)? {
             L2Kind::Compressed { host, len } => whole((host.0 / cs..=(host.0 + len.max(1) - 1) / cs).collect()),
             L2Kind::Normal { host, copied: true } => SubclusterPlan { target: host, ..partial },
             L2Kind::Unallocated if m.data_file_size.is_some() && entry.is_copied() => {
@@ -118,6 +119,9 @@ impl<D: BlockDevice> Image<D> {
             plan.release.clear();
         } else if plan.remap {
             plan.target = HostOffset(m.alloc_clusters(&self.dev, 1)? * cs);
+        } else if m.data_file_size.is_none() {
+            // Written in place at a cluster an L2 entry on disk names: it must not be metadata.
+            m.check_data_write(&self.dev, plan.target.0)?;
         }
         Ok(plan)
     }

@@ -13,6 +13,7 @@
 
 use super::cache::TableKind;
 use super::meta::{write_meta, Meta};
+use super::overlap::MetaKind;
 use crate::block::BlockDevice;
 use crate::error::Result;
 use crate::format::{feature, RefcountBlock};
@@ -20,7 +21,14 @@ use crate::format::{feature, RefcountBlock};
 impl Meta {
     fn write_dirty(&mut self, dev: &dyn BlockDevice, kind: TableKind) -> Result<bool> {
         let dirty = self.cache.dirty(kind);
+        let own = match kind {
+            TableKind::L1 => MetaKind::ActiveL1,
+            TableKind::L2 => MetaKind::ActiveL2,
+            TableKind::RefcountBlock => MetaKind::RefcountBlock,
+        };
         for &offset in &dirty {
+            // Tables reached through on-disk pointers may sit on other metadata: never write them there.
+            self.check_meta_write(dev, offset, own)?;
             let len = match kind {
                 // The L1 table may end inside its last cluster, and the file with it.
                 TableKind::L1 => {
@@ -41,6 +49,11 @@ impl Meta {
         let dirty = std::mem::take(&mut self.reftable_dirty);
         let per_cluster = (self.geo.cluster_size() / 8) as usize;
         for &index in &dirty {
+            let offset = self.header.refcount_table_offset + index * self.geo.cluster_size();
+            if let Err(e) = self.check_meta_write(dev, offset, MetaKind::RefcountTable) {
+                self.reftable_dirty = dirty;
+                return Err(e);
+            }
             let bytes: Vec<u8> = self
                 .reftable
                 .iter()
@@ -48,13 +61,14 @@ impl Meta {
                 .take(per_cluster)
                 .flat_map(|e| e.to_be_bytes())
                 .collect();
-            write_meta(dev, self.header.refcount_table_offset + index * self.geo.cluster_size(), &bytes)?;
+            write_meta(dev, offset, &bytes)?;
         }
         Ok(!dirty.is_empty())
     }
 
     /// Writes the header (cluster 0's header area) now.
     pub fn write_header(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        self.corruption.check()?;
         let mut bytes = self.header.serialize()?;
         bytes.resize(bytes.len().next_multiple_of(512), 0);
         write_meta(dev, 0, &bytes)?;
@@ -64,6 +78,9 @@ impl Meta {
 
     /// Writes every dirty metadata cluster in crash-safe order and applies deferred decrements.
     pub fn writeback(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        // Once corruption was found nothing more is written (QEMU makes the node unusable): the image keeps the
+        // state of its last writeback plus the corrupt bit, for a repair to start from.
+        self.corruption.check()?;
         let strict = !self.lazy_dirty;
         let barrier = |wrote: bool| if wrote && strict { dev.flush() } else { Ok(()) };
         let wrote = self.write_dirty(dev, TableKind::RefcountBlock)?;
@@ -164,6 +181,7 @@ impl Meta {
             write_meta(dev, offset, &bytes)?;
         }
         self.reftable = table;
+        self.overlap.reftable_replaced();
         // Clusters of the area that existing blocks describe get their counts through the cache.
         for cluster in start..area_end {
             if new_blocks.contains(&(cluster / rbe)) {
