@@ -124,6 +124,7 @@ impl Meta {
                 *slot = 0;
             }
             self.reftable_dirty.insert(index * 8 / cs);
+            self.overlap.reftable_replaced();
             self.cache.remove(offset);
             if offset / cs / per_block != index {
                 self.free_later(offset / cs);
@@ -174,6 +175,7 @@ impl Meta {
                     *slot = to * cs;
                 }
                 self.reftable_dirty.insert(index * 8 / cs);
+                self.overlap.reftable_replaced();
             }
         }
         Ok(())

@@ -177,6 +177,11 @@ impl OverlapIndex {
         self.refblocks = None;
     }
 
+    /// The snapshot table moved or its entries changed: forget where the snapshot L1 tables are.
+    pub fn snapshot_table_replaced(&mut self) {
+        self.snapshots = None;
+    }
+
     /// A refcount-table entry now names a block at `offset`.
     pub fn refblock_added(&mut self, offset: u64, cluster_bits: u32) {
         if let Some(set) = &mut self.refblocks {

@@ -137,6 +137,7 @@ impl Meta {
             u32::try_from(snapshots.len()).map_err(|_| Error::invalid("snapshot table", "too many snapshots"))?;
         self.header.snapshots_offset = first * cs;
         self.header.nb_snapshots = count;
+        self.overlap.snapshot_table_replaced();
         self.write_header(dev)?;
         dev.flush()?;
         if old_len > 0 {
