@@ -30,6 +30,6 @@ mod image;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     parse_size, Backing, BackingPolicy, BackingResolver, CompactProgress, CompactSummary, Compat, Config,
-    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind,
+    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
     NoBacking, Preallocation,
 };

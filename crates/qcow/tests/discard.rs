@@ -196,3 +196,54 @@ fn partial_discards_straddling_clusters_zero_exactly_their_sectors() {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+/// Host clusters with a nonzero refcount, counted straight from the file's bytes (16-bit refcounts).
+fn used_clusters_in_file(path: &Path) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let cs = 1u64 << u32::from_be_bytes(b[20..24].try_into().unwrap());
+    let (table, clusters) = (be64(48) as usize, u32::from_be_bytes(b[56..60].try_into().unwrap()) as u64);
+    let mut used = 0;
+    for i in 0..(clusters * cs / 8) as usize {
+        let block = be64(table + i * 8) & !0x1ff;
+        if block == 0 {
+            continue;
+        }
+        for j in 0..(cs / 2) as usize {
+            let at = block as usize + j * 2;
+            if at + 2 <= b.len() && u16::from_be_bytes([b[at], b[at + 1]]) != 0 {
+                used += 1;
+            }
+        }
+    }
+    used
+}
+
+#[test]
+fn metrics_count_io_and_space_and_print_as_prometheus_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(dir.path(), "metrics", "", "8M");
+    let image = open(&path, Config { id: Some("disk \"0\"".into()), ..discarding() });
+    let mut buf = vec![0u8; 1 << 20];
+    image.read_at(0, &mut buf).unwrap();
+    image.write_at(4 << 20, &buf[..65536]).unwrap();
+    image.discard(0, (2 << 20) / 512).unwrap();
+    image.flush().unwrap();
+    let m = image.metrics().unwrap();
+    assert_eq!((m.read_bytes, m.written_bytes, m.discarded_bytes), (1 << 20, 65536, 2 << 20));
+    assert_eq!(m.file_bytes, std::fs::metadata(&path).unwrap().len().next_multiple_of(512));
+    assert_eq!(m.used_bytes, used_clusters_in_file(&path) * 65536, "used space as the refcounts on disk say");
+    assert!(m.available_bytes >= 2 << 20, "discarded clusters inside the file are available: {m:?}");
+    assert_eq!(m.used_bytes + m.available_bytes + m.junk_bytes, m.file_bytes / 65536 * 65536);
+    let text = image.prometheus_metrics().unwrap();
+    assert!(
+        text.contains("# TYPE qcow_read_bytes_total counter\nqcow_read_bytes_total{id=\"disk \\\"0\\\"\"} 1048576\n"),
+        "{text}"
+    );
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.split_once("} ").unwrap();
+        assert!(name.starts_with("qcow_") && value.parse::<u64>().is_ok(), "{line}");
+    }
+    image.close().unwrap();
+    assert_clean(&path);
+}

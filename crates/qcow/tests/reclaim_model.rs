@@ -28,7 +28,12 @@ fn verify(image: &Image<FileDevice>, model: &[u8], at: u64, len: u64, what: &str
     image.read_at(at, &mut back).unwrap();
     if back != model[at as usize..(at + len) as usize] {
         let first = back.iter().zip(&model[at as usize..]).position(|(a, b)| a != b).unwrap_or(0);
-        panic!("{what}: byte {:#x} reads {:#x}, the model says {:#x}", at + first as u64, back[first], model[at as usize + first]);
+        panic!(
+            "{what}: byte {:#x} reads {:#x}, the model says {:#x}",
+            at + first as u64,
+            back[first],
+            model[at as usize + first]
+        );
     }
 }
 

@@ -11,7 +11,7 @@
 //! Freed host clusters inside the file are then punched out of it (`BlockDevice::discard`), under the metadata
 //! lock so that no allocation can hand them out in between.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::meta::Meta;
 use super::Image;
@@ -21,13 +21,6 @@ use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind};
 
 /// An extended L2 bitmap whose 32 subclusters all read as zeros.
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
-
-/// What discards have done since the image was opened, as counters shared by every thread.
-#[derive(Debug, Default)]
-pub struct DiscardCounters {
-    erased: AtomicU64,
-    unmapped: AtomicU64,
-}
 
 /// What discards have done since the image was opened, in 512-byte sectors.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -180,6 +173,7 @@ impl<D: BlockDevice> Image<D> {
         if start == end {
             return Ok(());
         }
+        super::metrics::Counters::add(&self.counters.discarded_bytes, end - start);
         let cs = self.geo.cluster_size();
         // Whole clusters inside the range; the virtual disk's last cluster counts as whole up to the disk's end.
         let first_whole = start.div_ceil(cs);
@@ -195,7 +189,7 @@ impl<D: BlockDevice> Image<D> {
                 zero_ranges.push((end_whole * cs, end));
             }
             let (unmapped, instead) = self.unmap_range(first_whole, end_whole - 1)?;
-            self.stats.unmapped.fetch_add(unmapped * cs / 512, Ordering::Relaxed);
+            self.counters.unmapped_sectors.fetch_add(unmapped * cs / 512, Ordering::Relaxed);
             for cluster in instead {
                 zero_ranges.push((cluster * cs, ((cluster + 1) * cs).min(size)));
             }
@@ -250,7 +244,7 @@ impl<D: BlockDevice> Image<D> {
         if !zeroed {
             return self.zero_fill(lo, hi);
         }
-        self.stats.unmapped.fetch_add((end_sc - first_sc) * sub / 512, Ordering::Relaxed);
+        self.counters.unmapped_sectors.fetch_add((end_sc - first_sc) * sub / 512, Ordering::Relaxed);
         let (span_lo, span_hi) = (cluster * cs + first_sc * sub, cluster * cs + end_sc * sub);
         if lo < span_lo {
             self.zero_fill(lo, span_lo)?;
@@ -289,7 +283,9 @@ impl<D: BlockDevice> Image<D> {
             match self.dev.discard(cluster * cs / 512, cs / 512) {
                 Ok(()) => {}
                 // Devices that cannot punch keep the cluster's old bytes; it is free, so nothing reads them.
-                Err(e) if e.kind() == crate::ErrorKind::Unimplemented => {}
+                Err(e) if e.kind() == crate::ErrorKind::Unimplemented => {
+                    self.counters.punch_unsupported.store(true, Ordering::Relaxed);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -303,7 +299,7 @@ impl<D: BlockDevice> Image<D> {
         }
         let zeros = vec![0u8; (hi - lo) as usize];
         self.write_at(lo, &zeros)?;
-        self.stats.erased.fetch_add((hi - lo) / 512, Ordering::Relaxed);
+        self.counters.erased_sectors.fetch_add((hi - lo) / 512, Ordering::Relaxed);
         Ok(())
     }
 
@@ -318,8 +314,8 @@ impl<D: BlockDevice> Image<D> {
     /// What discards have done since the image was opened.
     pub fn stats(&self) -> DiscardStats {
         DiscardStats {
-            erased_sectors: self.stats.erased.load(Ordering::Relaxed),
-            unmapped_sectors: self.stats.unmapped.load(Ordering::Relaxed),
+            erased_sectors: self.counters.erased_sectors.load(Ordering::Relaxed),
+            unmapped_sectors: self.counters.unmapped_sectors.load(Ordering::Relaxed),
         }
     }
 }

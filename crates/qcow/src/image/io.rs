@@ -195,7 +195,9 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        self.read_mapped(offset, buf)
+        self.read_mapped(offset, buf)?;
+        super::metrics::Counters::add(&self.counters.read_bytes, buf.len() as u64);
+        Ok(())
     }
 
     /// Reads guest data through the current mapping; the caller holds the resize lock.
@@ -273,6 +275,7 @@ impl<D: BlockDevice> Image<D> {
         let first = offset >> cb;
         let last = (offset + buf.len() as u64 - 1) >> cb;
         let _owned = self.ranges.lock(first, last + 1);
+        super::metrics::Counters::add(&self.counters.written_bytes, buf.len() as u64);
         if self.geo.extended_l2 {
             return self.write_subclusters(offset, buf);
         }

@@ -32,6 +32,7 @@ mod discard;
 mod io;
 mod mapping;
 mod meta;
+mod metrics;
 mod open;
 mod options;
 mod overlap;
@@ -48,6 +49,7 @@ pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
+pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 pub use seek::{MappedExtent, MappedKind};
 
@@ -81,7 +83,7 @@ pub struct Image<D: BlockDevice> {
     backing: Option<backing::Backing>,
     compression: CompressionType,
     data_file: Option<Box<dyn BlockDevice>>,
-    stats: discard::DiscardCounters,
+    counters: metrics::Counters,
 }
 
 /// What `qemu-img info` says about an image, in typed form.

@@ -127,7 +127,7 @@ impl<D: BlockDevice> Image<D> {
             backing,
             compression,
             data_file,
-            stats: Default::default(),
+            counters: Default::default(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;
