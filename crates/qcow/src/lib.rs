@@ -21,6 +21,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod block;
+pub mod check;
 pub mod convert;
 mod error;
 pub mod format;

@@ -168,6 +168,19 @@ impl<D: BlockDevice> Image<D> {
         }
     }
 
+    /// Runs `f` on the device with every metadata change written back and the metadata lock held, so that the
+    /// device shows one consistent image for as long as `f` runs (a check reads it directly).
+    pub(crate) fn with_settled_metadata<R>(&self, f: impl FnOnce(&dyn BlockDevice) -> R) -> Result<R> {
+        self.check_connected()?;
+        let _no_resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta();
+        if !self.read_only {
+            m.writeback(&self.dev)?;
+            self.dev.flush()?;
+        }
+        Ok(f(&self.dev))
+    }
+
     /// Makes every write completed before this call durable, metadata included.
     ///
     /// # Errors

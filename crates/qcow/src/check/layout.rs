@@ -1,0 +1,100 @@
+//! What the header says, read for a check: the parsed header, the geometry, the refcount table and the snapshot
+//! list. A header that fails validation refuses the check, as QEMU refuses to open such an image.
+
+use super::walk::be64;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{
+    feature, parse_snapshot_table, snapshot_table_size, Geometry, Header, Snapshot, MAX_SNAPSHOT_TABLE_BYTES,
+};
+
+/// The image as its header describes it.
+pub struct Layout {
+    pub header: Header,
+    pub geo: Geometry,
+    /// Length of the image file in bytes.
+    pub file_len: u64,
+    /// Raw refcount table entries.
+    pub reftable: Vec<u64>,
+    /// The snapshot list, or why it could not be read.
+    pub snapshots: std::result::Result<Vec<Snapshot>, String>,
+    /// Bytes the snapshot table occupies.
+    pub snapshots_size: u64,
+    /// Whether guest data lives in an external data file (and is therefore not refcounted).
+    pub data_file: bool,
+}
+
+impl Layout {
+    /// Reads and validates the header and loads the refcount table and snapshot list.
+    pub fn read(dev: &dyn BlockDevice) -> Result<Layout> {
+        let file_len = dev.info().size_bytes();
+        let mut first = vec![0u8; 512];
+        read_padded(dev, file_len, 0, &mut first)?;
+        let cluster_bits = Header::peek_cluster_bits(&first)?;
+        let mut cluster0 = vec![0u8; 1usize << cluster_bits];
+        read_padded(dev, file_len, 0, &mut cluster0)?;
+        let header = Header::parse(&cluster0)?;
+        header.validate(false)?;
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            refcount_order: header.refcount_order,
+            extended_l2: header.incompatible_features & feature::EXTENDED_L2 != 0,
+        };
+        let table_bytes = u64::from(header.refcount_table_clusters) * geo.cluster_size();
+        let mut raw = vec![0u8; table_bytes as usize];
+        read_padded(dev, file_len, header.refcount_table_offset, &mut raw)?;
+        let reftable = raw.chunks_exact(8).map(be64).collect();
+        let snapshots = read_snapshots(dev, file_len, &header, &geo);
+        let snapshots_size = snapshots.as_deref().map(snapshot_table_size).unwrap_or(0);
+        let data_file = header.incompatible_features & feature::EXTERNAL_DATA_FILE != 0;
+        Ok(Layout { header, geo, file_len, reftable, snapshots, snapshots_size, data_file })
+    }
+
+    /// Clusters the file holds, the last one possibly partial.
+    pub fn file_clusters(&self) -> u64 {
+        self.file_len.div_ceil(self.geo.cluster_size())
+    }
+}
+
+fn read_snapshots(
+    dev: &dyn BlockDevice,
+    file_len: u64,
+    header: &Header,
+    geo: &Geometry,
+) -> std::result::Result<Vec<Snapshot>, String> {
+    if header.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    let offset = header.snapshots_offset;
+    let len = file_len.saturating_sub(offset).min(MAX_SNAPSHOT_TABLE_BYTES);
+    if len == 0 {
+        return Err("the snapshot table starts past the end of the file".into());
+    }
+    let mut bytes = vec![0u8; len as usize];
+    read_padded(dev, file_len, offset, &mut bytes).map_err(|e| e.to_string())?;
+    let snapshots = parse_snapshot_table(&bytes, header.nb_snapshots, header.version).map_err(|e| e.to_string())?;
+    for s in &snapshots {
+        s.validate(geo.cluster_size()).map_err(|e| format!("snapshot {}: {e}", s.id))?;
+    }
+    Ok(snapshots)
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros, as QEMU reads them.
+pub fn read_padded(dev: &dyn BlockDevice, file_len: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    buf.fill(0);
+    if offset >= file_len {
+        return Ok(());
+    }
+    let avail = (file_len - offset).min(buf.len() as u64);
+    let start = offset & !511;
+    let end = (offset + avail).next_multiple_of(512);
+    let mut sectors = vec![0u8; (end - start) as usize];
+    dev.read_at(start, &mut sectors)?;
+    let skip = (offset - start) as usize;
+    let src =
+        sectors.get(skip..skip + avail as usize).ok_or_else(|| Error::invalid("check", "read outside the buffer"))?;
+    if let Some(dst) = buf.get_mut(..avail as usize) {
+        dst.copy_from_slice(src);
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Check and repair: rebuild the reference counts that the metadata implies, compare them with the stored ones,
+//! report every inconsistency, and repair what can be repaired without ever making an image worse.
+//!
+//! The counts and their meaning mirror `qemu-img check`: a **corruption** is a refcount lower than the number of
+//! references (or any structural error), a **leak** a refcount higher than it, a **check error** something the
+//! check could not examine. [`CheckReport::exit_code`] is qemu-img's exit code for the same findings.
+//!
+//! ```
+//! use qcow::block::MemoryDevice;
+//! use qcow::check::{check, Repair};
+//! use qcow::{Config, CreateOptions, Image};
+//!
+//! # fn main() -> Result<(), qcow::Error> {
+//! let image = Image::create(MemoryDevice::new(0), &CreateOptions::new(1 << 20), Config::default())?;
+//! image.write_at(0, &[1; 4096])?;
+//! let report = image.check()?;
+//! assert!(report.is_clean());
+//! assert_eq!(report.allocated_clusters, 1);
+//!
+//! image.flush()?;
+//! let report = check(image.device(), Repair::None)?;
+//! assert_eq!(report.exit_code(), 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Repair and crashes
+//! Every repair step leaves a valid image if the machine stops at any point within it:
+//! - fixing a leak lowers a refcount that nothing references beyond the new value;
+//! - fixing a corruption in place raises a refcount to the number of references;
+//! - a rebuild writes the new refcount blocks and table past the end of the file, flushes, and only then
+//!   switches the header (one sector) to them; the old structures become leaks, freed afterwards;
+//! - COPIED flags are corrected only once the refcounts they describe are right;
+//! - the dirty and corrupt bits are cleared last, and only when nothing is left to repair.
+
+mod layout;
+mod problem;
+mod refcounts;
+mod repair;
+mod walk;
+
+pub use problem::{Problem, Referrer, Severity, Structure};
+
+use crate::block::BlockDevice;
+use crate::error::Result;
+use crate::image::Image;
+use layout::Layout;
+use refcounts::{Implied, Referrers, Stored};
+use walk::Walk;
+
+/// What a check may repair, as `qemu-img check -r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Repair {
+    /// Only look; never write.
+    #[default]
+    None,
+    /// Lower refcounts that are higher than the references (`-r leaks`).
+    Leaks,
+    /// Also raise refcounts that are too low, rebuild broken refcount structures, correct COPIED flags, and
+    /// clear the dirty and corrupt bits (`-r all`).
+    All,
+}
+
+impl Repair {
+    fn leaks(self) -> bool {
+        self != Repair::None
+    }
+
+    fn all(self) -> bool {
+        self == Repair::All
+    }
+}
+
+/// Findings kept in [`CheckReport::problems`]; the rest are only counted.
+pub const MAX_PROBLEMS: usize = 10_000;
+
+/// What a check found and fixed. Field names follow `qemu-img check --output=json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Things the check could not examine.
+    pub check_errors: u64,
+    /// Corruptions left in the image.
+    pub corruptions: u64,
+    /// Leaked clusters left in the image.
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// Guest clusters allocated in the active L1 tree.
+    pub allocated_clusters: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Allocated guest clusters not contiguous with their predecessor in the same L2 table.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// Byte offset just past the last cluster in use.
+    pub image_end_offset: u64,
+    /// The findings, in the order found (at most [`MAX_PROBLEMS`]).
+    pub problems: Vec<Problem>,
+    /// Findings beyond [`MAX_PROBLEMS`], counted but not kept.
+    pub problems_omitted: u64,
+}
+
+impl CheckReport {
+    /// No corruptions, no leaks and no check errors remain.
+    pub fn is_clean(&self) -> bool {
+        self.check_errors == 0 && self.corruptions == 0 && self.leaks == 0
+    }
+
+    /// `qemu-img check`'s exit code for this report: 1 when the check could not complete, 2 for corruptions, 3 for
+    /// leaks only, 0 for a clean image.
+    pub fn exit_code(&self) -> u8 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn note(&mut self, problem: Problem) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(problem);
+        } else {
+            self.problems_omitted += 1;
+        }
+    }
+
+    /// Records a finding and counts it by its severity.
+    fn found(&mut self, problem: Problem) {
+        match problem.severity() {
+            Severity::Corruption => self.corruptions += 1,
+            Severity::Leak => self.leaks += 1,
+            Severity::CheckError => self.check_errors += 1,
+            Severity::Detail => {}
+        }
+        self.note(problem);
+    }
+}
+
+/// Checks the qcow2 image on `dev`, repairing what `repair` allows.
+///
+/// With [`Repair::None`] nothing is written. Time and memory follow the file's real size, not what its header
+/// claims.
+///
+/// # Errors
+/// The check could not run at all: the header fails validation or needs an unsupported feature (QEMU refuses to
+/// open such an image too), or the device failed. Everything else is a finding in the report.
+pub fn check<D: BlockDevice>(dev: &D, repair: Repair) -> Result<CheckReport> {
+    run(dev, repair)
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Checks this open image without repairing anything: its metadata is written back first, and no metadata
+    /// changes while the check runs (guest reads and writes in place go on).
+    ///
+    /// # Errors
+    /// As [`check`].
+    pub fn check(&self) -> Result<CheckReport> {
+        self.with_settled_metadata(|dev| run(dev, Repair::None))?
+    }
+}
+
+/// The first pass: walk and count. Returns the counts, the walk's findings and whether a rebuild is called for.
+struct Pass {
+    implied: Implied,
+    problems: Vec<crate::check::Problem>,
+    stats: walk::FragStats,
+    incomplete: bool,
+    rebuild: bool,
+}
+
+fn count(dev: &dyn BlockDevice, layout: &Layout) -> Result<Pass> {
+    let mut implied = Implied::new(layout);
+    let mut walk = Walk::new(dev, layout, true);
+    walk.run(&mut implied)?;
+    let mut problems = walk.problems;
+    problems.append(&mut implied.problems);
+    Ok(Pass { implied, problems, stats: walk.stats, incomplete: walk.incomplete, rebuild: walk.rebuild })
+}
+
+/// Compares stored refcounts with the implied ones, fixing what `repair` allows. Returns the highest cluster in
+/// use and whether a rebuild is called for (a referenced cluster with refcount 0).
+fn compare(
+    stored: &mut Stored<'_>,
+    implied: &Implied,
+    repair: Repair,
+    report: &mut CheckReport,
+) -> Result<(u64, bool)> {
+    let (mut highest, mut rebuild) = (0, false);
+    for cluster in 0..implied.len() {
+        let references = implied.get(cluster);
+        let value = match stored.get(cluster)? {
+            Ok(value) => value,
+            Err(e) => {
+                report.found(Problem::RefcountUnreadable { cluster, table_index: e.table_index });
+                continue;
+            }
+        };
+        if value > 0 || references > 0 {
+            highest = cluster;
+        }
+        if value == references {
+            continue;
+        }
+        if value == 0 {
+            rebuild = true;
+        } else if value > references && repair.leaks() {
+            stored.set(cluster, references)?;
+            report.leaks_fixed += 1;
+            continue;
+        } else if value < references && repair.all() {
+            stored.set(cluster, references)?;
+            report.corruptions_fixed += 1;
+            continue;
+        }
+        report.found(Problem::RefcountMismatch { cluster, stored: value, references });
+    }
+    stored.write_back()?;
+    Ok((highest, rebuild))
+}
+
+/// The second walk, run only when clusters are over-referenced or shared by structures that may not share:
+/// names every pointer to each of them.
+fn name_referrers(dev: &dyn BlockDevice, layout: &Layout, implied: &Implied, report: &mut CheckReport) -> Result<()> {
+    let mut wanted = implied.overlapping.clone();
+    for problem in &report.problems {
+        if let Problem::RefcountMismatch { cluster, stored, references } = *problem {
+            if references > stored && references > 1 {
+                wanted.insert(cluster);
+            }
+        }
+        if wanted.len() >= 1000 {
+            break;
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut sink = Referrers {
+        wanted: &wanted,
+        found: Default::default(),
+        cluster_bits: layout.geo.cluster_bits,
+        clusters: implied.len(),
+    };
+    Walk::new(dev, layout, false).run(&mut sink)?;
+    let mut found = sink.found;
+    for cluster in wanted {
+        if let Some(referrers) = found.remove(&cluster) {
+            if referrers.len() > 1 {
+                report.note(Problem::SharedCluster { offset: cluster << layout.geo.cluster_bits, referrers });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(dev: &dyn BlockDevice, repair: Repair) -> Result<CheckReport> {
+    let mut layout = Layout::read(dev)?;
+    let mut report = CheckReport {
+        total_clusters: layout.header.size.div_ceil(layout.geo.cluster_size()),
+        ..CheckReport::default()
+    };
+    let pass = count(dev, &layout)?;
+    report.allocated_clusters = pass.stats.allocated;
+    report.fragmented_clusters = pass.stats.fragmented;
+    report.compressed_clusters = pass.stats.compressed;
+    for problem in pass.problems {
+        report.found(problem);
+    }
+    let structural = report.clone();
+
+    // Look first, without fixing: a rebuild replaces in-place fixes.
+    let (mut highest, zero_refcount) =
+        compare(&mut Stored::new(dev, &layout), &pass.implied, Repair::None, &mut report)?;
+    let rebuild = pass.rebuild || zero_refcount;
+    if rebuild && repair.all() && !pass.incomplete {
+        let before = report.clone();
+        repair::rebuild_refcounts(dev, &mut layout, &pass.implied)?;
+        // Everything is counted afresh against the new structures; the old ones are now leaks, freed at once.
+        let again = count(dev, &layout)?;
+        let mut fresh = CheckReport::default();
+        for problem in again.problems {
+            fresh.found(problem);
+        }
+        let mut leak_fix = CheckReport::default();
+        let (h, still_broken) = compare(&mut Stored::new(dev, &layout), &again.implied, Repair::Leaks, &mut leak_fix)?;
+        highest = h;
+        if still_broken || leak_fix.corruptions > 0 {
+            fresh.check_errors += 1;
+            fresh.note(Problem::NeedsRebuild);
+        }
+        report.corruptions = fresh.corruptions + leak_fix.corruptions;
+        report.check_errors = before.check_errors + fresh.check_errors;
+        report.corruptions_fixed += before.corruptions.saturating_sub(report.corruptions);
+        report.leaks_fixed += before.leaks;
+        report.leaks = leak_fix.leaks;
+        report.problems = before.problems;
+        report.problems_omitted = before.problems_omitted;
+    } else if repair.leaks() && rebuild {
+        // QEMU stops here too: fixing counts in place cannot repair a refcount structure that needs rebuilding.
+        report.found(Problem::NeedsRebuild);
+        report.image_end_offset = (highest + 1) * layout.geo.cluster_size();
+        return Ok(report);
+    } else if repair.leaks() && (report.leaks > 0 || report.corruptions > 0) {
+        report = structural;
+        highest = compare(&mut Stored::new(dev, &layout), &pass.implied, repair, &mut report)?.0;
+    }
+    if report.corruptions > 0 || !pass.implied.overlapping.is_empty() {
+        name_referrers(dev, &layout, &pass.implied, &mut report)?;
+    }
+
+    let copied_repair = match repair {
+        Repair::All => true,
+        Repair::Leaks => report.check_errors == 0 && report.corruptions == 0 && report.leaks == 0,
+        Repair::None => false,
+    };
+    repair::copied_flags(dev, &layout, copied_repair, &mut report)?;
+    report.image_end_offset = (highest + 1) * layout.geo.cluster_size();
+
+    if repair != Repair::None && report.check_errors == 0 && report.corruptions == 0 {
+        repair::mark_clean(dev, &layout)?;
+    }
+    if repair != Repair::None {
+        dev.flush()?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,249 @@
+//! The two sides of the comparison: refcounts implied by the metadata ([`Implied`], built by a walk) and the
+//! refcounts stored in the image ([`Stored`], read from the refcount blocks and written back by repairs).
+//!
+//! Memory follows the file's real size: the implied counts hold one entry per cluster of the file (plus one for a
+//! partial cluster past its end), and the walk never counts a reference a cluster or more past the end.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::layout::{read_padded, Layout};
+use super::problem::{Problem, Referrer, Structure};
+use super::walk::Sink;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::RefcountBlock;
+
+const STRUCTURES: [Structure; 12] = [
+    Structure::Header,
+    Structure::RefcountTable,
+    Structure::RefcountBlock,
+    Structure::ActiveL1,
+    Structure::SnapshotL1,
+    Structure::L2Table,
+    Structure::Data,
+    Structure::CompressedData,
+    Structure::SnapshotTable,
+    Structure::BitmapDirectory,
+    Structure::BitmapTable,
+    Structure::BitmapData,
+];
+
+fn owner_code(s: Structure) -> u8 {
+    STRUCTURES.iter().position(|&x| x == s).map_or(0, |i| i as u8 + 1)
+}
+
+fn owner_of(code: u8) -> Option<Structure> {
+    STRUCTURES.get(usize::from(code).checked_sub(1)?).copied()
+}
+
+/// Refcounts implied by the metadata, with the kind of structure that first claimed each cluster so that
+/// metadata overlapping other metadata is caught as it is counted.
+pub struct Implied {
+    counts: Vec<u32>,
+    owners: Vec<u8>,
+    cluster_bits: u32,
+    refcount_max: u64,
+    /// Overlaps and overflows found while counting.
+    pub problems: Vec<Problem>,
+    /// Clusters claimed by structures that may not share them.
+    pub overlapping: BTreeSet<u64>,
+}
+
+impl Implied {
+    pub fn new(layout: &Layout) -> Self {
+        let n = layout.file_clusters() as usize;
+        Implied {
+            counts: vec![0; n],
+            owners: vec![0; n],
+            cluster_bits: layout.geo.cluster_bits,
+            refcount_max: layout.geo.refcount_max(),
+            problems: Vec::new(),
+            overlapping: BTreeSet::new(),
+        }
+    }
+
+    /// References to `cluster`.
+    pub fn get(&self, cluster: u64) -> u64 {
+        usize::try_from(cluster).ok().and_then(|c| self.counts.get(c)).map_or(0, |&n| u64::from(n))
+    }
+
+    /// Number of clusters covered.
+    pub fn len(&self) -> u64 {
+        self.counts.len() as u64
+    }
+
+    /// Every count, cluster by cluster.
+    pub fn counts(&self) -> &[u32] {
+        &self.counts
+    }
+
+    fn count_one(&mut self, cluster: u64, referrer: Referrer) {
+        let Ok(index) = usize::try_from(cluster) else { return };
+        if index >= self.counts.len() {
+            // At most one partial cluster past the end of the file: the walk refuses anything further.
+            self.counts.resize(index + 1, 0);
+            self.owners.resize(index + 1, 0);
+        }
+        let (Some(count), Some(owner)) = (self.counts.get_mut(index), self.owners.get_mut(index)) else { return };
+        if u64::from(*count) >= self.refcount_max || *count == u32::MAX {
+            self.problems.push(Problem::RefcountOverflow { offset: cluster << self.cluster_bits });
+            return;
+        }
+        *count += 1;
+        match owner_of(*owner) {
+            None => *owner = owner_code(referrer.target),
+            Some(first) if !first.may_share_with(referrer.target) => {
+                if self.overlapping.insert(cluster) {
+                    self.problems.push(Problem::Overlap {
+                        offset: cluster << self.cluster_bits,
+                        first,
+                        second: referrer,
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+impl Sink for Implied {
+    fn reference(&mut self, offset: u64, len: u64, referrer: Referrer) {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for cluster in first..=last {
+            self.count_one(cluster, referrer);
+        }
+    }
+
+    fn count(&self, cluster: u64) -> u64 {
+        self.get(cluster)
+    }
+
+    fn clusters(&self) -> u64 {
+        self.len()
+    }
+}
+
+/// A sink for the second walk: collects every pointer to a chosen set of clusters.
+pub struct Referrers<'a> {
+    pub wanted: &'a BTreeSet<u64>,
+    pub found: HashMap<u64, Vec<Referrer>>,
+    pub cluster_bits: u32,
+    pub clusters: u64,
+}
+
+impl Sink for Referrers<'_> {
+    fn reference(&mut self, offset: u64, len: u64, referrer: Referrer) {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for cluster in self.wanted.range(first..=last) {
+            self.found.entry(*cluster).or_default().push(referrer);
+        }
+    }
+
+    fn count(&self, _: u64) -> u64 {
+        1
+    }
+
+    fn clusters(&self) -> u64 {
+        self.clusters
+    }
+}
+
+/// Why a stored refcount could not be read.
+#[derive(Debug, Clone, Copy)]
+pub struct Unreadable {
+    /// The refcount table entry whose block pointer is misaligned.
+    pub table_index: u64,
+}
+
+/// Refcounts as stored in the image, read block by block and written back when a repair changes them.
+pub struct Stored<'a> {
+    dev: &'a dyn BlockDevice,
+    layout: &'a Layout,
+    blocks: HashMap<u64, Vec<u8>>,
+    dirty: BTreeSet<u64>,
+}
+
+/// Loaded refcount blocks kept at most, in bytes, before clean ones are dropped.
+const CACHE_BYTES: usize = 64 << 20;
+
+impl<'a> Stored<'a> {
+    pub fn new(dev: &'a dyn BlockDevice, layout: &'a Layout) -> Self {
+        Stored { dev, layout, blocks: HashMap::new(), dirty: BTreeSet::new() }
+    }
+
+    /// Where the refcount block describing `cluster` lives: `Ok(None)` when none is allocated.
+    fn locate(&self, cluster: u64) -> std::result::Result<(u64, Option<u64>), Unreadable> {
+        let geo = self.layout.geo;
+        let table_index = cluster / geo.refcount_block_entries();
+        let entry = usize::try_from(table_index).ok().and_then(|i| self.layout.reftable.get(i)).copied();
+        let offset = entry.unwrap_or(0) & !0x1ff;
+        if offset == 0 {
+            return Ok((table_index, None));
+        }
+        if !geo.is_aligned(offset) {
+            return Err(Unreadable { table_index });
+        }
+        Ok((table_index, Some(offset)))
+    }
+
+    fn block(&mut self, table_index: u64, offset: u64) -> Result<&mut Vec<u8>> {
+        if !self.blocks.contains_key(&table_index) {
+            if self.blocks.len() * self.layout.geo.cluster_size() as usize >= CACHE_BYTES {
+                self.write_back()?;
+                self.blocks.clear();
+            }
+            let mut bytes = vec![0u8; self.layout.geo.cluster_size() as usize];
+            read_padded(self.dev, self.layout.file_len, offset, &mut bytes)?;
+            self.blocks.insert(table_index, bytes);
+        }
+        self.blocks
+            .get_mut(&table_index)
+            .ok_or_else(|| Error::corrupt("refcount block vanished from the cache", offset))
+    }
+
+    /// The stored refcount of `cluster`.
+    pub fn get(&mut self, cluster: u64) -> Result<std::result::Result<u64, Unreadable>> {
+        let (table_index, offset) = match self.locate(cluster) {
+            Ok(found) => found,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(offset) = offset else { return Ok(Ok(0)) };
+        let geo = self.layout.geo;
+        let index = cluster % geo.refcount_block_entries();
+        let bytes = self.block(table_index, offset)?;
+        Ok(Ok(RefcountBlock::new(bytes.as_slice(), geo.refcount_order).get(index).unwrap_or(0)))
+    }
+
+    /// Changes the stored refcount of `cluster` (whose block exists: repairs in place never allocate).
+    pub fn set(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let geo = self.layout.geo;
+        let (table_index, Some(offset)) =
+            self.locate(cluster).map_err(|_| Error::corrupt("refcount block is not cluster aligned", 0))?
+        else {
+            return Err(Error::corrupt("no refcount block to repair", cluster << geo.cluster_bits));
+        };
+        let index = cluster % geo.refcount_block_entries();
+        let bytes = self.block(table_index, offset)?;
+        if !RefcountBlock::new(bytes.as_mut_slice(), geo.refcount_order).set(index, value) {
+            return Err(Error::corrupt("refcount does not fit the refcount width", cluster << geo.cluster_bits));
+        }
+        self.dirty.insert(table_index);
+        Ok(())
+    }
+
+    /// Writes every changed block back. Each change only ever makes a stored refcount agree with the metadata,
+    /// so any subset of these writes reaching the disk leaves an image no worse than before.
+    pub fn write_back(&mut self) -> Result<()> {
+        for table_index in std::mem::take(&mut self.dirty) {
+            let Ok((_, Some(offset))) = self.locate(table_index * self.layout.geo.refcount_block_entries()) else {
+                continue;
+            };
+            if let Some(bytes) = self.blocks.get(&table_index) {
+                super::repair::write_grow(self.dev, offset, bytes)?;
+            }
+        }
+        Ok(())
+    }
+}

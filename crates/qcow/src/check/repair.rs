@@ -1,0 +1,202 @@
+//! The writing half of a check: rebuilding the refcount structures, correcting COPIED flags, and clearing the
+//! dirty and corrupt bits. Each step is ordered so that a crash at any point leaves an image no worse than
+//! before it (see the module documentation of [`check`](super)).
+
+use super::layout::{read_padded, Layout};
+use super::problem::{Problem, Structure};
+use super::refcounts::{Implied, Stored};
+use super::walk::{be64, ClusterType, COPIED, OFFSET_MASK};
+use super::CheckReport;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{feature, RefcountBlock};
+
+/// QEMU's cap on the refcount table.
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Header fields patched in place: refcount_table_offset (u64) and refcount_table_clusters (u32) at byte 48;
+/// incompatible_features (u64, version 3) at byte 72. Both lie in the first sector, whose write is atomic.
+const REFTABLE_FIELDS: usize = 48;
+const INCOMPATIBLE_FIELD: usize = 72;
+
+/// Writes `bytes` at `offset`, growing the device first when they end past it.
+pub fn write_grow(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
+    let end = offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("write offset overflows", offset))?;
+    let info = dev.info();
+    if end > info.size_bytes() {
+        dev.resize(end.div_ceil(info.sector_size.max(1)))?;
+    }
+    dev.write_at(offset, bytes)
+}
+
+/// Rewrites the first sector with `patch` applied to it.
+fn patch_first_sector(dev: &dyn BlockDevice, file_len: u64, patch: impl FnOnce(&mut [u8])) -> Result<()> {
+    let mut sector = vec![0u8; 512];
+    read_padded(dev, file_len, 0, &mut sector)?;
+    patch(&mut sector);
+    dev.write_at(0, &sector)
+}
+
+fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
+    if let Some(dst) = bytes.get_mut(at..at + value.len()) {
+        dst.copy_from_slice(value);
+    }
+}
+
+/// Replaces the refcount table and blocks with new ones holding `implied` counts, written past everything the
+/// counts cover. The header switches to them only after they are durable; the old structures become leaks.
+pub fn rebuild_refcounts(dev: &dyn BlockDevice, layout: &mut Layout, implied: &Implied) -> Result<()> {
+    let geo = layout.geo;
+    let cs = geo.cluster_size();
+    let per_block = geo.refcount_block_entries();
+    let start = implied.len();
+    let (mut table_clusters, mut blocks) = (1u64, 0u64);
+    loop {
+        let total = start + table_clusters + blocks;
+        let b = total.div_ceil(per_block);
+        let t = (b * 8).div_ceil(cs).max(1);
+        if (b, t) == (blocks, table_clusters) {
+            break;
+        }
+        (blocks, table_clusters) = (b, t);
+    }
+    if table_clusters * cs > MAX_REFTABLE_BYTES {
+        return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
+    }
+    let table_at = start * cs;
+    let blocks_at = start + table_clusters;
+    let total = blocks_at + blocks;
+    let counts = implied.counts();
+    let mut table = vec![0u8; (table_clusters * cs) as usize];
+    let mut bytes = vec![0u8; cs as usize];
+    for b in 0..blocks {
+        bytes.fill(0);
+        let mut block = RefcountBlock::new(bytes.as_mut_slice(), geo.refcount_order);
+        for i in 0..per_block {
+            let cluster = b * per_block + i;
+            if cluster >= total {
+                break;
+            }
+            let n = match counts.get(cluster as usize) {
+                Some(&n) => u64::from(n),
+                None if cluster >= start => 1, // the new table and blocks themselves
+                None => 0,
+            };
+            if !block.set(i, n) {
+                return Err(Error::corrupt("refcount does not fit the refcount width", cluster * cs));
+            }
+        }
+        let offset = (blocks_at + b) * cs;
+        write_grow(dev, offset, &bytes)?;
+        put(&mut table, (b * 8) as usize, &offset.to_be_bytes());
+    }
+    write_grow(dev, table_at, &table)?;
+    dev.flush()?;
+    patch_first_sector(dev, layout.file_len, |s| {
+        put(s, REFTABLE_FIELDS, &table_at.to_be_bytes());
+        put(s, REFTABLE_FIELDS + 8, &(table_clusters as u32).to_be_bytes());
+    })?;
+    dev.flush()?;
+    layout.header.refcount_table_offset = table_at;
+    layout.header.refcount_table_clusters = table_clusters as u32;
+    layout.reftable = table.chunks_exact(8).map(be64).collect();
+    layout.file_len = dev.info().size_bytes();
+    Ok(())
+}
+
+/// Checks (and with `repair`, corrects) the COPIED flags of the active L1 and L2 tables against the stored
+/// refcounts: set exactly when the refcount is 1. Runs after refcount repairs, so the flags follow the repaired
+/// counts.
+pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report: &mut CheckReport) -> Result<()> {
+    let geo = layout.geo;
+    let cs = geo.cluster_size();
+    let l1_at = layout.header.l1_table_offset;
+    let l1_bytes = u64::from(layout.header.l1_size) * 8;
+    if l1_bytes == 0 || l1_at >= layout.file_len {
+        return Ok(());
+    }
+    let mut stored = Stored::new(dev, layout);
+    let mut l1 = vec![0u8; l1_bytes as usize];
+    read_padded(dev, layout.file_len, l1_at, &mut l1)?;
+    let mut l1_dirty = false;
+    let entry_size = geo.l2_entry_size() as usize;
+    let mut table = vec![0u8; cs as usize];
+    for i in 0..layout.header.l1_size as usize {
+        let Some(raw) = l1.get_mut(i * 8..i * 8 + 8) else { break };
+        let entry = be64(raw);
+        let l2 = entry & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let Ok(refcount) = stored.get(l2 >> geo.cluster_bits)? else { continue };
+        let at = l1_at + (i * 8) as u64;
+        if (refcount == 1) != (entry & COPIED != 0) {
+            let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+            if repair {
+                raw.copy_from_slice(&fixed.to_be_bytes());
+                l1_dirty = true;
+                report.corruptions_fixed += 1;
+                report.note(Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount });
+            } else {
+                report.found(Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount });
+            }
+        }
+        read_padded(dev, layout.file_len, l2, &mut table)?;
+        // A table we could not safely write back (misaligned, or past the end of the file) is only reported.
+        let writable = geo.is_aligned(l2) && l2.saturating_add(cs) <= layout.file_len.next_multiple_of(cs);
+        let mut l2_dirty = false;
+        for (j, slot) in table.chunks_exact_mut(entry_size).enumerate() {
+            let entry = be64(slot);
+            let kind = ClusterType::of(entry, geo.extended_l2, layout.data_file);
+            if !matches!(kind, ClusterType::Normal | ClusterType::ZeroAlloc) {
+                continue;
+            }
+            let refcount = if layout.data_file {
+                1
+            } else {
+                match stored.get((entry & OFFSET_MASK) >> geo.cluster_bits)? {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                }
+            };
+            if (refcount == 1) == (entry & COPIED != 0) {
+                continue;
+            }
+            let problem =
+                Problem::CopiedFlag { table: Structure::L2Table, at: l2 + (j * entry_size) as u64, entry, refcount };
+            if repair && writable {
+                let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+                put(slot, 0, &fixed.to_be_bytes());
+                l2_dirty = true;
+                report.corruptions_fixed += 1;
+                report.note(problem);
+            } else {
+                report.found(problem);
+            }
+        }
+        if l2_dirty {
+            dev.write_at(l2, &table)?;
+        }
+    }
+    if l1_dirty {
+        dev.flush()?;
+        let start = l1_at & !511;
+        let end = (l1_at + l1_bytes).next_multiple_of(512);
+        let mut sectors = vec![0u8; (end - start) as usize];
+        read_padded(dev, layout.file_len, start, &mut sectors)?;
+        put(&mut sectors, (l1_at - start) as usize, &l1);
+        write_grow(dev, start, &sectors)?;
+    }
+    Ok(())
+}
+
+/// Clears the dirty and corrupt bits (version 3 only has them), after everything else is durable.
+pub fn mark_clean(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
+    let bits = layout.header.incompatible_features;
+    if layout.header.version < 3 || bits & (feature::DIRTY | feature::CORRUPT) == 0 {
+        return Ok(());
+    }
+    dev.flush()?;
+    let cleared = bits & !(feature::DIRTY | feature::CORRUPT);
+    patch_first_sector(dev, layout.file_len, |s| put(s, INCOMPATIBLE_FIELD, &cleared.to_be_bytes()))?;
+    dev.flush()
+}
