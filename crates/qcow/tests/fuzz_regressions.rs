@@ -15,7 +15,11 @@ use qcow::{Config, Image};
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect(),
+        // Dot files (`.gitkeep`) only keep an empty directory in git.
+        Ok(entries) => entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect(),
         Err(e) => panic!("{}: {e}", dir.display()),
     };
     files.sort();
