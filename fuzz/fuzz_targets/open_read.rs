@@ -1,0 +1,8 @@
+//! An arbitrary byte string opened read-only as an image and read; see `open_read` in the shared bodies.
+#![no_main]
+
+// The bodies live with the crate's tests so that `cargo test` replays every regression input through them.
+#[path = "../../crates/qcow/tests/fuzz_bodies/mod.rs"]
+mod bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::open_read(data));
