@@ -173,6 +173,7 @@ struct Pass {
     stats: walk::FragStats,
     incomplete: bool,
     rebuild: bool,
+    points_past_end: bool,
 }
 
 fn count(dev: &dyn BlockDevice, layout: &Layout) -> Result<Pass> {
@@ -181,7 +182,14 @@ fn count(dev: &dyn BlockDevice, layout: &Layout) -> Result<Pass> {
     walk.run(&mut implied)?;
     let mut problems = walk.problems;
     problems.append(&mut implied.problems);
-    Ok(Pass { implied, problems, stats: walk.stats, incomplete: walk.incomplete, rebuild: walk.rebuild })
+    Ok(Pass {
+        implied,
+        problems,
+        stats: walk.stats,
+        incomplete: walk.incomplete,
+        rebuild: walk.rebuild,
+        points_past_end: walk.points_past_end,
+    })
 }
 
 /// Compares stored refcounts with the implied ones, fixing what `repair` allows. Returns the highest cluster in
@@ -287,7 +295,8 @@ fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
     let (mut highest, zero_refcount) =
         compare(&mut Stored::new(dev, &layout), &pass.implied, Repair::None, &mut report)?;
     let rebuild = pass.rebuild || zero_refcount;
-    if rebuild && repair.all() && !pass.incomplete {
+    // A rebuild writes past the end of the file; where metadata already points there, QEMU refuses too.
+    if rebuild && repair.all() && !pass.incomplete && !pass.points_past_end {
         let before = report.clone();
         repair::rebuild_refcounts(dev, &mut layout, &pass.implied)?;
         // Everything is counted afresh against the new structures; the old ones are now leaks, freed at once.
@@ -311,10 +320,9 @@ fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
         report.problems = before.problems;
         report.problems_omitted = before.problems_omitted;
     } else if repair.leaks() && rebuild {
-        // QEMU stops here too: fixing counts in place cannot repair a refcount structure that needs rebuilding.
+        // QEMU stops repairing here too: fixing counts in place cannot repair a refcount structure that needs
+        // rebuilding. What is found is still counted; nothing more is written.
         report.found(Problem::NeedsRebuild);
-        report.image_end_offset = (highest + 1) * layout.geo.cluster_size();
-        return Ok(report);
     } else if repair.leaks() && (report.leaks > 0 || report.corruptions > 0) {
         report = structural;
         highest = compare(&mut Stored::new(dev, &layout), &pass.implied, repair, &mut report)?.0;
@@ -330,6 +338,7 @@ fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
     }
 
     let copied_repair = match repair {
+        _ if report.check_errors > 0 && rebuild => false,
         Repair::All => true,
         Repair::Leaks => report.check_errors == 0 && report.corruptions == 0 && report.leaks == 0,
         Repair::None => false,
@@ -351,6 +360,18 @@ fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
     }
     if repair != Repair::None {
         dev.flush()?;
+        // What is left is what a fresh check finds: the counts of a repair are never a promise.
+        let after = run(dev, Repair::None)?;
+        // A repair that could not run (a rebuild refused) stays a check error even though the image holds none.
+        report.check_errors = after.check_errors.max(report.check_errors);
+        report.corruptions = after.corruptions;
+        report.leaks = after.leaks;
+        report.image_end_offset = after.image_end_offset;
+        for problem in after.problems.into_iter().filter(|p| p.severity() != Severity::Detail) {
+            if !report.problems.contains(&problem) {
+                report.note(problem);
+            }
+        }
     }
     Ok(report)
 }

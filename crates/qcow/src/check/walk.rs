@@ -102,6 +102,9 @@ pub struct Walk<'a> {
     pub incomplete: bool,
     /// The refcount structures are damaged in a way only a rebuild repairs.
     pub rebuild: bool,
+    /// Some pointer targets space a cluster or more past the end of the file: a rebuild, which writes past the
+    /// end, could land its new structures under it.
+    pub points_past_end: bool,
 }
 
 impl<'a> Walk<'a> {
@@ -114,6 +117,7 @@ impl<'a> Walk<'a> {
             stats: FragStats::default(),
             incomplete: false,
             rebuild: false,
+            points_past_end: false,
         }
     }
 
@@ -135,6 +139,7 @@ impl<'a> Walk<'a> {
         }
         let past_end = offset.saturating_add(len).saturating_sub(self.layout.file_len);
         if past_end >= self.cluster_size() {
+            self.points_past_end = true;
             self.problem(Problem::OutsideFile { referrer, offset, len });
             return false;
         }
@@ -401,6 +406,7 @@ impl<'a> Walk<'a> {
             }
             let cluster = offset >> geo.cluster_bits;
             if cluster >= sink.clusters() {
+                self.points_past_end = true;
                 self.problem(Problem::OutsideFile { referrer, offset, len: geo.cluster_size() });
                 self.rebuild = true;
                 continue;

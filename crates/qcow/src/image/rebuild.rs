@@ -257,22 +257,28 @@ impl Meta {
 }
 
 impl<D: BlockDevice> Image<D> {
-    /// Compares every stored refcount with what the metadata implies (used by `check_on_connect`).
+    /// Compares every stored refcount with what the metadata implies (used by `check_on_connect`), with the same
+    /// checker and the same tolerance as `qemu-img check` (a table may end inside the file's partial last
+    /// cluster).
     ///
     /// # Errors
-    /// `Corrupt` naming the first cluster whose refcount is lower than its references; leaks (higher refcounts)
-    /// are tolerated, as QEMU tolerates them.
+    /// `Corrupt` naming the first cluster whose refcount is lower than its references, or the first other
+    /// corruption; leaks (higher refcounts) are tolerated, as QEMU tolerates them.
     pub fn verify_refcounts(&self) -> Result<()> {
-        let mut m = self.meta();
-        if m.header.incompatible_features & feature::DIRTY != 0 {
+        if self.meta().header.incompatible_features & feature::DIRTY != 0 {
+            return Ok(());
+        }
+        let report = self.check()?;
+        if report.corruptions == 0 && report.check_errors == 0 {
             return Ok(());
         }
         let cs = self.geo.cluster_size();
-        for (cluster, stored, implied) in m.refcount_mismatches(&self.dev)? {
-            if stored < implied {
-                return Err(Error::corrupt("refcount lower than the number of references", cluster * cs));
+        let first = report.problems.iter().find_map(|p| match *p {
+            crate::check::Problem::RefcountMismatch { cluster, stored, references } if stored < references => {
+                Some(Error::corrupt("refcount lower than the number of references", cluster * cs))
             }
-        }
-        Ok(())
+            _ => None,
+        });
+        Err(first.unwrap_or_else(|| Error::corrupt("metadata inconsistent (qcow-tool check lists what)", 0)))
     }
 }
