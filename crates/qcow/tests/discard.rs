@@ -101,6 +101,8 @@ fn discarding_everything_frees_the_space_and_the_l2_tables() {
         assert_clean(&path);
         assert_matches_model(&path, &vec![0u8; 64 << 20]);
         let blocks_after = std::fs::metadata(&path).unwrap().blocks();
+        let len_after = std::fs::metadata(&path).unwrap().len();
+        assert!(len_after < 1 << 20, "{opts}: the free tail is truncated at once: {len_after} bytes left");
         assert!(
             blocks_after * 512 < 1 << 20 && blocks_after < blocks_before / 40,
             "{opts}: holes punched: {blocks_before} blocks before, {blocks_after} after"

@@ -267,6 +267,8 @@ impl<D: BlockDevice> Image<D> {
             // Make the new entries durable and drop the refcounts now, so the space can be punched out at once.
             m.writeback(&self.dev)?;
             self.punch_free(&mut m, &released)?;
+            // A free tail is given back at once, as the reclaimer of the reference package does.
+            m.trim_file(&self.dev)?;
         }
         Ok(result)
     }
