@@ -308,7 +308,8 @@ impl fmt::Display for Problem {
             Problem::RefcountBlockShared { table_index, references } => {
                 write!(f, "ERROR refcount block {table_index} refcount={references}")
             }
-            Problem::BadSnapshotL1 { id, why } => write!(f, "ERROR snapshot {id}: {why}"),
+            // Names and messages from the image are arbitrary bytes: keep the report one line per finding.
+            Problem::BadSnapshotL1 { id, why } => write!(f, "ERROR snapshot {}: {why}", id.escape_debug()),
             Problem::L1TableShared { offset } => write!(f, "ERROR L1 table at {offset:#x} is used more than once"),
             Problem::L2TableRepeated { at, offset } => {
                 write!(f, "ERROR L1 entry at {at:#x} repeats L2 table {offset:#x} of the same L1 table")
@@ -316,7 +317,9 @@ impl fmt::Display for Problem {
             Problem::SnapshotsWithDataFile { count } => {
                 write!(f, "ERROR {count} snapshots in image with data file")
             }
-            Problem::Unreadable { what, offset, why } => write!(f, "ERROR cannot read {what} at {offset:#x}: {why}"),
+            Problem::Unreadable { what, offset, why } => {
+                write!(f, "ERROR cannot read {what} at {offset:#x}: {}", why.escape_debug())
+            }
             Problem::NeedsRebuild => write!(f, "ERROR need to rebuild refcount structures"),
             Problem::Snapshot(crate::format::SnapshotDefect::ExtraDataDropped { index, size }) => write!(
                 f,
