@@ -35,8 +35,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "info: virtual size {} bytes, cluster size {}, compat {}, refcount bits {}, file length {}",
         info.virtual_size, info.cluster_size, info.compat, info.refcount_bits, info.file_length
     );
-    image.verify_refcounts()?;
-    println!("our refcount verification: consistent");
+    let report = image.check()?;
+    println!(
+        "our check (exit {}): {} corruptions, {} leaks, {}/{} clusters allocated, image end offset {}",
+        report.exit_code(),
+        report.corruptions,
+        report.leaks,
+        report.allocated_clusters,
+        report.total_clusters,
+        report.image_end_offset
+    );
     image.close()?;
 
     match Command::new("qemu-img").args(["check", "--output=json"]).arg(&path).output() {
