@@ -406,7 +406,7 @@ impl<'a> Walk<'a> {
             }
             let cluster = offset >> geo.cluster_bits;
             if cluster >= sink.clusters() {
-                self.points_past_end = true;
+                // Not `points_past_end`: a rebuild replaces this table, so its stray pointers stop mattering.
                 self.problem(Problem::OutsideFile { referrer, offset, len: geo.cluster_size() });
                 self.rebuild = true;
                 continue;
