@@ -202,32 +202,6 @@ pub fn mark_clean(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
     dev.flush()
 }
 
-/// Lets the engine open, by reference, the device a check was handed: rewriting the snapshot table needs its
-/// allocator.
-struct Borrowed<'a>(&'a dyn BlockDevice);
-
-impl BlockDevice for Borrowed<'_> {
-    fn info(&self) -> crate::block::Info {
-        self.0.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        self.0.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
-        self.0.write(sector, bufs)
-    }
-    fn flush(&self) -> Result<()> {
-        self.0.flush()
-    }
-    fn resize(&self, sectors: u64) -> Result<()> {
-        self.0.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> Result<()> {
-        self.0.discard(sector, count)
-    }
-    fn disconnect(&self) {}
-}
-
 /// Rewrites the snapshot table with its defects fixed: too much extra data cut to 1024 bytes (done while
 /// reading), and version 3 entries given the 16 bytes of extra data they lack (the VM state size and the disk
 /// size, as QEMU fills them). Runs through the engine, once the refcounts are sound, so that the new table is
@@ -250,7 +224,7 @@ pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<
             s
         })
         .collect();
-    let image = crate::Image::open(Borrowed(dev), crate::Config::default())?;
+    let image = crate::Image::open(dev, crate::Config::default())?;
     image.replace_snapshot_table(&fixed, layout.snapshots_size)?;
     image.close()
 }
