@@ -147,6 +147,7 @@ fn formatting_line(file: &str, o: &CreateOptions) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

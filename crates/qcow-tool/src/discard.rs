@@ -37,7 +37,7 @@ pub fn run(args: &Args) -> Result<()> {
         let end = extent.start + extent.length;
         while pos < end {
             let len = (end - pos).min(buf.len() as u64);
-            let chunk = &mut buf[..len.next_multiple_of(512) as usize];
+            let Some(chunk) = buf.get_mut(..len.next_multiple_of(512) as usize) else { break };
             image.read_at(pos, chunk).map_err(fail)?;
             for (i, cluster) in chunk.chunks(cs as usize).enumerate() {
                 if cluster.iter().all(|&b| b == 0) {

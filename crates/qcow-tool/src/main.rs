@@ -4,6 +4,7 @@
 //! and nowhere else: 0 for success (and for a reader of our output that went away), 1 for any error, which is
 //! printed as one line on stderr, and `check`'s own codes (2 corruptions, 3 leaks), as qemu-img's.
 #![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod check;
 mod compact;
