@@ -142,92 +142,46 @@ pub fn check_request(info: &Info, op: &'static str, sector: u64, buf_lens: impl 
     }
 }
 
-impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
-    fn info(&self) -> Info {
-        (**self).info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        (**self).read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
-        (**self).write(sector, bufs)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn resize(&self, sectors: u64) -> Result<()> {
-        (**self).resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> Result<()> {
-        (**self).discard(sector, count)
-    }
-    fn disconnect(&self) {
-        (**self).disconnect()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        (**self).write_at(offset, buf)
-    }
+/// Devices behind a pointer are devices: shared (`Arc`), boxed, or borrowed (an image opened on a device someone
+/// else owns, as a check's repair does). A borrower's `disconnect` only stops using the device: the owner
+/// disconnects it.
+macro_rules! forward_block_device {
+    ($($ptr:ty => $disconnect:expr),* $(,)?) => {$(
+        impl<T: BlockDevice + ?Sized> BlockDevice for $ptr {
+            fn info(&self) -> Info {
+                (**self).info()
+            }
+            fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+                (**self).read(sector, bufs)
+            }
+            fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+                (**self).write(sector, bufs)
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+            fn resize(&self, sectors: u64) -> Result<()> {
+                (**self).resize(sectors)
+            }
+            fn discard(&self, sector: u64, count: u64) -> Result<()> {
+                (**self).discard(sector, count)
+            }
+            fn disconnect(&self) {
+                let disconnect: fn(&T) = $disconnect;
+                disconnect(&**self)
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+                (**self).read_at(offset, buf)
+            }
+            fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+                (**self).write_at(offset, buf)
+            }
+        }
+    )*};
 }
 
-/// A borrowed device is a device: an image can be opened on a device someone else owns (a check's repair does).
-impl<T: BlockDevice + ?Sized> BlockDevice for &T {
-    fn info(&self) -> Info {
-        (**self).info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        (**self).read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
-        (**self).write(sector, bufs)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn resize(&self, sectors: u64) -> Result<()> {
-        (**self).resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> Result<()> {
-        (**self).discard(sector, count)
-    }
-    /// The owner disconnects the device; a borrower only stops using it.
-    fn disconnect(&self) {}
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        (**self).write_at(offset, buf)
-    }
-}
-
-impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
-    fn info(&self) -> Info {
-        (**self).info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        (**self).read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
-        (**self).write(sector, bufs)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn resize(&self, sectors: u64) -> Result<()> {
-        (**self).resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> Result<()> {
-        (**self).discard(sector, count)
-    }
-    fn disconnect(&self) {
-        (**self).disconnect()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        (**self).write_at(offset, buf)
-    }
+forward_block_device! {
+    std::sync::Arc<T> => |d| d.disconnect(),
+    Box<T> => |d| d.disconnect(),
+    &T => |_| {},
 }

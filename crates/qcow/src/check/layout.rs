@@ -1,9 +1,9 @@
 //! What the header says, read for a check: the parsed header, the geometry, the refcount table and the snapshot
 //! list. A header that fails validation refuses the check, as QEMU refuses to open such an image.
 
-use super::walk::be64;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
+use crate::format::be64;
 use crate::format::{
     feature, parse_snapshot_table_for_check, Geometry, Header, Snapshot, SnapshotDefect, SnapshotError,
     MAX_SNAPSHOT_TABLE_BYTES,

@@ -5,10 +5,11 @@
 use super::layout::{read_padded, Layout};
 use super::problem::{Problem, Structure};
 use super::refcounts::{Implied, Stored};
-use super::walk::{be64, ClusterType, COPIED, OFFSET_MASK};
+use super::walk::{ClusterType, COPIED, OFFSET_MASK};
 use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
+use crate::format::be64;
 use crate::format::{feature, RefcountBlock};
 
 /// QEMU's cap on the refcount table.

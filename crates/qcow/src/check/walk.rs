@@ -11,7 +11,7 @@ use super::layout::{read_padded, Layout};
 use super::problem::{Problem, Referrer, Structure};
 use crate::block::BlockDevice;
 use crate::error::Result;
-use crate::format::{feature, parse_bitmap_table, BitmapCluster, BitmapsExtension, Extension};
+use crate::format::{be64, feature, parse_bitmap_table, BitmapCluster, BitmapsExtension, Extension};
 
 /// Bits 9..=55 of L1 and L2 entries: the host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -421,9 +421,4 @@ impl<'a> Walk<'a> {
             }
         }
     }
-}
-
-/// A big-endian u64 from the first 8 bytes (fewer bytes read as if zero-padded on the left).
-pub fn be64(bytes: &[u8]) -> u64 {
-    bytes.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }

@@ -30,3 +30,9 @@ pub use snapshot::{
     parse_snapshot_table, parse_snapshot_table_for_check, serialize_snapshot_table, snapshot_table_size, Snapshot,
     SnapshotDefect, SnapshotError, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
 };
+
+/// A big-endian u64 from the first 8 bytes of `bytes` (fewer bytes read as if zero-padded on the left): how
+/// table entries are decoded wherever a whole table is already in memory.
+pub(crate) fn be64(bytes: &[u8]) -> u64 {
+    bytes.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}

@@ -12,6 +12,7 @@ use super::cache::{MetadataCache, TableKind};
 use super::overlap::{Corruption, OverlapIndex};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
+pub(crate) use crate::format::be64;
 use crate::format::{Geometry, Header, HostOffset, L1Entry, L2Entry, RefcountBlock};
 
 /// Mutable metadata of an open image.
@@ -410,9 +411,4 @@ impl Meta {
     pub fn free_later(&mut self, cluster: u64) {
         self.pending_frees.push(cluster);
     }
-}
-
-/// Reads a big-endian u64 from an 8-byte slice.
-pub fn be64(bytes: &[u8]) -> u64 {
-    bytes.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
