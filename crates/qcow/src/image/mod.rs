@@ -212,7 +212,12 @@ impl<D: BlockDevice> Image<D> {
         let mut m = self.meta();
         m.writeback(&self.dev)?;
         if self.config.runtime_asserts {
-            m.assert_refcounts_exact(&self.dev)?;
+            // The device now holds the whole image, and the lock keeps it so: the checker judges it as
+            // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
+            let report = crate::check::check(&self.dev, crate::check::Repair::None)?;
+            if !report.is_clean() {
+                return Err(runtime_assert_failure(&report, self.geo.cluster_size()));
+            }
         }
         drop(m);
         self.dev.flush()
@@ -247,6 +252,22 @@ impl<D: BlockDevice> Drop for Image<D> {
             let _ = self.shutdown();
         }
     }
+}
+
+/// The error a failed runtime assert reports: the first refcount mismatch, or the first finding.
+fn runtime_assert_failure(report: &crate::check::CheckReport, cluster_size: u64) -> Error {
+    use crate::check::Problem;
+    let first = report.problems.iter().find_map(|p| match *p {
+        Problem::RefcountMismatch { cluster, stored, references } if stored < references => {
+            Some(Error::corrupt("runtime assert: refcount lower than the number of references", cluster * cluster_size))
+        }
+        Problem::RefcountMismatch { cluster, .. } => Some(Error::corrupt(
+            "runtime assert: refcount higher than the number of references",
+            cluster * cluster_size,
+        )),
+        _ => None,
+    });
+    first.unwrap_or_else(|| Error::corrupt("runtime assert: the image does not check clean", 0))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Refcounts recomputed from the metadata: rebuilt for dirty images (lazy refcounts after a crash) and compared
-//! with the stored ones by `check_on_connect`.
+//! Refcounts recomputed from the metadata and written as new refcount structures, for dirty images (lazy
+//! refcounts after a crash). Comparing stored refcounts with the metadata (`check_on_connect`, runtime asserts)
+//! is the checker's job (`crate::check`).
 //!
 //! The count array has one entry per host cluster of the file as it exists, so memory follows the file's real
 //! size; a reference past the end of the file is an error, not an allocation.
@@ -48,25 +49,10 @@ impl Counts {
 }
 
 impl Meta {
-    fn count_references(&mut self, dev: &dyn BlockDevice, include_refcounts: bool) -> Result<Counts> {
+    fn count_references(&mut self, dev: &dyn BlockDevice) -> Result<Counts> {
         let geo = self.geo;
-        let cs = geo.cluster_size();
         let mut counts = Counts { counts: vec![0; self.end_cluster as usize], cluster_bits: geo.cluster_bits };
         counts.add(0, "header outside the file", 0)?;
-        if include_refcounts {
-            let table = self.header.refcount_table_offset;
-            counts.add_range(
-                table,
-                u64::from(self.header.refcount_table_clusters) * cs,
-                "refcount table outside the file",
-            )?;
-            for (i, &entry) in self.reftable.iter().enumerate() {
-                let block = entry & !0x1ff;
-                if block != 0 {
-                    counts.add(block, "refcount block outside the file", table + i as u64 * 8)?;
-                }
-            }
-        }
         counts.add_range(self.header.l1_table_offset, self.l1_size() * 8, "L1 table outside the file")?;
         for l1_index in 0..self.l1_size() {
             let l1_at = self.header.l1_table_offset + l1_index * 8;
@@ -163,7 +149,7 @@ impl Meta {
         self.writeback(dev)?;
         // The refcount structures about to be replaced may be stale: do not judge other metadata by them.
         self.overlap.enabled = false;
-        let counted = self.count_references(dev, false);
+        let counted = self.count_references(dev);
         self.overlap.enabled = true;
         let mut counts = counted?.counts;
         let geo = self.geo;
@@ -222,37 +208,6 @@ impl Meta {
         self.free_hint = 0;
         self.lazy_dirty = false;
         Ok(())
-    }
-
-    /// Clusters whose stored refcount differs from what the metadata implies: (cluster, stored, implied).
-    pub fn refcount_mismatches(&mut self, dev: &dyn BlockDevice) -> Result<Vec<(u64, u64, u64)>> {
-        self.writeback(dev)?;
-        let counts = self.count_references(dev, true)?.counts;
-        let mut bad = Vec::new();
-        for (cluster, &implied) in counts.iter().enumerate() {
-            let stored = self.refcount(dev, cluster as u64)?;
-            if stored != u64::from(implied) {
-                bad.push((cluster as u64, stored, u64::from(implied)));
-            }
-        }
-        Ok(bad)
-    }
-}
-
-impl Meta {
-    /// With `runtime_asserts`: after a writeback every stored refcount must equal what the metadata implies,
-    /// neither lower (a corruption) nor higher (a leak the allocator should not have made).
-    pub fn assert_refcounts_exact(&mut self, dev: &dyn BlockDevice) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        match self.refcount_mismatches(dev)?.first() {
-            None => Ok(()),
-            Some(&(cluster, stored, implied)) if stored < implied => {
-                Err(Error::corrupt("runtime assert: refcount lower than the number of references", cluster * cs))
-            }
-            Some(&(cluster, _, _)) => {
-                Err(Error::corrupt("runtime assert: refcount higher than the number of references", cluster * cs))
-            }
-        }
     }
 }
 
