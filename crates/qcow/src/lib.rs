@@ -29,7 +29,7 @@ mod image;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, Backing, BackingPolicy, BackingResolver, CompactProgress, CompactSummary, Compat, Config,
+    parse_size, Backing, BackingPolicy, BackingResolver, ClusterState, CompactProgress, CompactSummary, Compat, Config,
     CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
-    NoBacking, Preallocation,
+    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions,
 };

@@ -1,6 +1,6 @@
-//! Randomised sequences of writes, discards, flushes, compactions and reopens, checked against a byte model after
-//! every step with `runtime_asserts` on (every flush proves the stored refcounts equal what the metadata
-//! implies). Each sequence ends with QEMU's judgement: `qemu-img check` clean and `qemu-img compare` equal.
+//! Randomised sequences of writes, discards, flushes, erasing of junk, online and offline compactions and reopens,
+//! checked against a byte model after every step with `runtime_asserts` on (every flush proves the stored
+//! refcounts equal what the metadata implies). Each sequence ends with QEMU's judgement: `qemu-img check` clean and `qemu-img compare` equal.
 //!
 //! CI runs 10,000 operations in all; `QCOW_RECLAIM_OPS=N` runs N per layout instead. A failure prints the seed,
 //! the layout and the step.
@@ -77,7 +77,17 @@ fn run_sequence(cluster_size: u64, compat: Compat, extended_l2: bool, seed: u64,
                 verify(&image, &model, at, len, "after a discard");
             }
             80..=89 => image.flush().unwrap(),
-            90..=94 => {
+            90..=91 => {
+                let before = image.device().info().size_bytes();
+                let round = image.compact_online(1 + rng.below(64), &|| false).unwrap();
+                assert!(round.new_size <= before, "online compaction grew the file: {round:?}");
+                verify(&image, &model, 0, size, "after online compaction");
+            }
+            92 => {
+                image.erase_junk(1 + rng.below(256)).unwrap();
+                verify(&image, &model, 0, size, "after erasing junk");
+            }
+            93..=94 => {
                 let before = image.device().info().size_bytes();
                 let summary = image.compact(&mut |_| true).unwrap();
                 assert!(summary.new_size <= before, "compaction grew the file: {summary:?}");

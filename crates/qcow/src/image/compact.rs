@@ -24,7 +24,7 @@ const BATCH: usize = 512;
 /// The one pointer to a movable cluster, by position rather than by address, so that it stays valid when the
 /// table holding it moves too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Referrer {
+pub(super) enum Referrer {
     /// Entry `index` of the L2 table that active L1 entry `l1` points at.
     Data { l1: u64, index: u64 },
     /// Active L1 entry `l1`.
@@ -143,7 +143,11 @@ impl Meta {
         for (&high, _) in movable.iter().rev() {
             while low < high {
                 let has_block = self.reftable.get((low / per_block) as usize).is_some_and(|e| e & !0x1ff != 0);
-                if has_block && self.refcount(dev, low)? == 0 && !movable.contains_key(&low) {
+                if has_block
+                    && self.refcount(dev, low)? == 0
+                    && !movable.contains_key(&low)
+                    && !self.reclaim.is_busy(low)
+                {
                     break;
                 }
                 low += 1;
@@ -158,7 +162,7 @@ impl Meta {
     }
 
     /// Rewrites the pointer to a moved cluster.
-    fn repoint(&mut self, dev: &dyn BlockDevice, referrer: Referrer, to: u64) -> Result<()> {
+    pub(super) fn repoint(&mut self, dev: &dyn BlockDevice, referrer: Referrer, to: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         match referrer {
             Referrer::Data { l1, index } => {

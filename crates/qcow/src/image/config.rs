@@ -12,9 +12,11 @@ pub struct Config {
     pub id: Option<String>,
     /// Whether discard requests are honoured; otherwise they answer Unimplemented and change nothing.
     pub discard: bool,
-    /// Number of pre-zeroed free clusters the reclaimer keeps ready.
+    /// Number of zeroed free clusters the reclaimer keeps ready: each pass erases junk (free clusters that may
+    /// hold old bytes) until this many are erased or available ([`Image::start_reclaimer`](super::Image::start_reclaimer)).
     pub keep_erased: u64,
-    /// Compact automatically once this many sectors have been discarded (0: never).
+    /// The background reclaimer compacts the file online once this many sectors have been discarded since its
+    /// last compaction and no discard came in for a tick (0: never).
     pub compact_after_unmaps: u64,
     /// Check the image's refcounts when it is opened, and refuse a read-write open of an inconsistent one.
     pub check_on_connect: bool,

@@ -53,6 +53,7 @@ impl<D: BlockDevice> BlockDevice for Image<D> {
     }
 
     fn disconnect(&self) {
+        self.stop_reclaimer();
         if !self.disconnected.load(Ordering::Acquire) {
             let _ = self.shutdown();
             self.disconnected.store(true, Ordering::Release);

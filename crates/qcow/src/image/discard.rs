@@ -174,6 +174,7 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         super::metrics::Counters::add(&self.counters.discarded_bytes, end - start);
+        self.note_unflushed();
         let cs = self.geo.cluster_size();
         // Whole clusters inside the range; the virtual disk's last cluster counts as whole up to the disk's end.
         let first_whole = start.div_ceil(cs);
@@ -283,7 +284,7 @@ impl<D: BlockDevice> Image<D> {
                 continue;
             }
             match self.dev.discard(cluster * cs / 512, cs / 512) {
-                Ok(()) => {}
+                Ok(()) => m.reclaim.punched(cluster),
                 // Devices that cannot punch keep the cluster's old bytes; it is free, so nothing reads them.
                 Err(e) if e.kind() == crate::ErrorKind::Unimplemented => {
                     self.counters.punch_unsupported.store(true, Ordering::Relaxed);

@@ -99,6 +99,10 @@ impl Meta {
         let mut plans = Vec::with_capacity((last - first + 1) as usize);
         let mut needs_new = 0;
         for guest_cluster in first..=last {
+            if self.reclaim.moving() {
+                // A copy of this cluster in flight would miss what is written now.
+                self.reclaim.cancel_move(guest_cluster);
+            }
             let guest = GuestOffset(guest_cluster * cs);
             let l2 = self.l2_for_write(dev, geo.l1_index(guest))?;
             let index = geo.l2_index(guest);
@@ -202,7 +206,12 @@ impl<D: BlockDevice> Image<D> {
 
     /// Reads guest data through the current mapping; the caller holds the resize lock.
     pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let extents = self.meta().map(&self.dev, offset, buf.len() as u64)?;
+        let (extents, _reading) = {
+            let mut m = self.meta();
+            let extents = m.map(&self.dev, offset, buf.len() as u64)?;
+            // Registered before the lock is released: no cluster this read maps is reused until it is done.
+            (extents, self.read_grace.enter())
+        };
         let mut rest = buf;
         for extent in extents {
             let (part, tail) = std::mem::take(&mut rest).split_at_mut(extent.len as usize);
@@ -276,6 +285,7 @@ impl<D: BlockDevice> Image<D> {
         let last = (offset + buf.len() as u64 - 1) >> cb;
         let _owned = self.ranges.lock(first, last + 1);
         super::metrics::Counters::add(&self.counters.written_bytes, buf.len() as u64);
+        self.note_unflushed();
         if self.geo.extended_l2 {
             return self.write_subclusters(offset, buf);
         }

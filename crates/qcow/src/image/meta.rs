@@ -47,6 +47,10 @@ pub struct Meta {
     pub corruption: Arc<Corruption>,
     /// Whether the image may be written (the corrupt bit is set on disk only then).
     pub writable: bool,
+    /// The reclaimer's view of free and moving clusters.
+    pub reclaim: super::reclaim::ClusterStates,
+    /// Reads in flight: deferred decrements wait for the ones that may read what they free.
+    pub read_grace: Arc<super::reclaim::ReadGrace>,
 }
 
 fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
@@ -231,6 +235,9 @@ impl Meta {
         if !ok {
             return Err(Error::corrupt("refcount index outside its block", block));
         }
+        if value > 0 {
+            self.reclaim.taken(cluster);
+        }
         Ok(())
     }
 
@@ -242,6 +249,7 @@ impl Meta {
             .ok_or_else(|| Error::corrupt("refcount would drop below zero", cluster << self.geo.cluster_bits))?;
         self.set_refcount(dev, cluster, new)?;
         if new == 0 {
+            self.reclaim.freed(cluster);
             self.free_hint = self.free_hint.min(cluster);
             // A stale cached copy of a freed table must not pass for the cluster's next use.
             self.cache.remove(cluster << self.geo.cluster_bits);
@@ -302,6 +310,15 @@ impl Meta {
         if n >= rbe / 2 {
             return self.alloc_at_end(dev, n);
         }
+        if n == 1 {
+            // Clusters the reclaimer has zeroed and flushed go first.
+            while let Some(c) = self.reclaim.take_available() {
+                if c < self.end_cluster && self.refblock_offset(c / rbe)?.is_some() && self.refcount(dev, c)? == 0 {
+                    self.set_refcount(dev, c, 1)?;
+                    return Ok(c);
+                }
+            }
+        }
         loop {
             let start = self.free_hint;
             let mut first_free = None;
@@ -309,7 +326,7 @@ impl Meta {
             let mut run = 0;
             let mut c = start;
             while run < n {
-                if self.refcount(dev, c)? == 0 {
+                if self.refcount(dev, c)? == 0 && !self.reclaim.is_busy(c) {
                     first_free.get_or_insert(c);
                     if run == 0 {
                         run_start = c;

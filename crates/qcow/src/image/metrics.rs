@@ -18,6 +18,10 @@ pub struct Counters {
     pub erased_sectors: AtomicU64,
     /// Sectors whose clusters discards unmapped.
     pub unmapped_sectors: AtomicU64,
+    /// Bytes of clusters online compaction moved and relinked.
+    pub moved_bytes: AtomicU64,
+    /// Data moves cancelled because a client wrote the cluster while it was copied.
+    pub cancelled_moves: AtomicU64,
     /// The device answered a hole punch with `Unimplemented`: freed clusters keep their old bytes.
     pub punch_unsupported: AtomicBool,
 }
@@ -41,20 +45,25 @@ pub struct Metrics {
     pub used_bytes: u64,
     /// Length of the image file.
     pub file_bytes: u64,
-    /// Free clusters inside the file that still hold old bytes (the device cannot punch holes).
+    /// Free clusters inside the file not known to read as zeros: discarded where the device cannot punch holes,
+    /// or freed before the image was opened.
     pub junk_bytes: u64,
-    /// Free clusters zeroed but not yet flushed. Freed clusters are punched at once, under the metadata lock,
-    /// so this stays 0 until a background reclaimer erases clusters itself.
+    /// Free clusters punched or zeroed (or being zeroed by the reclaimer) whose zeros are not yet flushed.
     pub erased_bytes: u64,
-    /// Free clusters inside the file that read as zeros (punched): what allocation reuses first.
+    /// Free clusters zeroed and flushed: what allocation of single clusters takes first.
     pub available_bytes: u64,
-    /// Clusters being moved by a compaction in progress.
+    /// Data clusters being moved by online compaction right now.
     pub moving_bytes: u64,
+    /// Bytes of clusters online compaction has moved since open.
+    pub moved_bytes: u64,
+    /// Data moves cancelled by client writes since open.
+    pub cancelled_moves: u64,
 }
 
 impl<D: BlockDevice> Image<D> {
-    /// The image's counters and gauges. The gauges come from the refcounts of every cluster in the file, read
-    /// under the metadata lock: a cost in proportion to the file, paid per call.
+    /// The image's counters and gauges. Used and free space come from the refcounts of every cluster in the
+    /// file, read under the metadata lock (a cost in proportion to the file, paid per call); the states of free
+    /// clusters from the reclaimer's bookkeeping.
     ///
     /// # Errors
     /// `Corrupt` or `Io` while reading refcounts, `Disconnected`.
@@ -64,7 +73,7 @@ impl<D: BlockDevice> Image<D> {
         let cs = self.geo.cluster_size();
         let file_bytes = self.dev.info().size_bytes();
         let (mut used, mut free) = (0u64, 0u64);
-        {
+        let (erasing, erased, available, moving) = {
             let mut m = self.meta();
             for cluster in 0..file_bytes / cs {
                 if m.refcount(&self.dev, cluster)? == 0 {
@@ -73,18 +82,36 @@ impl<D: BlockDevice> Image<D> {
                     used += 1;
                 }
             }
-        }
-        let unpunched = c.punch_unsupported.load(Ordering::Relaxed);
+            m.reclaim.counts()
+        };
+        let zeroed = (erasing + erased + available).min(free);
         Ok(Metrics {
             read_bytes: c.read_bytes.load(Ordering::Relaxed),
             written_bytes: c.written_bytes.load(Ordering::Relaxed),
             discarded_bytes: c.discarded_bytes.load(Ordering::Relaxed),
             used_bytes: used * cs,
             file_bytes,
-            junk_bytes: if unpunched { free * cs } else { 0 },
-            erased_bytes: 0,
-            available_bytes: if unpunched { 0 } else { free * cs },
-            moving_bytes: 0,
+            junk_bytes: (free - zeroed) * cs,
+            erased_bytes: (erasing + erased).min(free) * cs,
+            available_bytes: available.min(free) * cs,
+            moving_bytes: moving * cs,
+            moved_bytes: c.moved_bytes.load(Ordering::Relaxed),
+            cancelled_moves: c.cancelled_moves.load(Ordering::Relaxed),
+        })
+    }
+
+    /// What the reclaimer knows about host cluster `cluster`.
+    ///
+    /// # Errors
+    /// `Corrupt` or `Io` while reading its refcount, `Disconnected`.
+    pub fn cluster_state(&self, cluster: u64) -> Result<super::ClusterState> {
+        self.check_connected()?;
+        let mut m = self.meta();
+        let recorded = m.reclaim.recorded(cluster);
+        Ok(match (m.refcount(&self.dev, cluster)?, recorded) {
+            (_, Some(state)) => state,
+            (0, None) => super::ClusterState::Junk,
+            _ => super::ClusterState::Allocated,
         })
     }
 
@@ -96,16 +123,18 @@ impl<D: BlockDevice> Image<D> {
         let m = self.metrics()?;
         let id =
             self.config.id.as_deref().unwrap_or("").replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-        let rows: [(&str, &str, &str, u64); 9] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             ("qcow_read_bytes_total", "counter", "Guest bytes read.", m.read_bytes),
             ("qcow_written_bytes_total", "counter", "Guest bytes written.", m.written_bytes),
             ("qcow_discarded_bytes_total", "counter", "Guest bytes discarded.", m.discarded_bytes),
             ("qcow_used_bytes", "gauge", "Bytes of host clusters in use.", m.used_bytes),
             ("qcow_file_bytes", "gauge", "Length of the image file.", m.file_bytes),
-            ("qcow_junk_bytes", "gauge", "Free clusters in the file still holding old data.", m.junk_bytes),
+            ("qcow_junk_bytes", "gauge", "Free clusters in the file not known to read as zeros.", m.junk_bytes),
             ("qcow_erased_bytes", "gauge", "Free clusters zeroed but not yet flushed.", m.erased_bytes),
-            ("qcow_available_bytes", "gauge", "Free clusters in the file that read as zeros.", m.available_bytes),
-            ("qcow_moving_bytes", "gauge", "Clusters being moved by compaction.", m.moving_bytes),
+            ("qcow_available_bytes", "gauge", "Free clusters zeroed and flushed.", m.available_bytes),
+            ("qcow_moving_bytes", "gauge", "Clusters being moved by online compaction.", m.moving_bytes),
+            ("qcow_moved_bytes_total", "counter", "Bytes of clusters moved by online compaction.", m.moved_bytes),
+            ("qcow_cancelled_moves_total", "counter", "Moves cancelled by client writes.", m.cancelled_moves),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {

@@ -38,6 +38,7 @@ mod options;
 mod overlap;
 mod ranges;
 mod rebuild;
+mod reclaim;
 mod resize;
 mod seek;
 mod snapshot;
@@ -51,6 +52,7 @@ pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
 pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
+pub use reclaim::{ClusterState, OnlineCompaction, ReclaimPass, ReclaimerOptions};
 pub use seek::{MappedExtent, MappedKind};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,6 +86,18 @@ pub struct Image<D: BlockDevice> {
     compression: CompressionType,
     data_file: Option<Box<dyn BlockDevice>>,
     counters: metrics::Counters,
+    /// Reads in flight, so that moved clusters are reused only after the reads that may see them.
+    read_grace: Arc<reclaim::ReadGrace>,
+    /// The background reclaimer, while it runs.
+    reclaimer: Mutex<Option<reclaim::WorkerSlot>>,
+    /// Why the background reclaimer stopped on its own.
+    reclaimer_error: Mutex<Option<String>>,
+    /// What the reclaimer remembers between passes.
+    reclaim_memo: Mutex<reclaim::ReclaimMemo>,
+    /// When the oldest change not yet flushed was made ([`Image::clock_ms`]), or 0.
+    unflushed_since: AtomicU64,
+    /// When the image was opened.
+    opened: std::time::Instant,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -210,7 +224,12 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         let mut m = self.meta();
-        m.writeback(&self.dev)?;
+        self.unflushed_since.store(0, Ordering::Release);
+        let generation = m.reclaim.begin_flush();
+        if let Err(e) = m.writeback(&self.dev) {
+            self.note_unflushed();
+            return Err(e);
+        }
         if self.config.runtime_asserts {
             // The device now holds the whole image, and the lock keeps it so: the checker judges it as
             // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
@@ -220,7 +239,13 @@ impl<D: BlockDevice> Image<D> {
             }
         }
         drop(m);
-        self.dev.flush()
+        if let Err(e) = self.dev.flush() {
+            self.note_unflushed();
+            return Err(e);
+        }
+        // Clusters erased before this flush began are durably zero now.
+        self.meta().reclaim.flushed(generation);
+        Ok(())
     }
 
     /// Writes everything back, marks a lazy-refcount image clean, and releases the device.
@@ -228,6 +253,7 @@ impl<D: BlockDevice> Image<D> {
     /// # Errors
     /// As [`flush`](Self::flush); the device is released either way.
     pub fn close(self) -> Result<()> {
+        self.stop_reclaimer();
         let result = self.shutdown();
         self.disconnected.store(true, Ordering::Release);
         self.dev.disconnect();
@@ -248,6 +274,7 @@ impl<D: BlockDevice> Image<D> {
 
 impl<D: BlockDevice> Drop for Image<D> {
     fn drop(&mut self) {
+        self.stop_reclaimer();
         if !self.disconnected.load(Ordering::Acquire) {
             let _ = self.shutdown();
         }

@@ -95,10 +95,13 @@ impl<D: BlockDevice> Image<D> {
         let compression = header.compression_type;
         let dirty = header.incompatible_features & feature::DIRTY != 0;
         let corruption = Arc::new(Corruption::default());
+        let read_grace = Arc::new(super::reclaim::ReadGrace::default());
         let meta = Meta {
             overlap: OverlapIndex::new(&header),
             corruption: Arc::clone(&corruption),
             writable: !read_only,
+            reclaim: Default::default(),
+            read_grace: Arc::clone(&read_grace),
             header,
             geo,
             reftable,
@@ -128,6 +131,12 @@ impl<D: BlockDevice> Image<D> {
             compression,
             data_file,
             counters: Default::default(),
+            read_grace,
+            reclaimer: Mutex::new(None),
+            reclaimer_error: Mutex::new(None),
+            reclaim_memo: Default::default(),
+            unflushed_since: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

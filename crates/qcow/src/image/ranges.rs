@@ -28,6 +28,16 @@ impl RangeLocks {
         held.push((start, end));
         RangeGuard { locks: self, range: (start, end) }
     }
+
+    /// Takes `start..end` if no writer holds any of it, without waiting.
+    pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return None;
+        }
+        held.push((start, end));
+        Some(RangeGuard { locks: self, range: (start, end) })
+    }
 }
 
 impl Drop for RangeGuard<'_> {
@@ -70,5 +80,7 @@ mod tests {
         }
         let _a = locks.lock(0, 1);
         let _b = locks.lock(1, 2);
+        assert!(locks.try_lock(1, 3).is_none(), "a held cluster is not taken");
+        assert!(locks.try_lock(2, 3).is_some());
     }
 }

@@ -113,11 +113,13 @@ impl Meta {
     /// Truncates the device after the last cluster with a nonzero refcount.
     pub(super) fn trim_file(&mut self, dev: &dyn BlockDevice) -> Result<()> {
         let mut end = self.end_cluster;
-        while end > 1 && self.refcount(dev, end - 1)? == 0 {
+        // A cluster the reclaimer is erasing is written without the lock: the file must keep it.
+        while end > 1 && self.refcount(dev, end - 1)? == 0 && !self.reclaim.is_busy(end - 1) {
             end -= 1;
         }
         if end < self.end_cluster {
             self.end_cluster = end;
+            self.reclaim.truncated(end);
             self.free_hint = self.free_hint.min(end);
             dev.resize((end << self.geo.cluster_bits) / 512)?;
         }

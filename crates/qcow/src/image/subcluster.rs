@@ -82,6 +82,10 @@ impl<D: BlockDevice> Image<D> {
         m.corruption.check()?;
         m.mark_dirty(&self.dev)?;
         let guest = GuestOffset(cluster_start);
+        if m.reclaim.moving() {
+            // A copy of this cluster in flight would miss what is written now.
+            m.reclaim.cancel_move(cluster_start / cs);
+        }
         let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
         let index = self.geo.l2_index(guest);
         let at = l2.0 + index * self.geo.l2_entry_size();

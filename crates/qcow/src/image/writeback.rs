@@ -95,8 +95,10 @@ impl Meta {
             wrote = true;
         }
         if !self.pending_frees.is_empty() {
-            // The decrements below must not reach the disk before the references they drop are gone.
+            // The decrements below must not reach the disk before the references they drop are gone, and the
+            // clusters they free must not be handed out while a read that mapped them before is still reading.
             dev.flush()?;
+            self.read_grace.wait_for_readers();
             for cluster in std::mem::take(&mut self.pending_frees) {
                 self.adjust_refcount(dev, cluster, -1)?;
             }
