@@ -101,6 +101,62 @@ fn discarding_everything_and_compacting_leaves_a_file_no_larger_than_a_fresh_one
 }
 
 /// Random writes and discards, then compaction; repeated, with reopening, against a byte model.
+/// Tables the header names move down too: an L1 table moved to the end by growing the disk, and a refcount table
+/// moved to the end by growing the file (512-byte clusters with 64-bit refcounts need a new table every 2 MiB).
+#[test]
+fn the_l1_and_refcount_tables_move_down_into_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    for (opts, size, grown, data) in
+        [("", "1G", 8u64 << 40, 4u64 << 20), ("cluster_size=512,refcount_bits=64", "64M", 64 << 20, 8 << 20)]
+    {
+        let _why = support::OnFailure(format!("{opts}"));
+        let path = dir.path().join("tables.qcow2");
+        qemu_create(&path, opts, size);
+        qemu_io(&path, &[&format!("write -P 0x3c 0 {data}")]);
+        let image = open(&path);
+        image.resize(grown, false).unwrap();
+        image.write_at(data, &vec![0x3d; 65536]).unwrap();
+        image.flush().unwrap();
+        let before = image.header();
+        image.discard(0, data / 512).unwrap();
+        let summary = image.compact(&mut no_progress()).unwrap();
+        let after = image.header();
+        image.close().unwrap();
+        assert!(summary.tables_moved >= 1, "{summary:?}");
+        assert!(
+            after.l1_table_offset < before.l1_table_offset
+                || after.refcount_table_offset < before.refcount_table_offset,
+            "a table moved down: {before:?} -> {after:?}"
+        );
+        let fresh = dir.path().join("fresh.qcow2");
+        qemu_create(&fresh, opts, &grown.to_string());
+        qemu_io(&fresh, &[&format!("write -P 0x3d {data} 65536")]);
+        assert!(
+            file_len(&path) <= file_len(&fresh) + 65536,
+            "compacted {} bytes, a fresh image with the same data {}",
+            file_len(&path),
+            file_len(&fresh)
+        );
+        assert_clean(&path);
+        if grown <= 64 << 20 {
+            let mut model = vec![0u8; grown as usize];
+            model[data as usize..data as usize + 65536].fill(0x3d);
+            assert_matches_model(&path, &model);
+        } else {
+            // 8 TiB of model is too much: QEMU reads the written piece and the zeros around it instead.
+            let out = run_ok(
+                qemu("qemu-io")
+                    .args(["-f", "qcow2", "-c"])
+                    .arg(format!("read -P 0x3d {data} 65536"))
+                    .args(["-c", &format!("read -P 0 0 {data}"), "-c", &format!("read -P 0 {} 1M", data + 65536)])
+                    .arg(&path),
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains("Pattern verification failed"), "{text}");
+        }
+    }
+}
+
 #[test]
 fn random_workloads_compact_to_the_same_contents() {
     let dir = tempfile::tempdir().unwrap();

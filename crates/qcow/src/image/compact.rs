@@ -2,8 +2,9 @@
 //!
 //! Movable are the clusters with exactly one referrer this code knows how to rewrite: data clusters and
 //! preallocated zero clusters of the active L1 tree with refcount 1, L2 tables with refcount 1 reached from the
-//! active L1 table, and refcount blocks. Everything else (the header, L1 and refcount tables, snapshot tables and
-//! trees, compressed clusters, bitmaps, anything shared) stays where it is. Refcount blocks that describe nothing
+//! active L1 table, and refcount blocks. The L1 table and the refcount table move first, each into the lowest run
+//! of free clusters below it that fits it whole. Everything else (the header, snapshot tables and trees,
+//! compressed clusters, bitmaps, anything shared) stays where it is. Refcount blocks that describe nothing
 //! but free clusters (and themselves) are dropped instead of moved.
 //!
 //! Each batch of moves keeps the durability rules: the destinations' refcounts are durable first, then the
@@ -12,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use super::meta::Meta;
+use super::meta::{write_meta, Meta};
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -51,6 +52,8 @@ pub struct CompactSummary {
     pub references_updated: u64,
     /// Empty refcount blocks dropped.
     pub refcount_blocks_dropped: u64,
+    /// Tables the header names (the L1 table, the refcount table) moved lower.
+    pub tables_moved: u64,
     /// File length before, in bytes.
     pub old_size: u64,
     /// File length after, in bytes.
@@ -134,15 +137,106 @@ impl Meta {
         Ok(dropped)
     }
 
-    /// Pairs the highest movable clusters with the lowest free clusters below them whose refcount block exists
-    /// (so that taking them never creates a block).
+    /// The lowest run of `n` free clusters that ends at or below `limit`, each with an existing refcount block.
+    fn lowest_free_run(&mut self, dev: &dyn BlockDevice, n: u64, limit: u64) -> Result<Option<u64>> {
+        let per_block = self.geo.refcount_block_entries();
+        let (mut start, mut c) = (1, 1);
+        while c < limit {
+            if start + n > limit {
+                return Ok(None);
+            }
+            let has_block = self.reftable.get((c / per_block) as usize).is_some_and(|e| e & !0x1ff != 0);
+            if has_block && self.refcount(dev, c)? == 0 && !self.reclaim.is_busy(c) {
+                if c + 1 - start == n {
+                    return Ok(Some(start));
+                }
+            } else {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        Ok(None)
+    }
+
+    /// Moves a table the header points at (the L1 or the refcount table: `bytes`, `clusters` long, now at
+    /// cluster `at`) into the lowest free run below it, as growing moves it: the new clusters' refcounts are
+    /// durable, then the copy, then the header names it, then the old clusters are freed. Returns the new
+    /// cluster, or `None` when no run below it is free.
+    fn lower_table(&mut self, dev: &dyn BlockDevice, bytes: &[u8], at: u64, clusters: u64) -> Result<Option<u64>> {
+        let Some(start) = self.lowest_free_run(dev, clusters, at)? else { return Ok(None) };
+        for cluster in start..start + clusters {
+            self.set_refcount(dev, cluster, 1)?;
+        }
+        self.writeback(dev)?;
+        write_meta(dev, start * self.geo.cluster_size(), bytes)?;
+        dev.flush()?;
+        Ok(Some(start))
+    }
+
+    /// Moves the L1 table and the refcount table down into free runs below them, where there are any.
+    /// Returns how many tables moved.
+    fn lower_tables(&mut self, dev: &dyn BlockDevice) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let mut moved = 0;
+        let l1_clusters = self.geo.clusters_for(self.l1_size() * 8);
+        if l1_clusters > 0 {
+            let mut bytes = vec![0u8; (l1_clusters * cs) as usize];
+            for (index, slot) in (0..self.l1_size()).zip(bytes.chunks_exact_mut(8)) {
+                slot.copy_from_slice(&self.l1_entry(dev, index)?.0.to_be_bytes());
+            }
+            let old = self.header.l1_table_offset;
+            if let Some(start) = self.lower_table(dev, &bytes, old / cs, l1_clusters)? {
+                for c in 0..l1_clusters {
+                    self.cache.remove(old + c * cs);
+                }
+                self.header.l1_table_offset = start * cs;
+                self.write_header(dev)?;
+                dev.flush()?;
+                (0..l1_clusters).for_each(|c| self.free_later(old / cs + c));
+                moved += 1;
+            }
+        }
+        let rt_clusters = u64::from(self.header.refcount_table_clusters);
+        let old = self.header.refcount_table_offset;
+        let bytes = |table: &[u64]| -> Vec<u8> {
+            let mut b: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            b.resize((rt_clusters * cs) as usize, 0);
+            b
+        };
+        // The table's bytes are taken after the run's refcounts are set, which may create nothing (the run's
+        // blocks exist) but may change what a block holds, never the table itself.
+        let table = bytes(&self.reftable);
+        if let Some(start) = self.lower_table(dev, &table, old / cs, rt_clusters)? {
+            if bytes(&self.reftable) != table {
+                return Err(Error::corrupt("refcount table changed while it was moved", old));
+            }
+            self.header.refcount_table_offset = start * cs;
+            self.reftable_dirty.clear();
+            self.overlap.reftable_replaced();
+            self.write_header(dev)?;
+            dev.flush()?;
+            (0..rt_clusters).for_each(|c| self.free_later(old / cs + c));
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    /// Pairs the highest movable clusters with the lowest free clusters below them, creating the refcount blocks
+    /// of free ranges that have none (inside the current table, so the table never grows).
     fn plan_moves(&mut self, dev: &dyn BlockDevice, movable: &BTreeMap<u64, Referrer>) -> Result<Vec<(u64, u64)>> {
         let per_block = self.geo.refcount_block_entries();
         let mut moves = Vec::new();
         let mut low = 1;
         for (&high, _) in movable.iter().rev() {
             while low < high {
-                let has_block = self.reftable.get((low / per_block) as usize).is_some_and(|e| e & !0x1ff != 0);
+                let block = low / per_block;
+                let has_block = self.reftable.get(block as usize).is_some_and(|e| e & !0x1ff != 0);
+                if !has_block && block < self.reftable.len() as u64 && !self.reclaim.is_busy(block * per_block) {
+                    // Free space no block describes (dropped, or never needed): a block on its first cluster
+                    // makes the rest of it a destination. Unused, it is dropped again at the end.
+                    self.create_refblock(dev, block)?;
+                    continue;
+                }
                 if has_block
                     && self.refcount(dev, low)? == 0
                     && !movable.contains_key(&low)
@@ -218,6 +312,9 @@ impl<D: BlockDevice> Image<D> {
         m.mark_dirty(&self.dev)?;
         m.writeback(&self.dev)?;
         summary.refcount_blocks_dropped = m.drop_empty_refblocks(&self.dev)?;
+        m.writeback(&self.dev)?;
+        // The tables the header names take the lowest runs that fit them, before data fills the holes.
+        summary.tables_moved = m.lower_tables(&self.dev)?;
         m.writeback(&self.dev)?;
         let movable = m.movable_clusters(&self.dev)?;
         let moves = m.plan_moves(&self.dev, &movable)?;

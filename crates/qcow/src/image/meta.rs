@@ -263,7 +263,7 @@ impl Meta {
 
     /// Creates the refcount block for block index `block`, placed at the first cluster it describes, which is
     /// free because no block describes it yet. Returns the block's offset.
-    fn create_refblock(&mut self, dev: &dyn BlockDevice, block: u64) -> Result<u64> {
+    pub(super) fn create_refblock(&mut self, dev: &dyn BlockDevice, block: u64) -> Result<u64> {
         let rbe = self.geo.refcount_block_entries();
         if block >= self.reftable.len() as u64 {
             self.grow_reftable(dev, block + 1)?;
