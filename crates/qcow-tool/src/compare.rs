@@ -73,24 +73,29 @@ fn compare(args: &Args) -> Result<(String, Verdict)> {
     let a = Disk::open(&args.file1, args.format1)?;
     let b = Disk::open(&args.file2, args.format2)?;
     let (size_a, size_b) = (a.size(), b.size());
-    let mut warnings = String::new();
-    if size_a != size_b {
-        if args.strict {
-            return Ok((warnings, Verdict::Different("Strict mode: Image size mismatch!".into())));
-        }
-        warnings.push_str("Warning: Image size mismatch!\n");
+    if size_a != size_b && args.strict {
+        return Ok((String::new(), Verdict::Different("Strict mode: Image size mismatch!".into())));
     }
     let common = size_a.min(size_b);
+    let content = first_difference(&a, &b, common, &args.file1, &args.file2)?;
     if args.strict {
-        if let Some(offset) = status_mismatch(&args.file1, args.format1, &args.file2, args.format2, common)? {
-            return Ok((warnings, Verdict::Different(format!("Strict mode: Offset {offset} block status mismatch!"))));
+        // qemu-img compares each range's status before its content: a status mismatch at or before the first
+        // differing sector is the one it reports.
+        let status = status_mismatch(&args.file1, args.format1, &args.file2, args.format2, common)?;
+        if let Some(offset) = status.filter(|&s| content.is_none_or(|c| s <= c)) {
+            return Ok((String::new(), Verdict::Different(format!("Strict mode: Offset {offset} block status mismatch!"))));
         }
     }
+    if let Some(offset) = content {
+        return Ok((String::new(), Verdict::Different(format!("Content mismatch at offset {offset}!"))));
+    }
+    let mut warnings = String::new();
+    if size_a != size_b {
+        // Only reached once the common part matched, as qemu-img warns.
+        warnings.push_str("Warning: Image size mismatch!\n");
+    }
     let (longer, longer_name) = if size_a > size_b { (&a, &args.file1) } else { (&b, &args.file2) };
-    let found = match first_difference(&a, &b, common, &args.file1, &args.file2)? {
-        Some(offset) => Some(offset),
-        None => first_nonzero(longer, common, size_a.max(size_b), longer_name)?,
-    };
+    let found = first_nonzero(longer, common, size_a.max(size_b), longer_name)?;
     Ok((
         warnings,
         match found {
