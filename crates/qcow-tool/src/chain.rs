@@ -205,7 +205,8 @@ impl Chain {
             Body::Raw(dev) => {
                 // A raw file is allocated everywhere: data where the file system has data, zeros in its holes.
                 let mut pos = start;
-                let ranges = dev.data_ranges(start, end - start).map_err(|e| open::io_error(Path::new(&layer.name), e))?;
+                let ranges =
+                    dev.data_ranges(start, end - start).map_err(|e| open::io_error(Path::new(&layer.name), e))?;
                 for (at, len) in ranges {
                     let (at, stop) = (at.max(pos), at.saturating_add(len).min(end));
                     if at >= stop {

@@ -83,7 +83,10 @@ fn compare(args: &Args) -> Result<(String, Verdict)> {
         // differing sector is the one it reports.
         let status = status_mismatch(&args.file1, args.format1, &args.file2, args.format2, common)?;
         if let Some(offset) = status.filter(|&s| content.is_none_or(|c| s <= c)) {
-            return Ok((String::new(), Verdict::Different(format!("Strict mode: Offset {offset} block status mismatch!"))));
+            return Ok((
+                String::new(),
+                Verdict::Different(format!("Strict mode: Offset {offset} block status mismatch!")),
+            ));
         }
     }
     if let Some(offset) = content {

@@ -110,7 +110,12 @@ fn write_files(
     let mut done = 0;
     for &(offset, len) in runs {
         copy_range(image, offset, len, &mut out, &mut buf).context(|| {
-            format!("could not copy bytes {offset}..{} of '{}' to '{}'", offset + len, path.display(), meta_path.display())
+            format!(
+                "could not copy bytes {offset}..{} of '{}' to '{}'",
+                offset + len,
+                path.display(),
+                meta_path.display()
+            )
         })?;
         done += len;
         progress.set(done, total);

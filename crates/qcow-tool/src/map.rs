@@ -76,13 +76,7 @@ fn human(chain: &Chain, entries: &[Status]) -> (String, bool) {
     let mut out = format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
     for e in entries.iter().filter(|e| e.data) {
         let Some(offset) = e.offset else { return (out, true) };
-        out.push_str(&format!(
-            "{:<16}{:<16}{:<16}{}\n",
-            hex(e.start),
-            hex(e.length),
-            hex(offset),
-            chain.name(e.depth)
-        ));
+        out.push_str(&format!("{:<16}{:<16}{:<16}{}\n", hex(e.start), hex(e.length), hex(offset), chain.name(e.depth)));
     }
     (out, false)
 }

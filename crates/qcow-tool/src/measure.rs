@@ -70,7 +70,9 @@ fn target(lists: &[String]) -> Result<Target> {
     let mut full = false;
     for list in lists {
         for item in list.split(',').filter(|s| !s.is_empty()) {
-            let (key, value) = item.split_once('=').ok_or_else(|| Error::msg(format!("invalid -o option '{item}': expected key=value")))?;
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| Error::msg(format!("invalid -o option '{item}': expected key=value")))?;
             match (key.trim(), value.trim()) {
                 ("preallocation", "full" | "falloc") => full = true,
                 ("encrypt.format" | "encryption", _) => {
@@ -153,7 +155,8 @@ fn bitmaps_size(chain: &Chain, cs: u64) -> Result<u64> {
     if image.header().autoclear_features & qcow::format::feature::BITMAPS == 0 {
         return Ok(0);
     }
-    let bitmaps = image.bitmaps().map_err(|e| Error::wrap(format!("could not read the bitmaps of '{}'", chain.name(0)), e))?;
+    let bitmaps =
+        image.bitmaps().map_err(|e| Error::wrap(format!("could not read the bitmaps of '{}'", chain.name(0)), e))?;
     let (mut total, mut directory) = (0u64, 0u64);
     for b in bitmaps {
         let bits = image.virtual_size().div_ceil(b.granularity().max(1));

@@ -53,8 +53,7 @@ fn read_map(text: &str, name: &str) -> Result<(u64, Vec<(u64, u64)>)> {
 
 pub fn run(args: &Args) -> Result<()> {
     let (meta_path, map_path) = paths(&args.prefix);
-    let text =
-        std::fs::read_to_string(&map_path).context(|| format!("could not read '{}'", map_path.display()))?;
+    let text = std::fs::read_to_string(&map_path).context(|| format!("could not read '{}'", map_path.display()))?;
     let (file_len, runs) = read_map(&text, &map_path.display().to_string())?;
     let mut meta = File::open(&meta_path).context(|| format!("could not open '{}'", meta_path.display()))?;
     let meta_len = meta.metadata().context(|| format!("could not read '{}'", meta_path.display()))?.len();
