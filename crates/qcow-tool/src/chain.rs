@@ -248,3 +248,17 @@ impl Chain {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_backing_names_combine_like_qemu() {
+        assert_eq!(backing_name("ov.qcow2", "base.raw"), "base.raw");
+        assert_eq!(backing_name("q/ov.qcow2", "base.raw"), "q/base.raw");
+        assert_eq!(backing_name("./q/../q/ov.qcow2", "b/base.raw"), "./q/../q/b/base.raw");
+        assert_eq!(backing_name("q/ov.qcow2", "/abs/base.raw"), "/abs/base.raw");
+    }
+}

@@ -23,6 +23,7 @@ mod info;
 mod map;
 mod mapped;
 mod measure;
+mod metered;
 mod open;
 mod pattern;
 mod progress;

@@ -100,7 +100,7 @@ fn target(lists: &[String]) -> Result<Target> {
 /// Bytes of refcount table and blocks needed to count `clusters` clusters and themselves.
 fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
     let per_table_cluster = cluster_size / 8;
-    let per_block = cluster_size * 8 >> refcount_order;
+    let per_block = (cluster_size * 8) >> refcount_order;
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;
@@ -168,6 +168,10 @@ fn bitmaps_size(chain: &Chain, cs: u64) -> Result<u64> {
     Ok(total + directory.next_multiple_of(cs))
 }
 
+fn too_large() -> Error {
+    Error::msg("the image size is too large (try using a larger cluster size)")
+}
+
 fn measure(args: &Args) -> Result<Measurement> {
     let chain = match (&args.file, &args.size) {
         (Some(_), Some(_)) => return Err(Error::msg("--size N cannot be used together with a filename")),
@@ -184,16 +188,19 @@ fn measure(args: &Args) -> Result<Measurement> {
         if let Some(list) = args.options.first() {
             return Err(Error::msg(format!("raw output takes no -o options (got '{list}')")));
         }
-        let required = if chain.is_some() { input_size } else { input_size.next_multiple_of(512) };
+        let required = match chain {
+            Some(_) => input_size,
+            None => input_size.checked_next_multiple_of(512).ok_or_else(too_large)?,
+        };
         return Ok(Measurement { required, fully_allocated: required, bitmaps: None });
     }
     let t = target(&args.options)?;
     let cs = t.cluster_size;
-    let virtual_size = input_size.next_multiple_of(cs);
+    let virtual_size = input_size.checked_next_multiple_of(cs).ok_or_else(too_large)?;
     let entry = if t.extended_l2 { 16 } else { 8 };
     let l2_tables = (virtual_size / cs).div_ceil(cs / entry);
     if l2_tables * entry > MAX_L1_BYTES {
-        return Err(Error::msg("the image size is too large (try using a larger cluster size)"));
+        return Err(too_large());
     }
     let mut required = match &chain {
         Some(_) if t.backing => virtual_size,

@@ -116,7 +116,7 @@ fn virtual_size(path: &Path) -> u64 {
     v["virtual-size"].as_u64().expect("virtual-size")
 }
 
-fn sha256_of(bytes: &[u8], dir: &Dir, program: &str) -> String {
+fn digest_of(bytes: &[u8], dir: &Dir, program: &str) -> String {
     let path = dir.path("digest-input.raw");
     std::fs::write(&path, bytes).unwrap();
     let out = stdout(Command::new(program).arg(&path));
@@ -356,28 +356,53 @@ fn sha_equals_the_digest_of_qemu_img_convert_output() {
     for path in [&img, &over] {
         let raw = qemu_raw(path, &dir);
         let ours = stdout(tool().arg("sha").arg(path));
-        assert_eq!(ours.trim(), sha256_of(&raw, &dir, "sha256sum"), "{}", path.display());
+        assert_eq!(ours.trim(), digest_of(&raw, &dir, "sha256sum"), "{}", path.display());
         let ours = stdout(tool().args(["sha", "--algorithm", "sha1"]).arg(path));
-        assert_eq!(ours.trim(), sha256_of(&raw, &dir, "sha1sum"), "{}", path.display());
+        assert_eq!(ours.trim(), digest_of(&raw, &dir, "sha1sum"), "{}", path.display());
     }
     // A raw file is digested as it is, odd length and all.
     let raw = dir.path("odd.raw");
     std::fs::write(&raw, b"odd length, not a sector multiple").unwrap();
     let ours = stdout(tool().args(["sha", "-f", "raw"]).arg(&raw));
-    assert_eq!(ours.trim(), sha256_of(b"odd length, not a sector multiple", &dir, "sha256sum"));
-    // Progress lines on a descriptor, from 0 to 100.
-    let script = format!(
-        "'{}' sha --progress-fd 3 '{}' 3>'{}'",
-        env!("CARGO_BIN_EXE_qcow-tool"),
-        img.display(),
-        dir.path("progress").display()
-    );
-    ok(Command::new("sh").arg("-c").arg(&script));
-    let lines = std::fs::read_to_string(dir.path("progress")).unwrap();
+    assert_eq!(ours.trim(), digest_of(b"odd length, not a sector multiple", &dir, "sha256sum"));
+}
+
+/// Runs the tool with `args` and `--progress-fd 3` pointing at a file, in the test directory; returns stdout and
+/// the percentages written, after checking that they rise to 100.
+fn with_progress_fd(dir: &Dir, args: &[&str]) -> (String, Vec<u64>) {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let log = dir.path("progress");
+    let script =
+        format!("'{}' {} --progress-fd 3 3>'{}'", env!("CARGO_BIN_EXE_qcow-tool"), quoted.join(" "), log.display());
+    let out = stdout(dir.here(Command::new("sh").arg("-c").arg(&script)));
+    let lines = std::fs::read_to_string(&log).unwrap();
     let percents: Vec<u64> =
         lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["progress"].as_u64().unwrap()).collect();
-    assert_eq!(percents.last(), Some(&100), "{lines}");
-    assert!(percents.windows(2).all(|w| w[0] < w[1]), "{lines}");
+    assert_eq!(percents.last(), Some(&100), "{args:?}: {lines}");
+    assert!(percents.windows(2).all(|w| w[0] < w[1]), "{args:?}: {lines}");
+    (out, percents)
+}
+
+#[test]
+fn long_operations_report_progress_on_a_descriptor() {
+    let dir = Dir::new();
+    let img = qemu_create(&dir, "big.qcow2", "cluster_size=4096", "64M");
+    qemu_io(&img, &["write -P 1 0 8M", "write -P 2 32M 8M"]);
+    let (out, percents) = with_progress_fd(&dir, &["sha", "big.qcow2"]);
+    assert_eq!(out.trim(), digest_of(&qemu_raw(&img, &dir), &dir, "sha256sum"));
+    assert!(percents.len() > 2, "{percents:?}");
+    // check prints what it prints without progress, which is what qemu-img prints.
+    let (out, percents) = with_progress_fd(&dir, &["check", "big.qcow2"]);
+    assert_eq!(out, stdout(dir.here(qemu_img().args(["check", "big.qcow2"]))));
+    assert!(percents.len() > 2, "{percents:?}");
+    let out = run(dir.here(tool().args(["check", "-p", "--output=json", "big.qcow2"])));
+    assert!(out.status.success(), "{}", show(&out));
+    with_progress_fd(&dir, &["dehydrate", "big.qcow2", "dry"]);
+    with_progress_fd(&dir, &["pattern", "--size", "8M", "p.qcow2", "2"]);
+    with_progress_fd(&dir, &["decode", "big.qcow2", "big.raw"]);
+    with_progress_fd(&dir, &["encode", "big.raw", "again.qcow2"]);
+    let out = run(dir.here(qemu_img().args(["compare", "big.qcow2", "again.qcow2"])));
+    assert!(out.status.success(), "{}", show(&out));
 }
 
 #[test]
@@ -430,7 +455,7 @@ fn pattern_images_are_what_the_reference_makes_and_qemu_reads_them() {
             let cluster = sector * 512 / cs;
             let first_of_cluster = sector * 512 % cs == 0;
             let written = match number {
-                "1" => cluster % 2 == 0 && first_of_cluster,
+                "1" => cluster.is_multiple_of(2) && first_of_cluster,
                 _ => cluster % 2 == 1,
             };
             if written {
