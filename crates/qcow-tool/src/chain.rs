@@ -13,6 +13,7 @@ use qcow::convert::AllocationMap;
 use qcow::{ExtentKind, Image};
 
 use crate::error::{Error, Result};
+use crate::hostmap::{self, HostLookup};
 use crate::open::{self, Format};
 
 /// Longest chain followed, as a guard against loops.
@@ -20,7 +21,8 @@ const MAX_DEPTH: usize = 64;
 
 /// One image of the chain.
 enum Body {
-    Qcow2(Box<Image<FileDevice>>),
+    /// A qcow2 image, and whether QEMU takes it for metadata-preallocated.
+    Qcow2(Box<Image<FileDevice>>, bool),
     Raw(FileDevice),
 }
 
@@ -130,7 +132,8 @@ impl Chain {
                     let size = image.virtual_size();
                     let backing = header.backing_file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned());
                     let backing_format = header.backing_format();
-                    layers.push(Layer { name: name.clone(), size, body: Body::Qcow2(Box::new(image)) });
+                    let preallocated = hostmap::metadata_preallocated(&image);
+                    layers.push(Layer { name: name.clone(), size, body: Body::Qcow2(Box::new(image), preallocated) });
                     let Some(backing) = backing else { break };
                     if backing.starts_with('/') && !open::policy().allow_absolute {
                         return Err(Error::msg(format!(
@@ -174,7 +177,7 @@ impl Chain {
     /// The top image, when it is qcow2.
     pub fn top_image(&self) -> Option<&Image<FileDevice>> {
         match self.layers.first().map(|l| &l.body) {
-            Some(Body::Qcow2(image)) => Some(image),
+            Some(Body::Qcow2(image, _)) => Some(image),
             _ => None,
         }
     }
@@ -218,15 +221,59 @@ impl Chain {
                 }
                 push(out, Status { present: true, zero: true, offset: Some(pos), ..entry(pos, end - pos) });
             }
-            Body::Qcow2(image) => {
-                let extents = image.map(start, end - start).map_err(|e| open::io_error(Path::new(&layer.name), e))?;
+            Body::Qcow2(image, preallocated) => {
+                let fail = |e| open::io_error(Path::new(&layer.name), e);
+                let extents = image.map(start, end - start).map_err(fail)?;
+                let mut lookup = HostLookup::new(image);
                 for e in extents {
                     let (at, len) = (e.guest.0, e.len);
                     match e.kind {
+                        ExtentKind::Data { host } if *preallocated => {
+                            // QEMU asks the file system: holes and what lies past the end of the file read as
+                            // zeros.
+                            let dev = image.device();
+                            let (host, file_len) = (host.0, dev.len_bytes());
+                            let mut pos = host;
+                            let hole = |from: u64, to: u64| Status {
+                                present: true,
+                                data: true,
+                                zero: true,
+                                offset: Some(from),
+                                ..entry(at + (from - host), to - from)
+                            };
+                            for (d, n) in dev.data_ranges(host, len).map_err(fail)? {
+                                let (d, stop) = (d.max(pos), d.saturating_add(n).min(host + len).min(file_len));
+                                if d >= stop {
+                                    continue;
+                                }
+                                push(out, hole(pos, d));
+                                push(
+                                    out,
+                                    Status {
+                                        present: true,
+                                        data: true,
+                                        offset: Some(d),
+                                        ..entry(at + (d - host), stop - d)
+                                    },
+                                );
+                                pos = stop;
+                            }
+                            push(out, hole(pos, host + len));
+                        }
                         ExtentKind::Data { host } => {
                             push(out, Status { present: true, data: true, offset: Some(host.0), ..entry(at, len) });
                         }
-                        ExtentKind::Zero => push(out, Status { present: true, zero: true, ..entry(at, len) }),
+                        ExtentKind::Zero => {
+                            // A zero cluster may keep its host cluster, which QEMU reports.
+                            let cs = image.geometry().cluster_size();
+                            let mut pos = at;
+                            while pos < at + len {
+                                let stop = (pos / cs + 1).saturating_mul(cs).min(at + len);
+                                let offset = lookup.host(pos);
+                                push(out, Status { present: true, zero: true, offset, ..entry(pos, stop - pos) });
+                                pos = stop;
+                            }
+                        }
                         ExtentKind::Compressed { .. } => {
                             push(out, Status { present: true, data: true, compressed: true, ..entry(at, len) });
                         }

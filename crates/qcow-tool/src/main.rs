@@ -19,6 +19,7 @@ mod discard;
 mod disk;
 mod encode;
 mod error;
+mod hostmap;
 mod info;
 mod map;
 mod mapped;

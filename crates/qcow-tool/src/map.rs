@@ -76,6 +76,10 @@ fn human(chain: &Chain, entries: &[Status]) -> (String, bool) {
     let mut out = format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
     for e in entries.iter().filter(|e| e.data) {
         let Some(offset) = e.offset else { return (out, true) };
+        // Data the file system holds as a hole reads as zeros; qemu-img leaves it out.
+        if e.zero {
+            continue;
+        }
         out.push_str(&format!("{:<16}{:<16}{:<16}{}\n", hex(e.start), hex(e.length), hex(offset), chain.name(e.depth)));
     }
     (out, false)

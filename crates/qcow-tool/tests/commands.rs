@@ -173,7 +173,22 @@ fn map_prints_what_qemu_img_map_prints_byte_for_byte() {
     ok(dir.here(qemu_img().args(["convert", "-f", "raw", "-O", "raw", "-S", "4k", "base.raw", "sparse.raw"])));
     ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-b", "sparse.raw", "-F", "raw", "rawover.qcow2"])));
     qemu_io(&dir.path("rawover.qcow2"), &["write -P 3 1M 64k"]);
-    for image in ["varied.qcow2", "plain.qcow2", "small.qcow2", "over.qcow2", "rawover.qcow2"] {
+    // Zero clusters that keep their host cluster, and QEMU's metadata preallocation (file holes read as zeros).
+    let keep = qemu_create(&dir, "keep.qcow2", "", "4M");
+    qemu_io(&keep, &["write -P 1 0 256k", "write -z 64k 64k", "write -z -u 128k 64k"]);
+    let pre = qemu_create(&dir, "prealloc.qcow2", "preallocation=metadata", "4M");
+    qemu_io(&pre, &["write -P 1 1M 64k", "write -P 2 3968k 128k"]);
+    ok(dir.here(tool().args(["create", "-q", "-o", "preallocation=metadata", "ours-pre.qcow2", "3M"])));
+    for image in [
+        "varied.qcow2",
+        "plain.qcow2",
+        "small.qcow2",
+        "over.qcow2",
+        "rawover.qcow2",
+        "keep.qcow2",
+        "prealloc.qcow2",
+        "ours-pre.qcow2",
+    ] {
         same_output(&dir, &["map", "--output=json", image], &["map", "--output=json", image]);
         same_output(&dir, &["map", image], &["map", image]);
         same_output(&dir, &["map", "--output", "human", image], &["map", "--output=human", image]);
@@ -541,6 +556,9 @@ fn dehydrate_keeps_all_metadata_and_rehydrate_rebuilds_it() {
     assert_eq!(std::fs::metadata(&out).unwrap().len(), len);
     assert_eq!(check_json(&out), check_json(&img));
     assert_eq!(map_layout(&out), map_layout(&img));
+    // QEMU takes the rehydrated file, mostly holes, for metadata-preallocated; map says what qemu-img says.
+    let ours = stdout(tool().args(["map", "--output=json"]).arg(&out));
+    assert_eq!(ours, stdout(qemu_img().args(["map", "--output=json"]).arg(&out)));
     let info = |p: &Path| {
         let o = ok(qemu_img().args(["info", "--output=json"]).arg(p));
         let mut v: Value = serde_json::from_slice(&o.stdout).unwrap();
