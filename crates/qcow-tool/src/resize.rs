@@ -15,8 +15,9 @@ pub struct Args {
     /// Image format; probed from the file's magic when not given.
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<Format>,
-    /// Allow making the image smaller, which deletes the data past the new end.
-    #[arg(long)]
+    /// Allow making the image smaller, which deletes the data past the new end (the reference's name for it,
+    /// --ignore-data-loss, is accepted too).
+    #[arg(long, alias = "ignore-data-loss")]
     shrink: bool,
     /// Print nothing on success.
     #[arg(short = 'q', long)]
