@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use qcow::block::BlockDevice;
+
 use crate::error::{Context, Error, Result};
 use crate::open;
 use crate::progress::{Progress, ProgressArgs};
@@ -84,31 +86,33 @@ pub fn run(args: &Args) -> Result<()> {
     let dev = open::file(path, true)?;
     let file_len = dev.len_bytes();
     let ranges = qcow::check::metadata_ranges(&dev).map_err(|e| open::open_error(path, e))?;
-    let cluster_size = open::image_metadata(path)?.geometry().cluster_size();
+    // From the header itself: a damaged image, which the check walk still reads, may not open as an image.
+    let mut first = vec![0u8; 512];
+    dev.read_at(0, &mut first).map_err(|e| open::io_error(path, e))?;
+    let cluster_bits = qcow::format::Header::peek_cluster_bits(&first).map_err(|e| open::open_error(path, e.into()))?;
+    let cluster_size = 1u64 << cluster_bits;
     let runs = cluster_runs(ranges.iter().map(|r| (r.offset, r.len)), cluster_size, file_len);
-    let total: u64 = runs.iter().map(|r| r.1).sum();
-    let (meta_path, map_path) = paths(&args.prefix);
-    write_files(path, dev.file(), &runs, file_len, cluster_size, &meta_path, &map_path, &args.progress, total)
+    let manifest = Manifest { file_len, cluster_size, runs };
+    write_files(path, dev.file(), &manifest, &args.prefix, &args.progress)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_files(
-    path: &Path,
-    image: &File,
-    runs: &[(u64, u64)],
+/// What `PREFIX.map` records.
+struct Manifest {
     file_len: u64,
     cluster_size: u64,
-    meta_path: &Path,
-    map_path: &Path,
-    progress: &crate::progress::ProgressArgs,
-    total: u64,
-) -> Result<()> {
+    /// `(offset, length)` runs of the image file, sorted and disjoint.
+    runs: Vec<(u64, u64)>,
+}
+
+fn write_files(path: &Path, image: &File, manifest: &Manifest, prefix: &str, progress: &ProgressArgs) -> Result<()> {
+    let (meta_path, map_path) = paths(prefix);
+    let total: u64 = manifest.runs.iter().map(|r| r.1).sum();
     let mut progress = Progress::new(progress, total, "bytes")?;
-    let meta = File::create(meta_path).context(|| format!("could not create '{}'", meta_path.display()))?;
+    let meta = File::create(&meta_path).context(|| format!("could not create '{}'", meta_path.display()))?;
     let mut out = std::io::BufWriter::new(meta);
     let mut buf = Vec::new();
     let mut done = 0;
-    for &(offset, len) in runs {
+    for &(offset, len) in &manifest.runs {
         copy_range(image, offset, len, &mut out, &mut buf).context(|| {
             format!(
                 "could not copy bytes {offset}..{} of '{}' to '{}'",
@@ -122,15 +126,15 @@ fn write_files(
     }
     out.flush().context(|| format!("could not write '{}'", meta_path.display()))?;
     progress.finish(total);
-    let list: Vec<Value> = runs.iter().map(|&(o, l)| json!([o, l])).collect();
+    let list: Vec<Value> = manifest.runs.iter().map(|&(o, l)| json!([o, l])).collect();
     let map = json!({
         "format": MAP_FORMAT,
-        "file-length": file_len,
-        "cluster-size": cluster_size,
+        "file-length": manifest.file_len,
+        "cluster-size": manifest.cluster_size,
         "ranges": list,
     });
     let text = serde_json::to_string_pretty(&map).context(|| "could not format the map")?;
-    std::fs::write(map_path, format!("{text}\n")).context(|| format!("could not write '{}'", map_path.display()))
+    std::fs::write(&map_path, format!("{text}\n")).context(|| format!("could not write '{}'", map_path.display()))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ const REFTABLE_MASK: u64 = !0x1ff;
 
 /// Reads `len` bytes at `offset` of the file; `None` past its end or on error (QEMU would fail the query; the
 /// library's own mapping already read these tables, so this does not happen on an image it opened).
-fn read(dev: &FileDevice, offset: u64, len: u64) -> Option<Vec<u8>> {
+pub fn read(dev: &FileDevice, offset: u64, len: u64) -> Option<Vec<u8>> {
     let end = offset.checked_add(len)?;
     if end > dev.len_bytes() {
         return None;

@@ -610,6 +610,8 @@ fn dehydrate_keeps_all_metadata_and_rehydrate_rebuilds_it() {
     let cluster = len.div_ceil(4096) as usize;
     assert!(cluster < 2048, "the first refcount block covers cluster {cluster}");
     bytes[refblock + 2 * cluster..refblock + 2 * cluster + 2].copy_from_slice(&1u16.to_be_bytes());
+    // And the corrupt bit, which makes QEMU open the image read-only only: dehydrate must still read it.
+    bytes[79] |= 2;
     std::fs::write(&damaged, &bytes).unwrap();
     assert_eq!(check_json(&damaged)["leaks"].as_u64(), Some(1));
     let prefix2 = dir.path("dry2").display().to_string();
