@@ -13,6 +13,7 @@ use crate::chain::{Chain, Status};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::open::{self, Format};
+use crate::progress::{Progress, ProgressArgs};
 use crate::rw::print;
 
 /// Bytes read from each image at a time.
@@ -33,6 +34,8 @@ pub struct Args {
     /// Print nothing; the exit code tells.
     #[arg(short = 'q', long)]
     quiet: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// The first image.
     file1: PathBuf,
     /// The second image.
@@ -77,7 +80,9 @@ fn compare(args: &Args) -> Result<(String, Verdict)> {
         return Ok((String::new(), Verdict::Different("Strict mode: Image size mismatch!".into())));
     }
     let common = size_a.min(size_b);
-    let content = first_difference(&a, &b, common, &args.file1, &args.file2)?;
+    let mut progress = Progress::new(&args.progress, common, "bytes")?;
+    let content = first_difference(&a, &b, common, [&args.file1, &args.file2], &mut progress)?;
+    progress.finish(common);
     if args.strict {
         // qemu-img compares each range's status before its content: a status mismatch at or before the first
         // differing sector is the one it reports.
@@ -145,7 +150,8 @@ fn may_hold_data(disk: &Disk, start: u64, end: u64, path: &Path) -> Result<bool>
 }
 
 /// The first 512-byte sector below `end` where the two disks differ.
-fn first_difference(a: &Disk, b: &Disk, end: u64, path_a: &Path, path_b: &Path) -> Result<Option<u64>> {
+fn first_difference(a: &Disk, b: &Disk, end: u64, paths: [&Path; 2], progress: &mut Progress) -> Result<Option<u64>> {
+    let [path_a, path_b] = paths;
     let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
     let mut pos = 0;
     while pos < end {
@@ -162,6 +168,7 @@ fn first_difference(a: &Disk, b: &Disk, end: u64, path_a: &Path, path_b: &Path) 
             }
         }
         pos = stop;
+        progress.set(pos, end);
     }
     Ok(None)
 }

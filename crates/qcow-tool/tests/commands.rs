@@ -443,6 +443,8 @@ fn long_operations_report_progress_on_a_descriptor() {
     with_progress_fd(&dir, &["pattern", "--size", "8M", "p.qcow2", "2"]);
     with_progress_fd(&dir, &["decode", "big.qcow2", "big.raw"]);
     with_progress_fd(&dir, &["encode", "big.raw", "again.qcow2"]);
+    let (out, _) = with_progress_fd(&dir, &["compare", "big.qcow2", "again.qcow2"]);
+    assert_eq!(out, "Images are identical.\n");
     let out = run(dir.here(qemu_img().args(["compare", "big.qcow2", "again.qcow2"])));
     assert!(out.status.success(), "{}", show(&out));
 }
