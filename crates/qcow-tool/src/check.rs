@@ -19,7 +19,9 @@ use qcow::check::{CheckReport, Repair};
 
 use crate::error::{Error, Result};
 use crate::info::Output;
+use crate::metered::{self, Metered};
 use crate::open::{self, Format};
+use crate::progress::{Progress, ProgressArgs};
 
 /// What `-r` repairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +47,8 @@ pub struct Args {
     /// Print nothing on stdout; findings and errors still go to stderr.
     #[arg(short = 'q', long)]
     quiet: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// The image to check.
     file: PathBuf,
 }
@@ -61,13 +65,22 @@ pub struct RepairArgs {
     /// Print nothing on stdout; findings and errors still go to stderr.
     #[arg(short = 'q', long)]
     quiet: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// The image to repair.
     file: PathBuf,
 }
 
 impl From<RepairArgs> for Args {
     fn from(r: RepairArgs) -> Self {
-        Args { output: r.output, repair: Some(RepairMode::All), format: r.format, quiet: r.quiet, file: r.file }
+        Args {
+            output: r.output,
+            repair: Some(RepairMode::All),
+            format: r.format,
+            quiet: r.quiet,
+            progress: r.progress,
+            file: r.file,
+        }
     }
 }
 
@@ -124,7 +137,15 @@ pub fn run(args: &Args) -> Result<u8> {
         Some(RepairMode::All) => Repair::All,
     };
     let dev = open::file(path, args.repair.is_none())?;
-    let first = run_check(&dev, repair, &name)?;
+    let first = if args.progress.progress || args.progress.progress_fd.is_some() {
+        let total = metered::check_estimate(&dev);
+        let metered = Metered::new(&dev, total, Progress::new(&args.progress, total, "bytes")?);
+        let report = run_check(&metered, repair, &name);
+        metered.finish();
+        report?
+    } else {
+        run_check(&dev, repair, &name)?
+    };
     let mut summary = Summary::from(&first);
     let mut stdout = String::new();
     if summary.corruptions_fixed != 0 || summary.leaks_fixed != 0 {

@@ -16,7 +16,8 @@ pub struct Args {
     #[arg(short = 'f', value_enum, default_value = "qcow2")]
     format: Format,
     /// qemu-img style options: cluster_size=SIZE, refcount_bits=N, compat=0.10|1.1, lazy_refcounts=on|off,
-    /// preallocation=off|metadata, size=SIZE, backing_file=NAME, backing_fmt=raw|qcow2, compression_type=zlib|zstd.
+    /// preallocation=off|metadata|falloc|full, size=SIZE, extended_l2=on|off, data_file=NAME,
+    /// data_file_raw=on|off, backing_file=NAME, backing_fmt=raw|qcow2, compression_type=zlib|zstd.
     /// May be given more than once.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -42,8 +43,15 @@ pub fn run(args: &Args) -> Result<()> {
         return Err(Error::msg(format!("cannot create {} images: only qcow2 is supported", args.format.name())));
     }
     let mut options = CreateOptions::new(0);
+    let mut fill = None;
     for list in &args.options {
-        options.apply(list).context(|| "invalid -o option")?;
+        let (rest, mode) = file_preallocation(list)?;
+        fill = mode.or(fill);
+        options.apply(&rest).context(|| "invalid -o option")?;
+    }
+    if fill.is_some() {
+        // falloc and full preallocate the metadata as `metadata` does, then allocate the whole file.
+        options.preallocation = Preallocation::Metadata;
     }
     if let Some(backing) = &args.backing {
         options.backing_file = Some(backing.clone());
@@ -68,15 +76,67 @@ pub fn run(args: &Args) -> Result<()> {
     }
     options.validate().context(|| "invalid -o option")?;
     if !args.quiet {
-        println!("{}", formatting_line(&path.display().to_string(), &options));
+        let mut line = formatting_line(&path.display().to_string(), &options);
+        if let Some(mode) = fill {
+            line = line.replace("preallocation=metadata", &format!("preallocation={mode}"));
+        }
+        println!("{line}");
     }
     let made = create(path, &options)
-        .and_then(|image| image.close().context(|| format!("could not write '{}'", path.display())));
+        .and_then(|image| image.close().context(|| format!("could not write '{}'", path.display())))
+        .and_then(|()| if fill.is_some() { allocate_holes(path) } else { Ok(()) });
     if made.is_err() {
         // Leave no half-made image behind.
         let _ = std::fs::remove_file(path);
     }
     made
+}
+
+/// Takes `preallocation=falloc|full` out of a `-o` list (the library preallocates metadata only) and refuses
+/// encryption by name. Returns the rest of the list and the file preallocation asked for.
+fn file_preallocation(list: &str) -> Result<(String, Option<&'static str>)> {
+    let mut rest = Vec::new();
+    let mut mode = None;
+    for item in list.split(',').filter(|s| !s.is_empty()) {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        match (key.trim(), value.trim()) {
+            ("preallocation", "falloc") => mode = Some("falloc"),
+            ("preallocation", "full") => mode = Some("full"),
+            ("encryption" | "encrypt.format", _) => {
+                return Err(Error::msg(format!("-o {item}: encrypted images are not supported")));
+            }
+            (k, _) if k.starts_with("encrypt.") => {
+                return Err(Error::msg(format!("-o {item}: encrypted images are not supported")));
+            }
+            _ => rest.push(item),
+        }
+    }
+    Ok((rest.join(","), mode))
+}
+
+/// Writes zeros into every hole of the file, so that all of it is allocated on disk (QEMU's falloc and full;
+/// with no fallocate call available to safe code, both write zeros, as `full` does).
+fn allocate_holes(path: &Path) -> Result<()> {
+    use qcow::convert::AllocationMap;
+    use std::os::unix::fs::FileExt;
+    let dev = open::file(path, false)?;
+    let len = dev.len_bytes();
+    let fail = |e| Error::wrap(format!("could not preallocate '{}'", path.display()), e);
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    let mut data = dev.data_ranges(0, len).map_err(fail)?;
+    data.push((len, 0));
+    for (start, n) in data {
+        while pos < start.min(len) {
+            let chunk = (start.min(len) - pos).min(zeros.len() as u64) as usize;
+            dev.file()
+                .write_all_at(zeros.get(..chunk).unwrap_or(&zeros), pos)
+                .context(|| format!("could not preallocate '{}'", path.display()))?;
+            pos += chunk as u64;
+        }
+        pos = pos.max(start.saturating_add(n));
+    }
+    dev.file().sync_all().context(|| format!("could not flush '{}'", path.display()))
 }
 
 /// Creates the image, opening its backing file (if any) under the tool's policy.

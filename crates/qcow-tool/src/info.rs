@@ -143,18 +143,6 @@ fn gather(image: &Image<FileDevice>, name: &str) -> Result<Qcow2Facts> {
     })
 }
 
-/// The path QEMU opens for a backing file `backing` named in the image `image` (QEMU's `path_combine`): an
-/// absolute name as it is, a relative one appended to the image's name up to its last slash.
-fn full_backing_filename(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') {
-        return backing.to_string();
-    }
-    match image.rfind('/') {
-        Some(slash) => format!("{}{backing}", image.get(..=slash).unwrap_or("")),
-        None => backing.to_string(),
-    }
-}
-
 fn snapshot_json(s: &SnapshotFacts) -> Value {
     let mut v = json!({
         "id": s.id,
@@ -229,7 +217,7 @@ fn to_json(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> Value {
     if let Some(map) = v.as_object_mut() {
         if let Some(backing) = &q.backing_file {
             map.insert("backing-filename".into(), backing.as_str().into());
-            map.insert("full-backing-filename".into(), full_backing_filename(name, backing).into());
+            map.insert("full-backing-filename".into(), crate::chain::backing_name(name, backing).into());
         }
         if let Some(format) = &q.backing_format {
             map.insert("backing-filename-format".into(), format.as_str().into());
@@ -257,7 +245,7 @@ fn to_human(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> String 
             out.push("cleanly shut down: no".into());
         }
         if let Some(backing) = &q.backing_file {
-            let full = full_backing_filename(name, backing);
+            let full = crate::chain::backing_name(name, backing);
             if full == *backing {
                 out.push(format!("backing file: {backing}"));
             } else {
@@ -413,13 +401,5 @@ mod tests {
             snapshot_line("1", "snap1", "0 B", "2026-11-25 18:32:44", "0000:00:00.000", "0"),
             "1       snap1                 0 B 2026-11-25 18:32:44  0000:00:00.000          0"
         );
-    }
-
-    #[test]
-    fn full_backing_names_combine_like_qemu() {
-        assert_eq!(full_backing_filename("ov.qcow2", "base.raw"), "base.raw");
-        assert_eq!(full_backing_filename("q/ov.qcow2", "base.raw"), "q/base.raw");
-        assert_eq!(full_backing_filename("./q/../q/ov.qcow2", "b/base.raw"), "./q/../q/b/base.raw");
-        assert_eq!(full_backing_filename("q/ov.qcow2", "/abs/base.raw"), "/abs/base.raw");
     }
 }

@@ -6,17 +6,32 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod bench;
+mod chain;
 mod check;
 mod compact;
+mod compare;
 mod convert;
 mod create;
+mod decode;
+mod dehydrate;
 mod discard;
+mod disk;
+mod encode;
 mod error;
+mod hostmap;
 mod info;
+mod map;
 mod mapped;
+mod measure;
+mod metered;
 mod open;
+mod pattern;
 mod progress;
+mod rehydrate;
+mod resize;
 mod rw;
+mod sha;
 
 use std::process::ExitCode;
 
@@ -59,6 +74,29 @@ enum Command {
     Compact(compact::Args),
     /// List the extents the image maps (data, and zero clusters unless --ignore-zeroes).
     Mapped(mapped::Args),
+    /// Show where each part of the guest disk is stored, as `qemu-img map` does.
+    Map(map::Args),
+    /// Compare the guest data of two images (exit 0 identical, 1 different, 2 error), as `qemu-img compare`.
+    Compare(compare::Args),
+    /// Change an image's virtual size: `resize FILE [+|-]SIZE [--shrink]`.
+    Resize(resize::Args),
+    /// Say how large a new image would be, for a size or for an existing image's data, as `qemu-img measure`.
+    Measure(measure::Args),
+    /// Time a run of read or write requests against the library, with `qemu-img bench`'s request pattern.
+    Bench(bench::Args),
+    /// Copy a raw file into a new qcow2 image.
+    Encode(encode::Args),
+    /// Copy a qcow2 image's guest data into a new sparse raw file.
+    Decode(decode::Args),
+    /// Print a digest (SHA-256 by default) of the virtual disk.
+    Sha(sha::Args),
+    /// Create a test image: pattern 1 (a sector in every other cluster) or 2 (all written, every other
+    /// cluster discarded).
+    Pattern(pattern::Args),
+    /// Copy an image's metadata clusters, and nothing else, to PREFIX.meta and PREFIX.map.
+    Dehydrate(dehydrate::Args),
+    /// Rebuild an image from PREFIX.meta and PREFIX.map: its metadata, with zeros where data was.
+    Rehydrate(rehydrate::Args),
 }
 
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
@@ -75,13 +113,24 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Discard(args) => discard::run(&args).map(|()| 0),
         Command::Compact(args) => compact::run(&args).map(|()| 0),
         Command::Mapped(args) => mapped::run(&args).map(|()| 0),
+        Command::Map(args) => map::run(&args).map(|()| 0),
+        Command::Compare(args) => compare::run(&args),
+        Command::Resize(args) => resize::run(&args).map(|()| 0),
+        Command::Measure(args) => measure::run(&args).map(|()| 0),
+        Command::Bench(args) => bench::run(&args).map(|()| 0),
+        Command::Encode(args) => encode::run(&args).map(|()| 0),
+        Command::Decode(args) => decode::run(&args).map(|()| 0),
+        Command::Sha(args) => sha::run(&args).map(|()| 0),
+        Command::Pattern(args) => pattern::run(&args).map(|()| 0),
+        Command::Dehydrate(args) => dehydrate::run(&args).map(|()| 0),
+        Command::Rehydrate(args) => rehydrate::run(&args).map(|()| 0),
     }
 }
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, pattern, dehydrate, rehydrate (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

@@ -34,11 +34,13 @@
 //! - the dirty and corrupt bits are cleared last, and only when nothing is left to repair.
 
 mod layout;
+mod metadata;
 mod problem;
 mod refcounts;
 mod repair;
 mod walk;
 
+pub use metadata::{metadata_ranges, MetadataRange};
 pub use problem::{Problem, Referrer, Severity, Structure};
 
 use crate::block::BlockDevice;

@@ -1,0 +1,396 @@
+//! `qcow-tool bench`: the request pattern of `qemu-img bench`, run against the library.
+//!
+//! `-c COUNT` requests of `-s SIZE` bytes, reads or (`-w`) writes, `-d DEPTH` of them in flight at once: a pool
+//! of DEPTH threads shares one open image (the library's operations take `&self`), each taking the next
+//! request as soon as its last one completes, as QEMU's completion callback issues the next. Request k reads
+//! or writes at `-o OFFSET` for k = 0, then at (OFFSET + k * STEP) modulo (image size - SIZE), QEMU's wrap.
+//!
+//! Cache modes are QEMU's: `none` opens the file with O_DIRECT, `writeback` (the default) uses the page cache,
+//! `writethrough` and `directsync` flush after every write, `unsafe` ignores every flush (the library's own
+//! included). `--flush-interval N` flushes after every N completed requests; by default the queue is drained
+//! first (no new request starts until the flush is done), `--no-drain` flushes while requests go on. Only the
+//! requests and flushes are timed, not opening or closing the image.
+
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use qcow::block::{BlockDevice, FileDevice, FileOptions, Info};
+use qcow::{Config, FileResolver, Image};
+
+use crate::error::{Context, Error, Result};
+use crate::open::{self, Format};
+use crate::rw::print;
+
+/// Arguments of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of requests.
+    #[arg(short = 'c', default_value_t = 75_000)]
+    count: u64,
+    /// Requests in flight at once.
+    #[arg(short = 'd', default_value_t = 64)]
+    depth: u64,
+    /// Bytes per request (K, M suffixes accepted).
+    #[arg(short = 's', default_value = "4096")]
+    size: String,
+    /// Offset increment between requests; 0 (the default) means the request size.
+    #[arg(short = 'S', default_value = "0")]
+    step: String,
+    /// Offset of the first request.
+    #[arg(short = 'o', default_value = "0")]
+    offset: String,
+    /// Write instead of read.
+    #[arg(short = 'w')]
+    write: bool,
+    /// Cache mode: none (O_DIRECT), writeback, writethrough, directsync, unsafe.
+    #[arg(short = 't', default_value = "writeback")]
+    cache: String,
+    /// Image format; probed from the file's magic when not given.
+    #[arg(short = 'f', value_enum)]
+    format: Option<Format>,
+    /// I/O engine: only `threads` (a pool of threads, one per request in flight).
+    #[arg(short = 'i', default_value = "threads")]
+    aio: String,
+    /// Flush after every N completed requests (write tests only; N at least the depth).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    flush_interval: u64,
+    /// With --flush-interval, flush without waiting for the requests in flight.
+    #[arg(long)]
+    no_drain: bool,
+    /// Byte value written by write requests.
+    #[arg(long, default_value_t = 0)]
+    pattern: u8,
+    /// Print only errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to use.
+    file: PathBuf,
+}
+
+/// A file device whose flushes can be switched off (cache=unsafe).
+struct BenchDevice {
+    file: FileDevice,
+    ignore_flush: bool,
+}
+
+impl BlockDevice for BenchDevice {
+    fn info(&self) -> Info {
+        self.file.info()
+    }
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+        self.file.read(sector, bufs)
+    }
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+        self.file.write(sector, bufs)
+    }
+    fn flush(&self) -> qcow::Result<()> {
+        if self.ignore_flush {
+            return Ok(());
+        }
+        self.file.flush()
+    }
+    fn resize(&self, sectors: u64) -> qcow::Result<()> {
+        self.file.resize(sectors)
+    }
+    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
+        self.file.discard(sector, count)
+    }
+    fn disconnect(&self) {
+        self.file.disconnect();
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
+        self.file.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> qcow::Result<()> {
+        self.file.write_at(offset, buf)
+    }
+}
+
+/// What is benchmarked.
+enum Target {
+    Raw(BenchDevice),
+    Qcow2(Box<Image<BenchDevice>>),
+}
+
+impl Target {
+    fn device(&self) -> &dyn BlockDevice {
+        match self {
+            Target::Raw(dev) => dev,
+            Target::Qcow2(image) => &**image,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Target::Raw(dev) => dev.file.len_bytes(),
+            Target::Qcow2(image) => image.virtual_size(),
+        }
+    }
+
+    fn close(self) -> qcow::Result<()> {
+        match self {
+            Target::Raw(dev) => dev.flush(),
+            Target::Qcow2(image) => image.close(),
+        }
+    }
+}
+
+/// How a cache mode opens and flushes.
+struct Cache {
+    direct: bool,
+    flush_each_write: bool,
+    ignore_flush: bool,
+}
+
+fn cache_mode(name: &str) -> Result<Cache> {
+    let (direct, flush_each_write, ignore_flush) = match name {
+        "none" | "off" => (true, false, false),
+        "writeback" => (false, false, false),
+        "writethrough" => (false, true, false),
+        "directsync" => (true, true, false),
+        "unsafe" => (false, false, true),
+        other => {
+            return Err(Error::msg(format!(
+                "invalid cache option '{other}': use none, writeback, writethrough, directsync or unsafe"
+            )))
+        }
+    };
+    Ok(Cache { direct, flush_each_write, ignore_flush })
+}
+
+/// The request schedule shared by the workers.
+struct Schedule {
+    issued: u64,
+    completed: u64,
+    in_flight: u64,
+    /// A drained flush is due or running: no request may start.
+    draining: bool,
+    error: Option<Error>,
+}
+
+/// The run's fixed parameters.
+struct Plan {
+    count: u64,
+    bufsize: u64,
+    step: u64,
+    first: u64,
+    image_size: u64,
+    write: bool,
+    pattern: u8,
+    flush_interval: u64,
+    drain: bool,
+    flush_each_write: bool,
+}
+
+impl Plan {
+    /// Offset of request `k`, wrapped as QEMU wraps it.
+    fn offset(&self, k: u64) -> u64 {
+        if k == 0 {
+            return self.first;
+        }
+        if self.image_size <= self.bufsize {
+            return 0;
+        }
+        let span = u128::from(self.image_size - self.bufsize);
+        ((u128::from(self.first) + u128::from(k) * u128::from(self.step)) % span) as u64
+    }
+}
+
+/// A buffer of `len` bytes aligned to 4 KiB, so that O_DIRECT needs no bounce copy.
+fn aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
+    let buf = vec![fill; len + 4096];
+    let skew = buf.as_ptr() as usize % 4096;
+    let start = if skew == 0 { 0 } else { 4096 - skew };
+    (buf, start)
+}
+
+fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Mutex<Schedule>, wake: &Condvar) {
+    let (mut storage, start) = aligned(plan.bufsize as usize, plan.pattern);
+    let Some(buf) = storage.get_mut(start..start + plan.bufsize as usize) else { return };
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let k = {
+            let mut s = lock();
+            loop {
+                if s.error.is_some() || s.issued >= plan.count {
+                    return;
+                }
+                if !s.draining {
+                    break;
+                }
+                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.issued += 1;
+            s.in_flight += 1;
+            s.issued - 1
+        };
+        let offset = plan.offset(k);
+        let mut result = if plan.write { dev.write_at(offset, buf) } else { dev.read_at(offset, buf) };
+        if result.is_ok() && plan.write && plan.flush_each_write {
+            result = dev.flush();
+        }
+        let mut s = lock();
+        s.in_flight -= 1;
+        s.completed += 1;
+        if let Err(e) = result {
+            let what = if plan.write { "write" } else { "read" };
+            s.error.get_or_insert(Error::wrap(format!("failed {what} request at offset {offset}"), e));
+            wake.notify_all();
+            return;
+        }
+        wake.notify_all();
+        if plan.flush_interval == 0 || s.completed % plan.flush_interval != 0 {
+            continue;
+        }
+        if plan.drain {
+            s.draining = true;
+            while s.in_flight > 0 {
+                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(s);
+        let flushed = dev.flush();
+        let mut s = lock();
+        if let Err(e) = flushed {
+            s.error.get_or_insert(Error::wrap("failed flush request", e));
+        }
+        s.draining = false;
+        wake.notify_all();
+    }
+}
+
+fn open_target(args: &Args, cache: &Cache) -> Result<Target> {
+    let path = &args.file;
+    let format = match args.format {
+        Some(f) => f,
+        None => open::probe(path)?,
+    };
+    let file = FileDevice::open(path, &FileOptions { read_only: !args.write, direct: cache.direct })
+        .context(|| format!("could not open '{}'", path.display()))?;
+    let dev = BenchDevice { file, ignore_flush: cache.ignore_flush };
+    Ok(match format {
+        Format::Raw => Target::Raw(dev),
+        Format::Qcow2 => {
+            let config = if args.write { Config::default() } else { Config::read_only() };
+            let image = Image::open_with(dev, config, &FileResolver::new(path, open::policy()))
+                .map_err(|e| open::open_error(path, e))?;
+            Target::Qcow2(Box::new(image))
+        }
+    })
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if args.aio != "threads" {
+        return Err(Error::msg(format!("-i {}: only the 'threads' I/O engine is available", args.aio)));
+    }
+    let cache = cache_mode(&args.cache)?;
+    let bufsize = open::size(&args.size)?;
+    if bufsize == 0 || bufsize % 512 != 0 || bufsize > 1 << 30 {
+        return Err(Error::msg(format!("invalid buffer size '{}': a multiple of 512 up to 1G", args.size)));
+    }
+    let step = match open::size(&args.step)? {
+        0 => bufsize,
+        n => n,
+    };
+    let first = open::size(&args.offset)?;
+    if args.depth == 0 || args.depth > 4096 {
+        return Err(Error::msg(format!("invalid queue depth {}: from 1 to 4096", args.depth)));
+    }
+    if args.flush_interval > 0 && !args.write {
+        return Err(Error::msg("--flush-interval is only available in write tests"));
+    }
+    if args.flush_interval > 0 && args.flush_interval < args.depth {
+        return Err(Error::msg("flush interval can't be smaller than depth"));
+    }
+    if args.no_drain && args.flush_interval == 0 {
+        return Err(Error::msg("--no-drain requires a flush interval"));
+    }
+    let target = open_target(args, &cache)?;
+    let image_size = target.size();
+    if first.saturating_add(bufsize) > image_size {
+        return Err(Error::msg(format!(
+            "offset {first} plus request size {bufsize} runs past the end of '{}' ({image_size} bytes)",
+            args.file.display()
+        )));
+    }
+    let plan = Plan {
+        count: args.count,
+        bufsize,
+        step,
+        first,
+        image_size,
+        write: args.write,
+        pattern: args.pattern,
+        flush_interval: args.flush_interval,
+        drain: !args.no_drain,
+        flush_each_write: cache.flush_each_write,
+    };
+    if !args.quiet {
+        let mut text = format!(
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})\n",
+            args.count,
+            if args.write { "write" } else { "read" },
+            bufsize,
+            args.depth,
+            first,
+            step
+        );
+        if args.flush_interval > 0 {
+            text.push_str(&format!("Sending flush every {} requests\n", args.flush_interval));
+        }
+        print(text.as_bytes())?;
+    }
+    let state = Mutex::new(Schedule { issued: 0, completed: 0, in_flight: 0, draining: false, error: None });
+    let wake = Condvar::new();
+    let threads = args.depth.min(args.count.max(1));
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| worker(target.device(), &plan, &state, &wake));
+        }
+    });
+    let elapsed = started.elapsed();
+    let failed = state.into_inner().unwrap_or_else(|e| e.into_inner()).error;
+    let closed = target.close().map_err(|e| open::io_error(&args.file, e));
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    closed?;
+    if !args.quiet {
+        print(format!("Run completed in {:.3} seconds.\n", elapsed.as_secs_f64()).as_bytes())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn plan(first: u64, step: u64, bufsize: u64, image_size: u64) -> Plan {
+        Plan {
+            count: 10,
+            bufsize,
+            step,
+            first,
+            image_size,
+            write: false,
+            pattern: 0,
+            flush_interval: 0,
+            drain: true,
+            flush_each_write: false,
+        }
+    }
+
+    #[test]
+    fn offsets_wrap_as_qemu_wraps_them() {
+        let p = plan(0, 4096, 4096, 16384);
+        let got: Vec<u64> = (0..5).map(|k| p.offset(k)).collect();
+        // Wrapped modulo size - bufsize = 12288: the last request never runs past the end.
+        assert_eq!(got, vec![0, 4096, 8192, 0, 4096]);
+        let p = plan(8192, 4096, 4096, 4096);
+        assert_eq!(p.offset(0), 8192);
+        assert_eq!(p.offset(3), 0);
+    }
+}

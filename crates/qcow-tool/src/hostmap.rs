@@ -1,0 +1,113 @@
+//! What QEMU's block status learns from a qcow2 file beyond the library's guest mapping, so that `map` prints
+//! what `qemu-img map` prints:
+//! - the host cluster still allocated under a zero cluster ("zero" with an "offset");
+//! - whether the image looks metadata-preallocated (QEMU's test: more clusters with a nonzero refcount than the
+//!   file really allocates, by a tenth and at least two), in which case QEMU asks the file system about each
+//!   data range and reports file holes as zeros.
+//!
+//! Both read the image's tables straight from the file, as QEMU does on open.
+
+use std::os::unix::fs::MetadataExt;
+
+use qcow::block::{BlockDevice, FileDevice};
+use qcow::format::RefcountBlock;
+use qcow::Image;
+
+/// The bits of an L1, L2 or refcount table entry that hold an offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// An L2 entry's compressed flag.
+const COMPRESSED: u64 = 1 << 62;
+/// Refcount table entries keep their offset in bits 9 and up.
+const REFTABLE_MASK: u64 = !0x1ff;
+
+/// Reads `len` bytes at `offset` of the file; `None` past its end or on error (QEMU would fail the query; the
+/// library's own mapping already read these tables, so this does not happen on an image it opened).
+pub fn read(dev: &FileDevice, offset: u64, len: u64) -> Option<Vec<u8>> {
+    let end = offset.checked_add(len)?;
+    if end > dev.len_bytes() {
+        return None;
+    }
+    let start = offset - offset % 512;
+    let mut buf = vec![0u8; usize::try_from(end.next_multiple_of(512) - start).ok()?];
+    dev.read_at(start, &mut buf).ok()?;
+    buf.get(usize::try_from(offset - start).ok()?..).map(<[u8]>::to_vec)
+}
+
+fn be64(bytes: &[u8], at: usize) -> u64 {
+    bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
+/// Looks up host clusters behind guest offsets, keeping the last L2 table read.
+pub struct HostLookup<'a> {
+    image: &'a Image<FileDevice>,
+    l2: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> HostLookup<'a> {
+    /// Lookups in `image`'s active L1 table.
+    pub fn new(image: &'a Image<FileDevice>) -> Self {
+        HostLookup { image, l2: None }
+    }
+
+    /// The host offset of guest byte `guest`, if its L2 entry points to an uncompressed host cluster.
+    pub fn host(&mut self, guest: u64) -> Option<u64> {
+        let header = self.image.header();
+        let geo = self.image.geometry();
+        let cs = geo.cluster_size();
+        let entry_bytes: u64 = if header.has_extended_l2() { 16 } else { 8 };
+        let per_l2 = cs / entry_bytes;
+        let cluster = guest / cs;
+        let l1_index = cluster / per_l2;
+        if l1_index >= u64::from(header.l1_size) {
+            return None;
+        }
+        let dev = self.image.device();
+        let l1_entry = be64(&read(dev, header.l1_table_offset.checked_add(l1_index * 8)?, 8)?, 0);
+        let l2_offset = l1_entry & OFFSET_MASK;
+        if l2_offset == 0 {
+            return None;
+        }
+        if self.l2.as_ref().is_none_or(|(at, _)| *at != l2_offset) {
+            self.l2 = Some((l2_offset, read(dev, l2_offset, cs)?));
+        }
+        let table = &self.l2.as_ref()?.1;
+        let entry = be64(table, usize::try_from((cluster % per_l2) * entry_bytes).ok()?);
+        let host = entry & OFFSET_MASK;
+        (entry & COMPRESSED == 0 && host != 0).then(|| host + guest % cs)
+    }
+}
+
+/// Whether QEMU would take `image` for metadata-preallocated.
+pub fn metadata_preallocated(image: &Image<FileDevice>) -> bool {
+    let dev = image.device();
+    let header = image.header();
+    let cs = image.geometry().cluster_size();
+    let file_len = dev.len_bytes();
+    let real = dev.file().metadata().map_or(file_len, |m| m.blocks().saturating_mul(512));
+    let real_clusters = real / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = file_len.div_ceil(cs);
+    let table_bytes = u64::from(header.refcount_table_clusters) * cs;
+    let Some(table) = read(dev, header.refcount_table_offset, table_bytes) else { return false };
+    let per_block = (cs * 8) >> header.refcount_order;
+    let mut count = 0u64;
+    for (i, entry) in table.chunks_exact(8).enumerate() {
+        let first = i as u64 * per_block;
+        if first >= end_cluster || count >= threshold {
+            break;
+        }
+        let offset = be64(entry, 0) & REFTABLE_MASK;
+        if offset == 0 {
+            continue;
+        }
+        let Some(bytes) = read(dev, offset, cs) else { continue };
+        let block = RefcountBlock::new(bytes, header.refcount_order);
+        for j in 0..per_block.min(end_cluster - first) {
+            count += u64::from(block.get(j).unwrap_or(0) != 0);
+            if count >= threshold {
+                break;
+            }
+        }
+    }
+    count >= threshold
+}
