@@ -239,7 +239,11 @@ fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Mutex<Schedule>, wake: &Co
             wake.notify_all();
             return;
         }
-        wake.notify_all();
+        // Only a drain waits (for in-flight requests to finish, or for the flush to end): waking every worker
+        // after every request would cost more than the requests.
+        if s.draining {
+            wake.notify_all();
+        }
         if plan.flush_interval == 0 || s.completed % plan.flush_interval != 0 {
             continue;
         }

@@ -153,6 +153,42 @@ impl Meta {
         Ok(plans)
     }
 
+    /// The plans of a write that only overwrites clusters in place (each is a normal cluster with refcount one
+    /// in an L2 table with refcount one, in the image file), or `None` when any cluster needs more. Changes
+    /// nothing but cancelling moves of those clusters.
+    fn in_place_plans(&mut self, dev: &dyn BlockDevice, first: u64, last: u64) -> Result<Option<Vec<ClusterPlan>>> {
+        self.corruption.check()?;
+        if self.data_file_size.is_some() {
+            return Ok(None);
+        }
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut plans = Vec::with_capacity((last - first + 1) as usize);
+        for guest_cluster in first..=last {
+            let guest = GuestOffset(guest_cluster * cs);
+            let l1 = self.l1_entry(dev, geo.l1_index(guest))?;
+            let Some(l2) = l1.l2_offset().filter(|_| l1.is_copied()) else { return Ok(None) };
+            let index = geo.l2_index(guest);
+            let entry = self.l2_entry(dev, l2, index)?;
+            let at = l2.0 + index * geo.l2_entry_size();
+            let L2Kind::Normal { host, copied: true } = self.decode_l2(dev, entry, at)? else { return Ok(None) };
+            // The target came from an L2 entry on disk: it must not be metadata.
+            self.check_data_write(dev, host.0)?;
+            plans.push(ClusterPlan {
+                guest_cluster,
+                target: host,
+                allocate: false,
+                fill: Fill::InPlace,
+                release: None,
+            });
+        }
+        if self.reclaim.moving() {
+            // A copy of these clusters in flight would miss what is written now.
+            (first..=last).for_each(|c| self.reclaim.cancel_move(c));
+        }
+        Ok(Some(plans))
+    }
+
     fn commit_write(&mut self, dev: &dyn BlockDevice, plans: &[ClusterPlan]) -> Result<()> {
         let geo = self.geo;
         for plan in plans.iter().filter(|p| p.fill != Fill::InPlace) {
@@ -283,12 +319,23 @@ impl<D: BlockDevice> Image<D> {
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
         let last = (offset + buf.len() as u64 - 1) >> cb;
-        let _owned = self.ranges.lock(first, last + 1);
         super::metrics::Counters::add(&self.counters.written_bytes, buf.len() as u64);
         self.note_unflushed();
         if self.geo.extended_l2 {
+            // Subcluster bitmaps change even on in-place writes: always exclusive.
+            let _owned = self.ranges.lock(first, last + 1);
             return self.write_subclusters(offset, buf);
         }
+        {
+            // Most writes overwrite clusters in place and change no metadata: they share their clusters with other
+            // such writes and take the metadata lock once.
+            let _shared = self.ranges.lock_shared(first, last + 1);
+            let plans = self.meta().in_place_plans(&self.dev, first, last)?;
+            if let Some(plans) = plans {
+                return self.write_planned(offset, buf, &plans);
+            }
+        }
+        let _owned = self.ranges.lock(first, last + 1);
         let plans = {
             let mut m = self.meta();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some());

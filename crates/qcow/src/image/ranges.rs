@@ -1,53 +1,86 @@
-//! Per-cluster write locks: a writer owns the guest clusters it touches until its L2 update is in the cache.
+//! Per-cluster locks on guest clusters: a writer owns the clusters it touches until its L2 update is in the
+//! cache.
 //!
-//! A range is taken whole or not at all, so two writers can never hold parts of each other's ranges and
-//! deadlock. Held ranges are few (one per in-flight write), so a list beats a set of cluster numbers.
+//! A writer that only overwrites clusters in place takes them shared: such writers do not exclude each other
+//! (their data goes to fixed places, as concurrent writes to a disk do), but they exclude anyone who could move or
+//! free those places meanwhile (allocating writes, discards, the reclaimer), who take clusters exclusively. A
+//! range is taken whole or not at all, so two owners can never hold parts of each other's ranges and deadlock.
+//! Held ranges are few (one per in-flight write), so a list beats a set of cluster numbers.
 
 use std::sync::{Condvar, Mutex};
+
+#[derive(Default)]
+struct Held {
+    /// (start, end, shared)
+    ranges: Vec<(u64, u64, bool)>,
+    /// Threads waiting for a range: releases notify only when there are some.
+    waiting: usize,
+}
+
+impl Held {
+    fn conflicts(&self, start: u64, end: u64, shared: bool) -> bool {
+        self.ranges.iter().any(|&(s, e, sh)| s < end && start < e && !(shared && sh))
+    }
+}
 
 /// The guest-cluster ranges currently owned by writers.
 #[derive(Default)]
 pub struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Held>,
     released: Condvar,
 }
 
 /// Ownership of a range of guest clusters; released on drop.
 pub struct RangeGuard<'a> {
     locks: &'a RangeLocks,
-    range: (u64, u64),
+    range: (u64, u64, bool),
 }
 
 impl RangeLocks {
-    /// Waits until no other writer holds any cluster in `start..end`, then takes them all.
-    pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+    fn take(&self, start: u64, end: u64, shared: bool) -> RangeGuard<'_> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while held.iter().any(|&(s, e)| s < end && start < e) {
+        while held.conflicts(start, end, shared) {
+            held.waiting += 1;
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+            held.waiting -= 1;
         }
-        held.push((start, end));
-        RangeGuard { locks: self, range: (start, end) }
+        held.ranges.push((start, end, shared));
+        RangeGuard { locks: self, range: (start, end, shared) }
     }
 
-    /// Takes `start..end` if no writer holds any of it, without waiting.
+    /// Waits until no one else holds any cluster in `start..end`, then takes them all.
+    pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        self.take(start, end, false)
+    }
+
+    /// Waits until no one holds any cluster in `start..end` exclusively, then takes them all, shared with other
+    /// shared owners.
+    pub fn lock_shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        self.take(start, end, true)
+    }
+
+    /// Takes `start..end` exclusively if no one holds any of it, without waiting.
     pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.iter().any(|&(s, e)| s < end && start < e) {
+        if held.conflicts(start, end, false) {
             return None;
         }
-        held.push((start, end));
-        Some(RangeGuard { locks: self, range: (start, end) })
+        held.ranges.push((start, end, false));
+        Some(RangeGuard { locks: self, range: (start, end, false) })
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(i);
+        if let Some(i) = held.ranges.iter().position(|r| *r == self.range) {
+            held.ranges.swap_remove(i);
         }
+        let waiting = held.waiting > 0;
         drop(held);
-        self.locks.released.notify_all();
+        if waiting {
+            self.locks.released.notify_all();
+        }
     }
 }
 
@@ -82,5 +115,19 @@ mod tests {
         let _b = locks.lock(1, 2);
         assert!(locks.try_lock(1, 3).is_none(), "a held cluster is not taken");
         assert!(locks.try_lock(2, 3).is_some());
+    }
+
+    #[test]
+    fn shared_owners_share_and_exclusive_ones_wait_for_them() {
+        let locks = RangeLocks::default();
+        let a = locks.lock_shared(0, 4);
+        let b = locks.lock_shared(2, 6);
+        assert!(locks.try_lock(3, 4).is_none(), "exclusive waits for shared owners");
+        assert!(locks.try_lock(6, 7).is_some());
+        drop((a, b));
+        let x = locks.lock(0, 1);
+        assert!(locks.try_lock(0, 1).is_none());
+        drop(x);
+        assert!(locks.try_lock(0, 1).is_some());
     }
 }
