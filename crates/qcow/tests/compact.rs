@@ -109,7 +109,7 @@ fn the_l1_and_refcount_tables_move_down_into_free_space() {
     for (opts, size, grown, data) in
         [("", "1G", 8u64 << 40, 4u64 << 20), ("cluster_size=512,refcount_bits=64", "64M", 64 << 20, 8 << 20)]
     {
-        let _why = support::OnFailure(format!("{opts}"));
+        let _why = support::OnFailure(opts.to_string());
         let path = dir.path().join("tables.qcow2");
         qemu_create(&path, opts, size);
         qemu_io(&path, &[&format!("write -P 0x3c 0 {data}")]);
