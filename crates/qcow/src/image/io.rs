@@ -326,23 +326,29 @@ impl<D: BlockDevice> Image<D> {
             let _owned = self.ranges.lock(first, last + 1);
             return self.write_subclusters(offset, buf);
         }
-        {
-            // Most writes overwrite clusters in place and change no metadata: they share their clusters with other
-            // such writes and take the metadata lock once.
-            let _shared = self.ranges.lock_shared(first, last + 1);
-            let plans = self.meta().in_place_plans(&self.dev, first, last)?;
-            if let Some(plans) = plans {
-                return self.write_planned(offset, buf, &plans);
+        let mut retried = false;
+        let (_owned, plans) = loop {
+            {
+                // Most writes overwrite clusters in place and change no metadata: they share their clusters with
+                // other such writes and take the metadata lock once.
+                let _shared = self.ranges.lock_shared(first, last + 1);
+                let plans = self.meta().in_place_plans(&self.dev, first, last)?;
+                if let Some(plans) = plans {
+                    return self.write_planned(offset, buf, &plans);
+                }
             }
-        }
-        let _owned = self.ranges.lock(first, last + 1);
-        let plans = {
+            let owned = self.ranges.lock(first, last + 1);
             let mut m = self.meta();
-            let plans = m.plan_write(&self.dev, first, last, self.backing.is_some());
-            if plans.as_ref().is_ok_and(|p| p.iter().any(|p| p.fill != Fill::InPlace)) {
+            let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
+            if plans.iter().all(|p| p.fill == Fill::InPlace) && !retried && m.data_file_size.is_none() {
+                // Another writer allocated these clusters while this one waited: share them instead.
+                retried = true;
+                continue;
+            }
+            if plans.iter().any(|p| p.fill != Fill::InPlace) {
                 m.mark_dirty(&self.dev)?;
             }
-            plans?
+            break (owned, plans);
         };
         self.write_planned(offset, buf, &plans)?;
         let mut m = self.meta();

@@ -7,14 +7,23 @@
 //! range is taken whole or not at all, so two owners can never hold parts of each other's ranges and deadlock.
 //! Held ranges are few (one per in-flight write), so a list beats a set of cluster numbers.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
+use std::thread::Thread;
+
+/// A thread waiting for a range; woken only when a range it overlaps is released.
+struct Waiter {
+    start: u64,
+    end: u64,
+    id: u64,
+    thread: Thread,
+}
 
 #[derive(Default)]
 struct Held {
     /// (start, end, shared)
     ranges: Vec<(u64, u64, bool)>,
-    /// Threads waiting for a range: releases notify only when there are some.
-    waiting: usize,
+    waiters: Vec<Waiter>,
+    next_id: u64,
 }
 
 impl Held {
@@ -27,7 +36,6 @@ impl Held {
 #[derive(Default)]
 pub struct RangeLocks {
     held: Mutex<Held>,
-    released: Condvar,
 }
 
 /// Ownership of a range of guest clusters; released on drop.
@@ -37,12 +45,24 @@ pub struct RangeGuard<'a> {
 }
 
 impl RangeLocks {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn take(&self, start: u64, end: u64, shared: bool) -> RangeGuard<'_> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while held.conflicts(start, end, shared) {
-            held.waiting += 1;
-            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
-            held.waiting -= 1;
+        let mut held = self.held();
+        if held.conflicts(start, end, shared) {
+            // Waiting threads park and are unparked only by releases that overlap them: with many writers in
+            // flight, waking every waiter on every release costs more than the writes.
+            let id = held.next_id;
+            held.next_id += 1;
+            held.waiters.push(Waiter { start, end, id, thread: std::thread::current() });
+            while held.conflicts(start, end, shared) {
+                drop(held);
+                std::thread::park();
+                held = self.held();
+            }
+            held.waiters.retain(|w| w.id != id);
         }
         held.ranges.push((start, end, shared));
         RangeGuard { locks: self, range: (start, end, shared) }
@@ -61,7 +81,7 @@ impl RangeLocks {
 
     /// Takes `start..end` exclusively if no one holds any of it, without waiting.
     pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held();
         if held.conflicts(start, end, false) {
             return None;
         }
@@ -72,14 +92,16 @@ impl RangeLocks {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.locks.held();
         if let Some(i) = held.ranges.iter().position(|r| *r == self.range) {
             held.ranges.swap_remove(i);
         }
-        let waiting = held.waiting > 0;
+        let (start, end, _) = self.range;
+        let wake: Vec<Thread> =
+            held.waiters.iter().filter(|w| w.start < end && start < w.end).map(|w| w.thread.clone()).collect();
         drop(held);
-        if waiting {
-            self.locks.released.notify_all();
+        for thread in wake {
+            thread.unpark();
         }
     }
 }
