@@ -17,6 +17,7 @@ mod mapped;
 mod open;
 mod progress;
 mod rw;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ enum Command {
     Compact(compact::Args),
     /// List the extents the image maps (data, and zero clusters unless --ignore-zeroes).
     Mapped(mapped::Args),
+    /// Serve an image over NBD (Network Block Device) until SIGINT or SIGTERM.
+    Serve(serve::Args),
 }
 
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
@@ -75,13 +78,14 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Discard(args) => discard::run(&args).map(|()| 0),
         Command::Compact(args) => compact::run(&args).map(|()| 0),
         Command::Mapped(args) => mapped::run(&args).map(|()| 0),
+        Command::Serve(args) => serve::run(&args).map(|()| 0),
     }
 }
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped, serve (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
