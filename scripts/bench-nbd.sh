@@ -16,6 +16,7 @@
 #   BENCH_RUNS      runs of each workload per server (default: 3)
 #   BENCH_RUNTIME   seconds per fio run (default: 10)
 #   BENCH_THREADS   worker threads per connection for ours (default: qcow-tool's default)
+#   BENCH_WORKLOADS the workloads to run (default: "randread randwrite nbdcopy")
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +24,7 @@ target=${CARGO_TARGET_DIR:-$root/target}
 dir=${QCOW_BENCH_DIR:-$target/bench-nbd}
 runs=${BENCH_RUNS:-3}
 runtime=${BENCH_RUNTIME:-10}
+workloads=${BENCH_WORKLOADS:-randread randwrite nbdcopy}
 for t in qemu-img qemu-nbd:qemu-utils fio nbdcopy:libnbd-bin /usr/bin/time:time python3; do
     cmd=${t%%:*}; pkg=${t#*:}
     command -v "$cmd" >/dev/null || { echo "bench-nbd: $cmd not found: install $pkg" >&2; exit 1; }
@@ -95,7 +97,7 @@ max() { sort -g | tail -1; }
 declare -A results rss
 for run in $(seq "$runs"); do
     for which in ours qemu; do
-        for workload in randread randwrite nbdcopy; do
+        for workload in $workloads; do
             image=$data
             [ "$workload" = randwrite ] && image=$prealloc
             start "$which" "$image"
@@ -114,7 +116,7 @@ done
 printf 'qcow-tool serve vs qemu-nbd (%s); %s runs each, alternating; fio %s s per run; load average %s\n' \
     "$(qemu-nbd --version | head -1)" "$runs" "$runtime" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-10s %-6s %14s %14s %8s %14s %14s\n' workload unit ours qemu-nbd ratio "ours RSS KiB" "qemu RSS KiB"
-for workload in randread randwrite nbdcopy; do
+for workload in $workloads; do
     unit=IOPS; [ "$workload" = nbdcopy ] && unit=MB/s
     o=$(echo "${results[ours.$workload]}" | tr ' ' '\n' | grep . | median)
     q=$(echo "${results[qemu.$workload]}" | tr ' ' '\n' | grep . | median)
@@ -122,6 +124,6 @@ for workload in randread randwrite nbdcopy; do
     rq=$(echo "${rss[qemu.$workload]}" | tr ' ' '\n' | grep . | max)
     printf '%-10s %-6s %14.0f %14.0f %8.2f %14s %14s\n' "$workload" "$unit" "$o" "$q" "$(echo "$o / $q" | bc -l)" "$ro" "$rq"
 done
-for workload in randread randwrite nbdcopy; do
+for workload in $workloads; do
     printf '  %s runs: ours %s| qemu-nbd %s\n' "$workload" "${results[ours.$workload]}" "${results[qemu.$workload]}"
 done

@@ -79,7 +79,7 @@ fn transmission<E: Export + ?Sized>(
         // The workers drain what is queued and stop when the sender is dropped at the end of this block.
         let result = (|| -> Result<()> {
             while let Some(header) = read_header(reader)? {
-                let data = read_payload(reader, &header)?;
+                let data = read_payload(reader, &header, replies.pool())?;
                 match check(&header, data, limits, session) {
                     Ok(Command::Disconnect) => return Ok(()),
                     Ok(command) => {

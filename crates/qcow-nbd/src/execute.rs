@@ -26,7 +26,11 @@ pub fn execute<E: Export + ?Sized>(export: &E, replies: &Replies, cookie: u64, c
                 Err(e) => Err(e),
             }
         }
-        Command::Write { offset, data, fua } => export.write_at(offset, &data).and_then(|()| flush_if(export, fua)),
+        Command::Write { offset, data, fua } => {
+            let written = export.write_at(offset, &data);
+            replies.pool().give(data);
+            written.and_then(|()| flush_if(export, fua))
+        }
         Command::Flush => export.flush(),
         Command::Trim { offset, len, fua } => trim(export, offset, len).and_then(|()| flush_if(export, fua)),
         Command::WriteZeroes { offset, len, no_hole, fua } => {

@@ -20,6 +20,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 #![forbid(unsafe_code)]
 
+mod buffers;
 mod connection;
 pub mod error;
 mod execute;

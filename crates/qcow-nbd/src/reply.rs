@@ -1,10 +1,11 @@
 //! Replies: encoding simple replies and structured reply chunks, and the one writer per connection that
 //! serialises them onto the socket, whole, in whatever order requests finish.
 
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::buffers::BufferPool;
 use crate::proto::*;
 use crate::stream::Stream;
 
@@ -26,18 +27,38 @@ impl ReadBuffer {
     }
 }
 
-/// The sending side of one connection. Each reply is written whole under the lock, so replies from different
-/// workers never interleave; once a write fails the connection is shut down and later replies are dropped.
+/// The sending side of one connection. Replies are queued whole; whichever worker finds no send in progress
+/// becomes the sender and writes everything queued (its own reply and those that arrived meanwhile) with one
+/// vectored write, so replies never interleave and a burst of small replies costs one system call, not one
+/// each. Once a write fails the connection is shut down and later replies are dropped.
 pub struct Replies {
     stream: Mutex<Stream>,
+    pool: BufferPool,
+    queue: Mutex<Queue>,
     structured: bool,
     broken: AtomicBool,
 }
 
+/// Replies waiting for the sender.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Vec<u8>>,
+    sending: bool,
+}
+
+/// At most this many replies go into one vectored write (Linux's IOV_MAX is 1024).
+const MAX_BATCH: usize = 512;
+
 impl Replies {
     /// Replies on `stream`, structured if the session negotiated it.
     pub fn new(stream: Stream, structured: bool) -> Self {
-        Replies { stream: Mutex::new(stream), structured, broken: AtomicBool::new(false) }
+        Replies {
+            stream: Mutex::new(stream),
+            pool: BufferPool::default(),
+            queue: Mutex::new(Queue::default()),
+            structured,
+            broken: AtomicBool::new(false),
+        }
     }
 
     /// Whether a reply failed to go out (the client is gone).
@@ -45,10 +66,15 @@ impl Replies {
         self.broken.load(Ordering::Acquire)
     }
 
+    /// The connection's buffer pool (write payloads come from it too).
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
     /// A buffer for a read of `len` bytes.
     pub fn read_buffer(&self, len: usize) -> ReadBuffer {
         let header = if self.structured { OFFSET_DATA_HEADER } else { SIMPLE_HEADER };
-        ReadBuffer { bytes: vec![0u8; header + len], header }
+        ReadBuffer { bytes: self.pool.take(header + len), header }
     }
 
     /// Sends a successful read: one `NBD_REPLY_TYPE_OFFSET_DATA` chunk marked done (never fragmented, so
@@ -65,7 +91,7 @@ impl Replies {
         if let Some(room) = buf.bytes.get_mut(..head.len()) {
             room.copy_from_slice(&head);
         }
-        self.send(&buf.bytes);
+        self.send(buf.bytes);
     }
 
     /// Sends success for a request without reply data.
@@ -76,7 +102,7 @@ impl Replies {
         } else {
             simple_header(&mut out, 0, cookie);
         }
-        self.send(&out);
+        self.send(out);
     }
 
     /// Sends an error: an `NBD_REPLY_TYPE_ERROR` chunk with `message`, or a simple reply carrying `errno`.
@@ -96,7 +122,7 @@ impl Replies {
         } else {
             simple_header(&mut out, errno, cookie);
         }
-        self.send(&out);
+        self.send(out);
     }
 
     /// Sends the block status of one context: (length, flags) descriptors, as one chunk marked done.
@@ -108,16 +134,42 @@ impl Replies {
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(&flags.to_be_bytes());
         }
-        self.send(&out);
+        self.send(out);
     }
 
-    fn send(&self, bytes: &[u8]) {
+    fn send(&self, bytes: Vec<u8>) {
         if self.is_broken() {
             return;
         }
-        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = stream.write_all(bytes).and_then(|()| stream.flush()) {
-            self.fail(&stream, &e);
+        let mut batch = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.pending.push(bytes);
+            if queue.sending {
+                return;
+            }
+            queue.sending = true;
+            std::mem::take(&mut queue.pending)
+        };
+        let stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if !self.is_broken() {
+                for chunk in batch.chunks(MAX_BATCH) {
+                    if let Err(e) = write_all_vectored(&stream, chunk) {
+                        self.fail(&stream, &e);
+                        break;
+                    }
+                }
+            }
+            for buf in batch.drain(..) {
+                self.pool.give(buf);
+            }
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.pending.is_empty() {
+                queue.sending = false;
+                return;
+            }
+            // Reuse the emptied vector for the next round.
+            std::mem::swap(&mut batch, &mut queue.pending);
         }
     }
 
@@ -142,4 +194,19 @@ fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: usiz
     out.extend_from_slice(&cookie.to_be_bytes());
     // Payloads are bounded by the maximum request size, far below 4 GiB.
     out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+/// Writes every buffer of `bufs`, in order, with as few system calls as the socket allows.
+fn write_all_vectored(mut stream: &Stream, bufs: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = slices.as_mut_slice();
+    while !rest.is_empty() {
+        match stream.write_vectored(rest) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the client stopped accepting replies")),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read};
 
+use crate::buffers::BufferPool;
 use crate::error::{Error, Result};
 use crate::handshake::{Session, MAX_PAYLOAD, MIN_BLOCK_SIZE};
 use crate::proto::errno::{EINVAL, ENOSPC, EPERM};
@@ -118,7 +119,7 @@ pub fn read_header(reader: &mut impl Read) -> Result<Option<Header>> {
 ///
 /// # Errors
 /// A payload over [`MAX_PAYLOAD`] (the connection is dropped rather than reading up to 4 GiB), socket failures.
-pub fn read_payload(reader: &mut impl Read, header: &Header) -> Result<Vec<u8>> {
+pub fn read_payload(reader: &mut impl Read, header: &Header, pool: &BufferPool) -> Result<Vec<u8>> {
     if header.kind != NBD_CMD_WRITE {
         return Ok(Vec::new());
     }
@@ -128,7 +129,7 @@ pub fn read_payload(reader: &mut impl Read, header: &Header) -> Result<Vec<u8>> 
             header.length
         )));
     }
-    let mut data = vec![0u8; header.length as usize];
+    let mut data = pool.take(header.length as usize);
     reader.read_exact(&mut data).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::protocol("connection closed inside a write payload")

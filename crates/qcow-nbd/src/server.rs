@@ -48,7 +48,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { export_name: String::new(), read_only: false, max_connections: 1, workers: 8 }
+        ServerConfig { export_name: String::new(), read_only: false, max_connections: 1, workers: 4 }
     }
 }
 
