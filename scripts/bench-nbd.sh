@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NBD serving: `qcow-tool serve` against `qemu-nbd` on the same qcow2 image, with the same client and the same
 # settings, alternating server by server in each run. Prints per-workload medians, the ratio ours/qemu-nbd
-# (above 1.0: we are faster) and each server's peak RSS.
+# (above 1.0: we are faster), each server's peak RSS and its CPU time (user + system, median per run): on a
+# shared, loaded machine the CPU a server burns for the same work is steadier than its throughput.
 #
 # Workloads:
 #   randread   fio (ioengine=nbd) 4 KiB random reads, queue depth 64, on a 1 GiB image full of data
@@ -54,10 +55,10 @@ start() {
     local which=$1 image=$2 port
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     if [ "$which" = ours ]; then
-        /usr/bin/time -f %M -o "$dir/$which.rss" "$tool" serve --bind "127.0.0.1:$port" --export-name disk \
+        /usr/bin/time -f '%M %U %S' -o "$dir/$which.rss" "$tool" serve --bind "127.0.0.1:$port" --export-name disk \
             ${BENCH_THREADS:+--threads "$BENCH_THREADS"} "$image" >/dev/null 2>"$dir/$which.log" &
     else
-        /usr/bin/time -f %M -o "$dir/$which.rss" qemu-nbd -f qcow2 --cache=writeback --aio=threads -b 127.0.0.1 \
+        /usr/bin/time -f '%M %U %S' -o "$dir/$which.rss" qemu-nbd -f qcow2 --cache=writeback --aio=threads -b 127.0.0.1 \
             -p "$port" -x disk --persistent "$image" >/dev/null 2>"$dir/$which.log" &
     fi
     server_pid=$!
@@ -94,7 +95,7 @@ copy_mbs() {
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 max() { sort -g | tail -1; }
 
-declare -A results rss
+declare -A results rss cpu
 for run in $(seq "$runs"); do
     for which in ours qemu; do
         for workload in $workloads; do
@@ -107,7 +108,9 @@ for run in $(seq "$runs"); do
             esac
             stop
             results[$which.$workload]+="$value "
-            rss[$which.$workload]+="$(tail -1 "$dir/$which.rss") "
+            read -r kib user sys < <(tail -1 "$dir/$which.rss")
+            rss[$which.$workload]+="$kib "
+            cpu[$which.$workload]+="$(echo "$user + $sys" | bc -l) "
             echo "run $run $which $workload: $value" >&2
         done
     done
@@ -115,14 +118,17 @@ done
 
 printf 'qcow-tool serve vs qemu-nbd (%s); %s runs each, alternating; fio %s s per run; load average %s\n' \
     "$(qemu-nbd --version | head -1)" "$runs" "$runtime" "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-10s %-6s %14s %14s %8s %14s %14s\n' workload unit ours qemu-nbd ratio "ours RSS KiB" "qemu RSS KiB"
+printf '%-10s %-6s %10s %10s %7s %13s %13s %9s %9s\n' workload unit ours qemu-nbd ratio "ours RSS KiB" "qemu RSS KiB" "ours CPU" "qemu CPU"
 for workload in $workloads; do
     unit=IOPS; [ "$workload" = nbdcopy ] && unit=MB/s
     o=$(echo "${results[ours.$workload]}" | tr ' ' '\n' | grep . | median)
     q=$(echo "${results[qemu.$workload]}" | tr ' ' '\n' | grep . | median)
     ro=$(echo "${rss[ours.$workload]}" | tr ' ' '\n' | grep . | max)
     rq=$(echo "${rss[qemu.$workload]}" | tr ' ' '\n' | grep . | max)
-    printf '%-10s %-6s %14.0f %14.0f %8.2f %14s %14s\n' "$workload" "$unit" "$o" "$q" "$(echo "$o / $q" | bc -l)" "$ro" "$rq"
+    co=$(echo "${cpu[ours.$workload]}" | tr ' ' '\n' | grep . | median)
+    cq=$(echo "${cpu[qemu.$workload]}" | tr ' ' '\n' | grep . | median)
+    printf '%-10s %-6s %10.0f %10.0f %7.2f %13s %13s %8.2fs %8.2fs\n' "$workload" "$unit" "$o" "$q" "$(echo "$o / $q" | bc -l)" \
+        "$ro" "$rq" "$co" "$cq"
 done
 for workload in $workloads; do
     printf '  %s runs: ours %s| qemu-nbd %s\n' "$workload" "${results[ours.$workload]}" "${results[qemu.$workload]}"

@@ -1,12 +1,12 @@
 //! One client connection: the handshake, then the transmission phase with many requests in flight.
 //!
 //! The connection's own thread reads requests (and write payloads) and queues them; a fixed set of worker
-//! threads run them against the shared export and send each reply as soon as it is ready, so replies go out of
-//! order. The queue is bounded, which bounds the memory one client can pin and gives it back-pressure.
+//! threads run them against the shared export and queue each reply as soon as it is ready, and a writer thread
+//! sends them, so replies go out of order. The queue is bounded, which bounds the memory one client can pin and gives it back-pressure.
 
 use std::io::BufReader;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 
 use crate::error::Result;
@@ -14,6 +14,7 @@ use crate::execute::execute;
 use crate::export::Export;
 use crate::handshake::{negotiate, ExportDesc, Outcome, Session};
 use crate::proto::errno::EINVAL;
+use crate::proto::{NBD_CMD_READ, NBD_CMD_WRITE};
 use crate::reply::Replies;
 use crate::request::{check, read_header, read_payload, Command, Limits};
 use crate::stream::Stream;
@@ -73,37 +74,55 @@ fn transmission<E: Export + ?Sized>(
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| work(export, &rx, replies));
-        }
-        // The workers drain what is queued and stop when the sender is dropped at the end of this block.
-        let result = (|| -> Result<()> {
-            while let Some(header) = read_header(reader)? {
-                let data = read_payload(reader, &header, replies.pool())?;
-                match check(&header, data, limits, session) {
-                    Ok(Command::Disconnect) => return Ok(()),
-                    Ok(command) => {
-                        if tx.send(Job { cookie: header.cookie, command }).is_err() || replies.is_broken() {
-                            return Ok(());
-                        }
-                    }
-                    Err(errno) => {
-                        let message = format!(
-                            "request type {} flags {:#x} offset {:#x} length {} refused",
-                            header.kind, header.flags, header.offset, header.length
-                        );
-                        if errno == EINVAL {
-                            tracing::debug!("{message}");
-                        }
-                        replies.error(header.cookie, errno, &message);
-                    }
-                }
-            }
-            Ok(())
-        })();
+        scope.spawn(|| replies.run_writer());
+        let workers: Vec<_> = (0..workers).map(|_| scope.spawn(|| work(export, &rx, replies))).collect();
+        let result = read_requests(reader, replies, limits, session, &tx);
+        // The workers drain what is queued and stop once the sender is gone; then the writer sends the last
+        // replies and stops.
         drop(tx);
+        for worker in workers {
+            if worker.join().is_err() {
+                tracing::error!("a request worker panicked");
+            }
+        }
+        replies.close();
         result
     })
+}
+
+/// Reads requests and queues them for the workers until the client disconnects or breaks the protocol.
+fn read_requests(
+    reader: &mut BufReader<Stream>,
+    replies: &Replies,
+    limits: Limits,
+    session: Session,
+    tx: &SyncSender<Job>,
+) -> Result<()> {
+    while let Some(header) = read_header(reader)? {
+        let data = read_payload(reader, &header, replies.pool())?;
+        let moves = if matches!(header.kind, NBD_CMD_READ | NBD_CMD_WRITE) { u64::from(header.length) } else { 0 };
+        match check(&header, data, limits, session) {
+            Ok(Command::Disconnect) => return Ok(()),
+            Ok(command) => {
+                replies.admit(moves);
+                if tx.send(Job { cookie: header.cookie, command }).is_err() || replies.is_broken() {
+                    return Ok(());
+                }
+            }
+            Err(errno) => {
+                let message = format!(
+                    "request type {} flags {:#x} offset {:#x} length {} refused",
+                    header.kind, header.flags, header.offset, header.length
+                );
+                if errno == EINVAL {
+                    tracing::debug!("{message}");
+                }
+                replies.admit(0);
+                replies.error(header.cookie, errno, &message, 0);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn work<E: Export + ?Sized>(export: &E, rx: &Mutex<Receiver<Job>>, replies: &Replies) {

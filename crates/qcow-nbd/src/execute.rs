@@ -15,6 +15,12 @@ const MAX_DESCRIPTORS: usize = 1 << 16;
 
 /// Runs `command` and replies to `cookie`.
 pub fn execute<E: Export + ?Sized>(export: &E, replies: &Replies, cookie: u64, command: Command) {
+    // What the reader admitted for this request (see `Replies::admit`).
+    let admitted = match &command {
+        Command::Read { len, .. } => u64::from(*len),
+        Command::Write { data, .. } => data.len() as u64,
+        _ => 0,
+    };
     let result = match command {
         Command::Read { offset, len } => {
             let mut buf = replies.read_buffer(len as usize);
@@ -58,10 +64,10 @@ pub fn execute<E: Export + ?Sized>(export: &E, replies: &Replies, cookie: u64, c
         Command::Disconnect => Ok(()),
     };
     match result {
-        Ok(()) => replies.done(cookie),
+        Ok(()) => replies.done(cookie, admitted),
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
-            replies.error(cookie, errno_of(&e), &e.to_string());
+            replies.error(cookie, errno_of(&e), &e.to_string(), admitted);
         }
     }
 }

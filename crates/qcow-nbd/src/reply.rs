@@ -3,7 +3,7 @@
 
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use crate::buffers::BufferPool;
 use crate::proto::*;
@@ -27,24 +27,40 @@ impl ReadBuffer {
     }
 }
 
-/// The sending side of one connection. Replies are queued whole; whichever worker finds no send in progress
-/// becomes the sender and writes everything queued (its own reply and those that arrived meanwhile) with one
-/// vectored write, so replies never interleave and a burst of small replies costs one system call, not one
-/// each. Once a write fails the connection is shut down and later replies are dropped.
+/// The sending side of one connection. Workers queue replies whole; the connection's writer thread
+/// ([`Replies::run_writer`]) sends everything queued with one vectored write, so replies never interleave, a
+/// burst of small replies costs one system call, and no worker waits on a slow client's socket. Once a write
+/// fails the connection is shut down and later replies are dropped.
 pub struct Replies {
-    stream: Mutex<Stream>,
+    stream: Stream,
     pool: BufferPool,
     queue: Mutex<Queue>,
+    /// Signalled when a reply is queued or the connection is closing.
+    ready: Condvar,
+    /// Signalled when replies have been sent, making room for more requests.
+    room: Condvar,
     structured: bool,
     broken: AtomicBool,
 }
 
-/// Replies waiting for the sender.
+/// Replies waiting for the writer.
 #[derive(Default)]
 struct Queue {
     pending: Vec<Vec<u8>>,
-    sending: bool,
+    /// No more replies will be queued: the writer exits once the queue is empty.
+    closing: bool,
+    /// Requests admitted whose replies have not been sent yet, and the bytes they move.
+    in_flight: usize,
+    in_flight_bytes: u64,
+    /// The bytes admitted for the replies in `pending`.
+    pending_bytes: u64,
 }
+
+/// Requests admitted per connection before the reader waits for replies to go out.
+const MAX_IN_FLIGHT: usize = 256;
+/// Data bytes (read replies and write payloads) admitted per connection before the reader waits; one request
+/// is always admitted, whatever its size.
+const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 
 /// At most this many replies go into one vectored write (Linux's IOV_MAX is 1024).
 const MAX_BATCH: usize = 512;
@@ -53,12 +69,71 @@ impl Replies {
     /// Replies on `stream`, structured if the session negotiated it.
     pub fn new(stream: Stream, structured: bool) -> Self {
         Replies {
-            stream: Mutex::new(stream),
+            stream,
             pool: BufferPool::default(),
             queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            room: Condvar::new(),
             structured,
             broken: AtomicBool::new(false),
         }
+    }
+
+    /// Sends queued replies until [`close`](Self::close) is called and the queue is empty. Run it on the
+    /// connection's writer thread.
+    pub fn run_writer(&self) {
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut admitted: u64;
+        loop {
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                while queue.pending.is_empty() && !queue.closing {
+                    queue = self.ready.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+                if queue.pending.is_empty() {
+                    return;
+                }
+                std::mem::swap(&mut batch, &mut queue.pending);
+                admitted = std::mem::take(&mut queue.pending_bytes);
+            }
+            if !self.is_broken() {
+                for chunk in batch.chunks(MAX_BATCH) {
+                    if let Err(e) = write_all_vectored(&self.stream, chunk) {
+                        self.fail(&e);
+                        break;
+                    }
+                }
+            }
+            let sent = batch.len();
+            for buf in batch.drain(..) {
+                self.pool.give(buf);
+            }
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.in_flight = queue.in_flight.saturating_sub(sent);
+            queue.in_flight_bytes = queue.in_flight_bytes.saturating_sub(admitted);
+            self.room.notify_all();
+        }
+    }
+
+    /// Admits a request that moves `bytes` of data, waiting while too many replies are outstanding: a client
+    /// that sends requests but does not read replies stops being read, instead of making the server buffer
+    /// without bound. Every admitted request must be answered exactly once.
+    pub fn admit(&self, bytes: u64) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while queue.in_flight > 0
+            && (queue.in_flight >= MAX_IN_FLIGHT || queue.in_flight_bytes.saturating_add(bytes) > MAX_IN_FLIGHT_BYTES)
+            && !self.is_broken()
+        {
+            queue = self.room.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        queue.in_flight += 1;
+        queue.in_flight_bytes = queue.in_flight_bytes.saturating_add(bytes);
+    }
+
+    /// Tells the writer that every reply has been queued.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
+        self.ready.notify_all();
     }
 
     /// Whether a reply failed to go out (the client is gone).
@@ -91,22 +166,23 @@ impl Replies {
         if let Some(room) = buf.bytes.get_mut(..head.len()) {
             room.copy_from_slice(&head);
         }
-        self.send(buf.bytes);
+        self.send(buf.bytes, data_len as u64);
     }
 
-    /// Sends success for a request without reply data.
-    pub fn done(&self, cookie: u64) {
+    /// Sends success for a request without reply data; `admitted` is what [`admit`](Self::admit) was given.
+    pub fn done(&self, cookie: u64, admitted: u64) {
         let mut out = Vec::with_capacity(20);
         if self.structured {
             chunk_header(&mut out, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, 0);
         } else {
             simple_header(&mut out, 0, cookie);
         }
-        self.send(out);
+        self.send(out, admitted);
     }
 
-    /// Sends an error: an `NBD_REPLY_TYPE_ERROR` chunk with `message`, or a simple reply carrying `errno`.
-    pub fn error(&self, cookie: u64, errno: u32, message: &str) {
+    /// Sends an error: an `NBD_REPLY_TYPE_ERROR` chunk with `message`, or a simple reply carrying `errno`;
+    /// `admitted` is what [`admit`](Self::admit) was given.
+    pub fn error(&self, cookie: u64, errno: u32, message: &str, admitted: u64) {
         let mut out = Vec::with_capacity(32 + message.len());
         if self.structured {
             // The message field is 16 bits long; a longer message is cut at a character boundary.
@@ -122,7 +198,7 @@ impl Replies {
         } else {
             simple_header(&mut out, errno, cookie);
         }
-        self.send(out);
+        self.send(out, admitted);
     }
 
     /// Sends the block status of one context: (length, flags) descriptors, as one chunk marked done.
@@ -134,49 +210,27 @@ impl Replies {
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(&flags.to_be_bytes());
         }
-        self.send(out);
+        self.send(out, 0);
     }
 
-    fn send(&self, bytes: Vec<u8>) {
-        if self.is_broken() {
-            return;
-        }
-        let mut batch = {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queue.pending.push(bytes);
-            if queue.sending {
-                return;
-            }
-            queue.sending = true;
-            std::mem::take(&mut queue.pending)
-        };
-        let stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if !self.is_broken() {
-                for chunk in batch.chunks(MAX_BATCH) {
-                    if let Err(e) = write_all_vectored(&stream, chunk) {
-                        self.fail(&stream, &e);
-                        break;
-                    }
-                }
-            }
-            for buf in batch.drain(..) {
-                self.pool.give(buf);
-            }
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if queue.pending.is_empty() {
-                queue.sending = false;
-                return;
-            }
-            // Reuse the emptied vector for the next round.
-            std::mem::swap(&mut batch, &mut queue.pending);
+    fn send(&self, bytes: Vec<u8>, admitted: u64) {
+        // Queued even when the connection is broken: the writer drops it, and accounts for it.
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.pending.push(bytes);
+        queue.pending_bytes = queue.pending_bytes.saturating_add(admitted);
+        // Only the first reply of a batch needs to wake the writer; later ones find it awake or about to be.
+        if queue.pending.len() == 1 {
+            self.ready.notify_one();
         }
     }
 
-    fn fail(&self, stream: &Stream, e: &io::Error) {
+    fn fail(&self, e: &io::Error) {
         if !self.broken.swap(true, Ordering::AcqRel) {
             tracing::debug!(error = %e, "sending a reply failed; closing the connection");
-            stream.shutdown();
+            self.stream.shutdown();
+            // A reader waiting for room must see the breakage.
+            let _queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            self.room.notify_all();
         }
     }
 }
