@@ -547,3 +547,68 @@ fn a_read_only_export_refuses_writes_with_eperm() {
         assert!(qemu_compare(&a, "qcow2", &b, "raw"), "a read-only export changed the image");
     });
 }
+
+#[test]
+fn a_client_that_vanishes_mid_request_loses_nothing_it_flushed() {
+    with_deadline(60, "vanishing client", || {
+        let dir = Dir::new();
+        let image = dir.path("v.qcow2");
+        qemu_create(&image, "cluster_size=65536", "4M");
+        let mut served = Served::start(&image, "v", &[]);
+        let mut c = Handshake::connect(&served.addr);
+        c.go("v");
+        c.request(1, 0, 1, 64 << 10, 128 << 10);
+        c.send(&[0xc3u8; 128 << 10]);
+        assert_eq!(c.simple_reply(), (0, 1), "write");
+        c.request(3, 0, 2, 0, 0);
+        assert_eq!(c.simple_reply(), (0, 2), "flush");
+        // Half a write payload, then the client is gone.
+        c.request(1, 0, 3, 1 << 20, 64 << 10);
+        c.send(&[0x11u8; 1000]);
+        drop(c);
+        // The server dies without its clean stop: what was flushed must be in the file regardless.
+        let mut child = served.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(served);
+        let io = client_ok(
+            qemu("qemu-io")
+                .args(["-f", "qcow2", "-r", "-c", "read -P 0xc3 64k 128k", "-c", "read -P 0 1M 64k"])
+                .arg(&image),
+        );
+        assert!(!String::from_utf8_lossy(&io.stdout).contains("Pattern verification failed"), "{}", show(&io));
+        let check = output_within(qemu("qemu-img").args(["check", "-f", "qcow2"]).arg(&image), 60);
+        assert_eq!(check.status.code(), Some(0), "qemu-img check after the server was killed: {}", show(&check));
+    });
+}
+
+#[test]
+fn a_raw_file_is_served_and_written_as_is() {
+    with_deadline(60, "raw file", || {
+        let dir = Dir::new();
+        let raw = dir.path("disk.raw");
+        run_ok(qemu("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&raw).arg("4M"));
+        run_ok(qemu("qemu-io").args(["-f", "raw", "-c", "write -P 0x4d 1M 1M"]).arg(&raw));
+        let expected = dir.path("expected.raw");
+        std::fs::copy(&raw, &expected).unwrap();
+        run_ok(
+            qemu("qemu-io").args(["-f", "raw", "-c", "write -P 0x2e 3M 4k", "-c", "write -z 1M 64k"]).arg(&expected),
+        );
+
+        let served = Served::start(&raw, "raw", &["-f", "raw"]);
+        let out = dir.path("out.raw");
+        client_ok(qemu("qemu-img").args(["convert", "-f", "raw", &served.uri()]).arg(&out));
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&raw).unwrap());
+        client_ok(qemu("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x2e 3M 4k",
+            "-c",
+            "write -z 1M 64k",
+            &served.uri(),
+        ]));
+        served.stop();
+        assert!(qemu_compare(&raw, "raw", &expected, "raw"), "the raw file differs from qemu-io's edit of a copy");
+    });
+}
