@@ -104,8 +104,15 @@ fn serve<E: Export>(export: Arc<E>, args: &Args) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context(|| "could not install the SIGINT/SIGTERM handlers")?;
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
-            tracing::info!(signal, "stopping: answering requests in flight, then flushing the image");
+        let mut stopping = false;
+        for signal in signals.forever() {
+            if stopping {
+                // A second signal: the user does not want to wait for clients to finish.
+                tracing::warn!(signal, "second signal: exiting without waiting for clients");
+                std::process::exit(130);
+            }
+            stopping = true;
+            tracing::info!(signal, "stopping: answering requests in flight, then flushing the image (again to quit)");
             handle.shutdown();
         }
     });
