@@ -11,12 +11,17 @@
 //!
 //! What is spoken: fixed newstyle handshake with `NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`, `EXPORT_NAME`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (`base:allocation`); commands `READ`, `WRITE`
-//! (with FUA), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE`), `BLOCK_STATUS` and `DISC`. Each connection
-//! reads requests on one thread and runs them on a small pool, replying as each finishes.
+//! (with FUA), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE`), `BLOCK_STATUS` and `DISC`. Not spoken: TLS,
+//! extended headers, `NBD_CMD_CACHE`/`RESIZE`, I/O smaller than 512 bytes (the minimum block size advertised).
 //!
-//! Layout: [`handshake`] (option haggling), [`request`] (reading and checking requests), [`reply`] (encoding
-//! and serialising replies), `execute` (running a request), `connection` (one client), [`server`] (listening,
-//! limits, stopping), [`export`] (what can be served), [`metrics`] (the Prometheus endpoint).
+//! Threads, not async: each connection reads requests on its own thread, runs them on a small pool of workers
+//! (the engine's I/O is blocking positional I/O anyway), and a writer thread sends the replies as they finish,
+//! batched into one vectored write per burst. Requests and bytes in flight are bounded per connection.
+//!
+//! Layout: [`proto`] (the specification's numbers), [`handshake`] (option haggling), [`request`] (reading and
+//! checking requests), [`reply`] (encoding, queueing and sending replies), `execute` (running a request),
+//! `connection` (one client's threads), `buffers` (reused big buffers), [`server`] (listening, limits,
+//! stopping), [`export`] (what can be served), [`metrics`] (the Prometheus endpoint).
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 #![forbid(unsafe_code)]
 
