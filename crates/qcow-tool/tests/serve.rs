@@ -272,6 +272,8 @@ fn several_clients_at_once_and_fio_with_many_requests_in_flight() {
             .args(["--name=qd", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=64", "--size=8M"])
             .args(["--offset=16M", "--verify=crc32c", "--do_verify=1", "--randrepeat=1"])
             .arg(format!("--uri={}", served.uri()))
+            // fio saves its verify state in the working directory: keep it in the test's directory.
+            .current_dir(dir.0.path())
             .output()
             .unwrap();
         assert!(fio.status.success(), "fio: {}", show(&fio));
