@@ -31,6 +31,7 @@ mod progress;
 mod rehydrate;
 mod resize;
 mod rw;
+mod serve;
 mod sha;
 
 use std::process::ExitCode;
@@ -97,6 +98,8 @@ enum Command {
     Dehydrate(dehydrate::Args),
     /// Rebuild an image from PREFIX.meta and PREFIX.map: its metadata, with zeros where data was.
     Rehydrate(rehydrate::Args),
+    /// Serve an image over NBD (Network Block Device) until SIGINT or SIGTERM.
+    Serve(serve::Args),
 }
 
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
@@ -124,13 +127,14 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Pattern(args) => pattern::run(&args).map(|()| 0),
         Command::Dehydrate(args) => dehydrate::run(&args).map(|()| 0),
         Command::Rehydrate(args) => rehydrate::run(&args).map(|()| 0),
+        Command::Serve(args) => serve::run(&args).map(|()| 0),
     }
 }
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, pattern, dehydrate, rehydrate (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, pattern, dehydrate, rehydrate, serve (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

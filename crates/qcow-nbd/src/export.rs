@@ -1,0 +1,131 @@
+//! What the server serves: a block device, plus the two things NBD asks that the block-device contract does not
+//! answer (which ranges are holes, and whether discard does anything).
+
+use qcow::block::{BlockDevice, FileDevice, MemoryDevice};
+use qcow::{ExtentKind, Image};
+
+use crate::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
+
+/// One run of the `base:allocation` context: a length and its `NBD_STATE_*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Bytes in the run.
+    pub len: u64,
+    /// `NBD_STATE_HOLE` and/or `NBD_STATE_ZERO`, or 0 for data.
+    pub flags: u32,
+}
+
+/// A block device the server can export.
+///
+/// Every [`BlockDevice`] can be served by wrapping it in [`AllData`]; qcow2 images, files and memory devices are
+/// exports directly and say more about their allocation.
+pub trait Export: BlockDevice + 'static {
+    /// Whether [`BlockDevice::discard`] releases space (and so `NBD_CMD_TRIM` is worth advertising).
+    fn can_trim(&self) -> bool;
+
+    /// The allocation state of `offset..offset + len` (clipped to the device), in order, covering the range
+    /// from `offset` without gaps. Reporting everything as data (flags 0) is always correct.
+    ///
+    /// # Errors
+    /// Whatever reading the device's metadata fails with.
+    fn allocation(&self, offset: u64, len: u64) -> qcow::Result<Vec<Allocation>> {
+        let end = offset.saturating_add(len).min(self.info().size_bytes());
+        Ok(vec![Allocation { len: end.saturating_sub(offset), flags: 0 }])
+    }
+
+    /// The device's metrics in Prometheus text format, when it keeps any.
+    ///
+    /// # Errors
+    /// Whatever collecting them fails with.
+    fn prometheus_metrics(&self) -> qcow::Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// A qcow2 image: holes and zero runs come from its cluster map. Ranges left to a backing file are reported as
+/// data, because the backing device cannot be asked; that is the conservative answer the protocol allows.
+impl<D: BlockDevice + 'static> Export for Image<D> {
+    fn can_trim(&self) -> bool {
+        self.config().discard && !self.is_read_only()
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> qcow::Result<Vec<Allocation>> {
+        let backed = self.has_backing();
+        let mut out: Vec<Allocation> = Vec::new();
+        for extent in self.map(offset, len)? {
+            let flags = match extent.kind {
+                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => 0,
+                ExtentKind::Unallocated if backed => 0,
+                ExtentKind::Unallocated | ExtentKind::Zero => NBD_STATE_HOLE | NBD_STATE_ZERO,
+            };
+            push(&mut out, Allocation { len: extent.len, flags });
+        }
+        Ok(out)
+    }
+
+    fn prometheus_metrics(&self) -> qcow::Result<Option<String>> {
+        Image::prometheus_metrics(self).map(Some)
+    }
+}
+
+/// A raw file: every byte is reported as data (sparse regions read as zeros all the same).
+impl Export for FileDevice {
+    fn can_trim(&self) -> bool {
+        self.info().read_write && self.punches_holes()
+    }
+}
+
+/// A memory device: all data.
+impl Export for MemoryDevice {
+    fn can_trim(&self) -> bool {
+        false
+    }
+}
+
+/// Any block device, exported with everything reported as data and no trim.
+#[derive(Debug)]
+pub struct AllData<D>(pub D);
+
+impl<D: BlockDevice> BlockDevice for AllData<D> {
+    fn info(&self) -> qcow::block::Info {
+        self.0.info()
+    }
+    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+        self.0.read(sector, bufs)
+    }
+    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+        self.0.write(sector, bufs)
+    }
+    fn flush(&self) -> qcow::Result<()> {
+        self.0.flush()
+    }
+    fn resize(&self, sectors: u64) -> qcow::Result<()> {
+        self.0.resize(sectors)
+    }
+    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
+        self.0.discard(sector, count)
+    }
+    fn disconnect(&self) {
+        self.0.disconnect()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> qcow::Result<()> {
+        self.0.write_at(offset, buf)
+    }
+}
+
+impl<D: BlockDevice + 'static> Export for AllData<D> {
+    fn can_trim(&self) -> bool {
+        false
+    }
+}
+
+/// Appends a run, merging it into the previous one when the flags agree.
+fn push(out: &mut Vec<Allocation>, run: Allocation) {
+    match out.last_mut() {
+        Some(last) if last.flags == run.flags => last.len = last.len.saturating_add(run.len),
+        _ => out.push(run),
+    }
+}
