@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qcow::Config;
+use qcow::{Config, ReclaimerOptions};
 use qcow_nbd::{Bind, Export, MetricsServer, Server, ServerConfig};
 
 use crate::error::{Context, Error, Result};
@@ -48,6 +48,16 @@ pub struct Args {
     /// Log every request error and protocol detail, not only connections and failures.
     #[arg(short, long)]
     verbose: bool,
+    /// Run the background space reclaimer on a qcow2 image: erase freed clusters, compact the file online once
+    /// enough has been discarded, give a free tail back, flush a few seconds after writes.
+    #[arg(long, conflicts_with = "read_only")]
+    reclaim: bool,
+    /// With --reclaim: how many zeroed free clusters to keep ready for allocation.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "reclaim")]
+    keep_erased: u64,
+    /// With --reclaim: compact once this much has been discarded (K/M/G/T suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", requires = "reclaim")]
+    compact_after: String,
 }
 
 /// The default listening address, as qemu-nbd's: loopback only, the NBD port.
@@ -71,8 +81,18 @@ pub fn run(args: &Args) -> Result<()> {
         Format::Raw => serve(Arc::new(open::file(&args.file, args.read_only)?), args),
         Format::Qcow2 => {
             // Discard is on so that TRIM and WRITE_ZEROES give space back.
-            let config = Config { discard: !args.read_only, read_only: args.read_only, ..Config::default() };
-            serve(Arc::new(open::image_with(&args.file, config)?), args)
+            let mut config = Config { discard: !args.read_only, read_only: args.read_only, ..Config::default() };
+            if args.reclaim {
+                config.keep_erased = args.keep_erased;
+                config.compact_after_unmaps = open::size(&args.compact_after)?.div_ceil(512).max(1);
+            }
+            let image = Arc::new(open::image_with(&args.file, config)?);
+            if args.reclaim {
+                image
+                    .start_reclaimer(ReclaimerOptions::default())
+                    .map_err(|e| Error::wrap("could not start the reclaimer", e))?;
+            }
+            serve(image, args)
         }
     }
 }

@@ -221,6 +221,40 @@ fn writes_through_qemu_io_and_nbdcopy_land_in_the_image() {
     });
 }
 
+/// With --reclaim the background reclaimer compacts the file online once enough has been trimmed: data written
+/// at the end moves down into the trimmed space and the file gets shorter while the export stays served.
+#[test]
+fn the_reclaimer_compacts_the_file_while_it_is_served() {
+    with_deadline(240, "reclaim while served", || {
+        let dir = Dir::new();
+        let image = dir.path("reclaim.qcow2");
+        qemu_create(&image, "cluster_size=65536", "16M");
+        let served = Served::start(&image, "r", &["--reclaim", "--compact-after", "1M"]);
+        client_ok(qemu("qemu-io").args(["-f", "raw", "-c", "write -P 0x5b 0 8M", "-c", "flush"]).arg(served.uri()));
+        let written = std::fs::metadata(&image).unwrap().len();
+        client_ok(qemu("qemu-io").args(["-f", "raw", "-c", "discard 0 7M"]).arg(served.uri()));
+        let mut len = written;
+        for _ in 0..600 {
+            len = std::fs::metadata(&image).unwrap().len();
+            if len < 3 << 20 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(len < 3 << 20, "the file stayed at {len} bytes after 7 of its 8 MiB were trimmed ({written} before)");
+        let io = client_ok(
+            qemu("qemu-io").args(["-f", "raw", "-c", "read -P 0 0 7M", "-c", "read -P 0x5b 7M 1M"]).arg(served.uri()),
+        );
+        assert!(!String::from_utf8_lossy(&io.stdout).contains("Pattern verification failed"), "{}", show(&io));
+        served.stop();
+        assert_clean(&image);
+        let expected = dir.path("expected.raw");
+        run_ok(qemu("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&expected).arg("16M"));
+        run_ok(qemu("qemu-io").args(["-f", "raw", "-c", "write -P 0x5b 7M 1M"]).arg(&expected));
+        assert!(qemu_compare(&image, "qcow2", &expected, "raw"), "the compacted image differs");
+    });
+}
+
 #[test]
 fn nbdinfo_map_agrees_with_qemu_img_map() {
     with_deadline(120, "nbdinfo --map", || {
