@@ -115,6 +115,11 @@ impl MetadataCache {
         self.slots.len() > self.capacity
     }
 
+    /// Whether any cluster of one kind is dirty.
+    pub fn has_dirty(&self, kind: TableKind) -> bool {
+        self.slots.values().any(|s| s.dirty && s.kind == kind)
+    }
+
     /// Offsets of the dirty clusters of one kind, in ascending order so writeback I/O is sequential.
     pub fn dirty(&self, kind: TableKind) -> Vec<u64> {
         let mut v: Vec<u64> = self.slots.iter().filter(|(_, s)| s.dirty && s.kind == kind).map(|(o, _)| *o).collect();

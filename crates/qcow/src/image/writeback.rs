@@ -1,7 +1,7 @@
 //! Writing metadata back in crash-safe order, and the structural changes that must order their own writes:
 //! growing the refcount table and flipping the dirty bit.
 //!
-//! Order of a writeback, with a device flush after each step that wrote something:
+//! Order of a writeback, with a device flush between a step that wrote something and the next one that writes:
 //! 1. refcount blocks (so every increment is durable before any new reference),
 //! 2. refcount-table clusters (a table entry never points at a block that is not on disk),
 //! 3. L2 tables (data was written before its L2 entry was even set in the cache),
@@ -77,22 +77,40 @@ impl Meta {
     }
 
     /// Writes every dirty metadata cluster in crash-safe order and applies deferred decrements.
+    ///
+    /// A device flush separates each step from the next one that writes something; the last step's writes may
+    /// still be unflushed on return (a caller that needs them durable flushes, as [`Image::flush`] does), which
+    /// saves one flush per writeback.
+    ///
+    /// [`Image::flush`]: super::Image::flush
     pub fn writeback(&mut self, dev: &dyn BlockDevice) -> Result<()> {
         // Once corruption was found nothing more is written (QEMU makes the node unusable): the image keeps the
         // state of its last writeback plus the corrupt bit, for a repair to start from.
         self.corruption.check()?;
         let strict = !self.lazy_dirty;
-        let barrier = |wrote: bool| if wrote && strict { dev.flush() } else { Ok(()) };
-        let wrote = self.write_dirty(dev, TableKind::RefcountBlock)?;
-        barrier(wrote)?;
-        let wrote = self.write_reftable_clusters(dev)?;
-        barrier(wrote)?;
-        let wrote = self.write_dirty(dev, TableKind::L2)?;
-        barrier(wrote)?;
-        let mut wrote = self.write_dirty(dev, TableKind::L1)?;
-        if self.header_dirty {
-            self.write_header(dev)?;
-            wrote = true;
+        // Whether writes since the last flush must become durable before the next step writes.
+        let mut unflushed = false;
+        let barrier = |unflushed: &mut bool| -> Result<()> {
+            if std::mem::take(unflushed) && strict {
+                dev.flush()?;
+            }
+            Ok(())
+        };
+        unflushed |= self.write_dirty(dev, TableKind::RefcountBlock)?;
+        if !self.reftable_dirty.is_empty() {
+            barrier(&mut unflushed)?;
+            unflushed |= self.write_reftable_clusters(dev)?;
+        }
+        if self.cache.has_dirty(TableKind::L2) {
+            barrier(&mut unflushed)?;
+            unflushed |= self.write_dirty(dev, TableKind::L2)?;
+        }
+        if self.cache.has_dirty(TableKind::L1) || self.header_dirty {
+            barrier(&mut unflushed)?;
+            self.write_dirty(dev, TableKind::L1)?;
+            if self.header_dirty {
+                self.write_header(dev)?;
+            }
         }
         if !self.pending_frees.is_empty() {
             // The decrements below must not reach the disk before the references they drop are gone, and the
@@ -103,8 +121,6 @@ impl Meta {
                 self.adjust_refcount(dev, cluster, -1)?;
             }
             self.write_dirty(dev, TableKind::RefcountBlock)?;
-        } else {
-            barrier(wrote)?;
         }
         self.cache.shrink();
         Ok(())
