@@ -196,18 +196,35 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 /// # Errors
 /// [`CompressionError::Codec`] when the codec fails for another reason than running out of room.
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>, CompressionError> {
+    compress_at_level(kind, input, None)
+}
+
+/// As [`compress`], at `level` instead of the codec's default (QEMU's choice): deflate takes 1..=9, zstd 1..=22;
+/// levels outside the range are clamped into it. The output reads back with [`decompress`] whatever the level.
+///
+/// # Errors
+/// As [`compress`].
+pub fn compress_at_level(
+    kind: CompressionType,
+    input: &[u8],
+    level: Option<i32>,
+) -> Result<Option<Vec<u8>>, CompressionError> {
     let limit = input.len().saturating_sub(1);
     let compressed = match kind {
-        CompressionType::Deflate => deflate(input, limit)?,
-        CompressionType::Zstd => zstd_compress(input)?,
+        CompressionType::Deflate => deflate(input, limit, level)?,
+        CompressionType::Zstd => zstd_compress(input, level)?,
     };
     Ok(compressed.filter(|c| c.len() <= limit && !input.is_empty()))
 }
 
-fn deflate(input: &[u8], limit: usize) -> Result<Option<Vec<u8>>, CompressionError> {
+fn deflate(input: &[u8], limit: usize, level: Option<i32>) -> Result<Option<Vec<u8>>, CompressionError> {
     let codec_err = |reason| CompressionError::Codec { kind: CompressionType::Deflate, reason };
     // QEMU compresses into a buffer of cluster_size - 1 bytes; running out of room there means "don't compress".
-    let mut c = Compress::new_with_window_bits(Compression::default(), false, DEFLATE_WINDOW_BITS);
+    let level = match level {
+        Some(l) => Compression::new(l.clamp(1, 9).unsigned_abs()),
+        None => Compression::default(),
+    };
+    let mut c = Compress::new_with_window_bits(level, false, DEFLATE_WINDOW_BITS);
     let mut out = Vec::with_capacity(limit);
     loop {
         let before = (c.total_in(), c.total_out());
@@ -222,14 +239,14 @@ fn deflate(input: &[u8], limit: usize) -> Result<Option<Vec<u8>>, CompressionErr
     }
 }
 
-fn zstd_compress(input: &[u8]) -> Result<Option<Vec<u8>>, CompressionError> {
+fn zstd_compress(input: &[u8], level: Option<i32>) -> Result<Option<Vec<u8>>, CompressionError> {
     let codec_err = |reason| CompressionError::Codec { kind: CompressionType::Zstd, reason };
     let mut cctx = zstd_safe::CCtx::try_create().ok_or(codec_err("cannot create a compression context"))?;
     // Room for any input, so the only failures are real ones; the size rule is applied by the caller. A frame
     // that fits QEMU's cluster_size - 1 buffer is exactly one no longer than that.
     let mut out = Vec::with_capacity(zstd_safe::compress_bound(input.len()));
-    cctx.compress(&mut out, input, zstd_safe::CLEVEL_DEFAULT)
-        .map_err(|code| codec_err(zstd_safe::get_error_name(code)))?;
+    let level = level.map_or(zstd_safe::CLEVEL_DEFAULT, |l| l.clamp(1, 22));
+    cctx.compress(&mut out, input, level).map_err(|code| codec_err(zstd_safe::get_error_name(code)))?;
     Ok(Some(out))
 }
 

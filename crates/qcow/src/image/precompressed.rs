@@ -1,0 +1,79 @@
+//! Storing a cluster that is already compressed: the engine half of [`Image::write_compressed`], exposed so that a
+//! converter can compress clusters on many threads and still store them one at a time, in guest order, which
+//! keeps the image's layout independent of thread timing.
+
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{CompressedDescriptor, GuestOffset, HostOffset, L2Entry, L2Kind};
+
+impl<D: BlockDevice> Image<D> {
+    /// Stores `data`, the compressed form of the whole guest cluster at `offset` in the image's compression type
+    /// (as [`crate::format::compress`] makes it from the cluster zero padded to full size), packed after the
+    /// previous compressed cluster as QEMU packs them. The caller vouches that `data` decompresses to the
+    /// cluster; nothing here can check it short of decompressing.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when `offset` is not a cluster inside the disk or `data` is empty or not shorter than a
+    /// cluster; `Unsupported` for an image with an external data file; otherwise as [`Image::write_at`].
+    pub fn write_precompressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable("write compressed")?;
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported {
+                feature: "compressed clusters in an image with an external data file".into(),
+            });
+        }
+        let cs = self.geo.cluster_size();
+        if !self.geo.is_aligned(offset) || offset >= self.virtual_size() {
+            return Err(Error::invalid("write compressed", format!("{offset:#x} is not a cluster of the disk")));
+        }
+        if data.is_empty() || data.len() as u64 >= cs {
+            return Err(Error::invalid(
+                "write compressed",
+                format!("{} compressed bytes for a {cs}-byte cluster at {offset:#x}", data.len()),
+            ));
+        }
+        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let guest_cluster = offset / cs;
+        let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
+        let len = data.len() as u64;
+        let host = {
+            let mut m = self.meta();
+            m.mark_dirty(&self.dev)?;
+            m.alloc_bytes(&self.dev, len)?
+        };
+        // Devices move whole sectors: the tail of the last one is zeros.
+        let padded = len.next_multiple_of(512);
+        if padded == len {
+            self.dev.write_at(host, data)?;
+        } else {
+            let tail = self.zeros.get(..(padded - len) as usize).unwrap_or(&[]);
+            self.dev.write(host / 512, &[data, tail])?;
+        }
+        let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
+            .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
+        let mut m = self.meta();
+        let guest = GuestOffset(offset);
+        let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
+        let index = self.geo.l2_index(guest);
+        let old = m.l2_entry(&self.dev, l2, index)?;
+        let at = l2.0 + index * self.geo.l2_entry_size();
+        m.set_l2_entry(&self.dev, l2, index, L2Entry(descriptor))?;
+        if self.geo.extended_l2 {
+            m.set_l2_bitmap(&self.dev, l2, index, 0)?;
+        }
+        match m.decode_l2(&self.dev, old, at)? {
+            L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),
+            L2Kind::Compressed { host: HostOffset(h), len } => {
+                for cluster in h / cs..=(h + len.max(1) - 1) / cs {
+                    m.free_later(cluster);
+                }
+            }
+            L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+        }
+        if m.cache.over_budget() {
+            m.writeback(&self.dev)?;
+        }
+        Ok(())
+    }
+}
