@@ -80,7 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Creates the image, opening its backing file (if any) under the tool's policy.
-fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
+pub(crate) fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
     let made = if open::policy() == qcow::BackingPolicy::default() {
         Image::create_path(path, options, Config::default())
     } else {
@@ -93,7 +93,7 @@ fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
 
 /// Where a backing file name recorded in the image at `image` points: relative names are relative to the
 /// image's directory, as the library resolves them.
-fn backing_path(image: &Path, name: &str) -> PathBuf {
+pub(crate) fn backing_path(image: &Path, name: &str) -> PathBuf {
     let named = Path::new(name);
     if named.is_absolute() {
         return named.to_path_buf();

@@ -47,8 +47,10 @@ impl<D: BlockDevice> Image<D> {
         if padded == len {
             self.dev.write_at(host, data)?;
         } else {
-            let tail = self.zeros.get(..(padded - len) as usize).unwrap_or(&[]);
-            self.dev.write(host / 512, &[data, tail])?;
+            let mut sectors = Vec::with_capacity(padded as usize);
+            sectors.extend_from_slice(data);
+            sectors.resize(padded as usize, 0);
+            self.dev.write_at(host, &sectors)?;
         }
         let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
             .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
