@@ -130,7 +130,9 @@ fn snapshot_name(spec: &str) -> Result<&str> {
     for part in spec.split(',') {
         let value = match part.split_once('=') {
             Some(("snapshot.name" | "snapshot.id", v)) => v,
-            Some((key, _)) => return Err(Error::msg(format!("-l {spec}: unknown key '{key}' (snapshot.name, snapshot.id)"))),
+            Some((key, _)) => {
+                return Err(Error::msg(format!("-l {spec}: unknown key '{key}' (snapshot.name, snapshot.id)")))
+            }
             None => part,
         };
         if found.is_some() {
@@ -150,9 +152,9 @@ fn split_level(lists: &[String]) -> Result<(Vec<String>, Option<i32>)> {
         for kv in list.split(',') {
             match kv.trim().split_once('=') {
                 Some(("compression_level", v)) => {
-                    let n: i32 = v.parse().map_err(|_| {
-                        Error::msg(format!("invalid -o option: compression_level={v}: not a number"))
-                    })?;
+                    let n: i32 = v
+                        .parse()
+                        .map_err(|_| Error::msg(format!("invalid -o option: compression_level={v}: not a number")))?;
                     if !(1..=22).contains(&n) {
                         return Err(Error::msg(format!(
                             "invalid -o option: compression_level={n}: zlib takes 1..=9, zstd 1..=22"

@@ -17,6 +17,7 @@ mod mapped;
 mod open;
 mod progress;
 mod rw;
+mod stream_decode;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ enum Command {
     Compact(compact::Args),
     /// List the extents the image maps (data, and zero clusters unless --ignore-zeroes).
     Mapped(mapped::Args),
+    /// Decode a qcow2 image read from standard input (a pipe: no seeking) into a sparse raw file.
+    StreamDecode(stream_decode::Args),
 }
 
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
@@ -75,13 +78,14 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Discard(args) => discard::run(&args).map(|()| 0),
         Command::Compact(args) => compact::run(&args).map(|()| 0),
         Command::Mapped(args) => mapped::run(&args).map(|()| 0),
+        Command::StreamDecode(args) => stream_decode::run(&args).map(|()| 0),
     }
 }
 
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, convert, read, write, check, repair, discard, compact, mapped, stream-decode (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

@@ -37,9 +37,13 @@ impl<D: BlockDevice> Image<D> {
         let guest_cluster = offset / cs;
         let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
         let len = data.len() as u64;
+        let guest = GuestOffset(offset);
         let host = {
             let mut m = self.meta();
             m.mark_dirty(&self.dev)?;
+            // The L2 table first, as QEMU allocates it: then a reader of the file from start to end meets every
+            // table before the data it maps, which is what lets a pipe be decoded without spooling.
+            m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
             m.alloc_bytes(&self.dev, len)?
         };
         // Devices move whole sectors: the tail of the last one is zeros.
@@ -55,7 +59,6 @@ impl<D: BlockDevice> Image<D> {
         let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
             .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
         let mut m = self.meta();
-        let guest = GuestOffset(offset);
         let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
         let index = self.geo.l2_index(guest);
         let old = m.l2_entry(&self.dev, l2, index)?;
