@@ -14,9 +14,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, SECTOR_SIZE};
+use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, Unsynced, SECTOR_SIZE};
 use qcow::convert::{AllocationMap, Compression, DeviceTarget, ImageTarget, Options, Source, Target, Union};
-use qcow::{CreateOptions, Image};
+use qcow::{Config, CreateOptions, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
 use crate::open::{self, Format};
@@ -60,12 +60,31 @@ pub struct Args {
     /// order, so the result is the same file either way.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Cache mode of the output, as qemu-img's: unsafe (the default, as in qemu-img convert) never forces the
+    /// output to stable storage; writeback, writethrough, none and directsync flush it when the copy is done.
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    cache: Cache,
     #[command(flatten)]
     progress: ProgressArgs,
     /// The image to read.
     src: PathBuf,
     /// The image to write; an existing file is overwritten (unless -n).
     dst: PathBuf,
+}
+
+/// Output cache modes, by qemu-img's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Cache {
+    /// No flushes.
+    Unsafe,
+    /// Flushes at the end.
+    Writeback,
+    /// Flushes at the end (writes are not made synchronous).
+    Writethrough,
+    /// Flushes at the end (the page cache is not bypassed).
+    None,
+    /// Flushes at the end (writes are not made synchronous, the page cache is not bypassed).
+    Directsync,
 }
 
 /// An open source or backing image, with its allocation map.
@@ -258,52 +277,86 @@ fn to_raw(args: &Args, input: &Input, size: u64) -> Result<()> {
         dev
     };
     let source = Source { device: input.device(), map: input.map(), size, base: None };
-    copy(args, &source, &DeviceTarget(&dev), &engine_options(args))?;
+    let unsynced = Unsynced::new(&dev);
+    let target: &dyn BlockDevice = if args.cache == Cache::Unsafe { &unsynced } else { &dev };
+    copy(args, &source, &DeviceTarget(target), &engine_options(args))?;
     if !args.no_create {
         // The copy moved whole sectors; the file keeps the source's exact length.
         dev.file().set_len(size).context(|| format!("could not resize '{}'", path.display()))?;
     }
-    dev.flush().context(|| format!("could not flush '{}'", path.display()))
+    target.flush().context(|| format!("could not flush '{}'", path.display()))
 }
 
 fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Option<i32>) -> Result<()> {
     let path = &args.dst;
-    let image = if args.no_create {
+    if args.no_create {
         if !lists.is_empty() || args.backing.is_some() {
             return Err(Error::msg("-n writes into an existing image: -o and -B do not apply"));
         }
-        let image = open::image(path, false)?;
-        if image.virtual_size() < size {
-            return Err(Error::msg(format!(
-                "'{}' is {} bytes, smaller than the source's {size} (-n writes into the existing image)",
-                path.display(),
-                image.virtual_size()
-            )));
-        }
-        image
+        let file = open::file(path, false)?;
+        return if args.cache == Cache::Unsafe {
+            into_qcow2(args, input, size, level, Unsynced::new(file), None)
+        } else {
+            into_qcow2(args, input, size, level, file, None)
+        };
+    }
+    let mut options = CreateOptions::new(size);
+    for list in lists {
+        options.apply(list).context(|| "invalid -o option")?;
+    }
+    options.size = size;
+    if let Some(backing) = &args.backing {
+        options.backing_file = Some(backing.clone());
+    }
+    if let Some(name) = &options.backing_file {
+        let format = match (args.backing_format, &options.backing_format) {
+            (Some(f), _) => f,
+            (None, Some(f)) if f == "raw" => Format::Raw,
+            (None, Some(_)) => Format::Qcow2,
+            (None, None) => open::probe(&crate::create::backing_path(path, name))?,
+        };
+        options.backing_format = Some(format.name().to_string());
+    }
+    options.validate().context(|| "invalid -o option")?;
+    if let Some(name) = &options.data_file {
+        let data = crate::create::backing_path(path, name);
+        FileDevice::create(&data, &FileOptions::default())
+            .context(|| format!("could not create data file '{}'", data.display()))?;
+    }
+    let file =
+        FileDevice::create(path, &FileOptions::default()).context(|| format!("could not create '{}'", path.display()))?;
+    if args.cache == Cache::Unsafe {
+        into_qcow2(args, input, size, level, Unsynced::new(file), Some(&options))
     } else {
-        let mut options = CreateOptions::new(size);
-        for list in lists {
-            options.apply(list).context(|| "invalid -o option")?;
-        }
-        options.size = size;
-        if let Some(backing) = &args.backing {
-            options.backing_file = Some(backing.clone());
-        }
-        if let Some(name) = &options.backing_file {
-            let format = match (args.backing_format, &options.backing_format) {
-                (Some(f), _) => f,
-                (None, Some(f)) if f == "raw" => Format::Raw,
-                (None, Some(_)) => Format::Qcow2,
-                (None, None) => open::probe(&crate::create::backing_path(path, name))?,
-            };
-            options.backing_format = Some(format.name().to_string());
-        }
-        options.validate().context(|| "invalid -o option")?;
-        crate::create::create(path, &options)?
+        into_qcow2(args, input, size, level, file, Some(&options))
+    }
+}
+
+/// Formats `dev` as `create` says (or opens the image on it, for -n) and copies into it.
+fn into_qcow2<D: BlockDevice + 'static>(
+    args: &Args,
+    input: &Input,
+    size: u64,
+    level: Option<i32>,
+    dev: D,
+    create: Option<&CreateOptions>,
+) -> Result<()> {
+    let path = &args.dst;
+    let resolver = FileResolver::new(path, open::policy());
+    let image = match create {
+        Some(options) => Image::create_with(dev, options, Config::default(), &resolver)
+            .map_err(|e| Error::wrap(format!("could not create '{}'{}", path.display(), open::hint(&e)), e))?,
+        None => Image::open_with(dev, Config::default(), &resolver).map_err(|e| open::open_error(path, e))?,
     };
+    if image.virtual_size() < size {
+        return Err(Error::msg(format!(
+            "'{}' is {} bytes, smaller than the source's {size} (-n writes into the existing image)",
+            path.display(),
+            image.virtual_size()
+        )));
+    }
     let base = match image.header().backing_file {
-        Some(name) if !args.no_create => {
+        Some(name) if create.is_some() => {
             let name = String::from_utf8_lossy(&name).into_owned();
             let format = match image.header().backing_format().as_deref() {
                 Some("raw") => Format::Raw,

@@ -80,7 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Creates the image, opening its backing file (if any) under the tool's policy.
-pub(crate) fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
+fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
     let made = if open::policy() == qcow::BackingPolicy::default() {
         Image::create_path(path, options, Config::default())
     } else {

@@ -99,7 +99,8 @@ pub struct Source<'a> {
     pub size: u64,
     /// For an overlay output: what its backing file reads. Only what differs from it is stored, and ranges that
     /// read as zeros in the source but not in the backing file are stored as zeros. `map` should then cover the
-    /// backing file's data too ([`Union`]).
+    /// backing file's data too ([`Union`]), and reads past the backing file's end must return zeros (wrap it in
+    /// [`Padded`](crate::block::Padded)).
     pub base: Option<&'a dyn BlockDevice>,
 }
 

@@ -47,7 +47,7 @@ impl<'a> Shared<'a> {
 /// last time with `done == total`; the target is flushed at the end.
 ///
 /// # Errors
-/// `InvalidArgument` when the source, its base or the target is shorter than the size (rounded up to a sector)
+/// `InvalidArgument` when the source or the target is shorter than the size (rounded up to a sector)
 /// or the options are unusable; otherwise the first error of the map, the source or the target, after which the
 /// target holds part of the data.
 pub fn run(
@@ -63,12 +63,6 @@ pub fn run(
     let src_len = source.device.info().size_bytes();
     if src_len < padded {
         return Err(Error::invalid("convert", format!("source is {src_len} bytes, shorter than {size}")));
-    }
-    if let Some(base) = source.base {
-        let base_len = base.info().size_bytes();
-        if base_len < padded {
-            return Err(Error::invalid("convert", format!("backing file is {base_len} bytes, shorter than {size}")));
-        }
     }
     let dst_len = target.size_bytes();
     if dst_len < padded {
