@@ -15,7 +15,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, Unsynced, SECTOR_SIZE};
-use qcow::convert::{AllocationMap, Compression, DeviceTarget, ImageTarget, Options, Source, Target, Union};
+use qcow::convert::{
+    AllocationMap, Compression, DeviceTarget, Direct, FileMap, ImageMap, ImageTarget, Options, Source, Target, Union,
+};
 use qcow::{Config, CreateOptions, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
@@ -89,8 +91,10 @@ enum Cache {
 
 /// An open source or backing image, with its allocation map.
 enum Input {
-    Raw(FileDevice),
-    Qcow2(Box<Image<FileDevice>>),
+    /// The file, and its mapping when it could be made.
+    Raw(FileDevice, Option<FileMap>),
+    /// The image, and its file's mapping when it could be made.
+    Qcow2(Box<Image<FileDevice>>, Option<FileMap>),
 }
 
 impl Input {
@@ -100,9 +104,18 @@ impl Input {
             None => open::probe(path)?,
         };
         Ok(match format {
-            Format::Raw => Input::Raw(open::file(path, true)?),
+            Format::Raw => {
+                let dev = open::file(path, true)?;
+                // Without a mapping the copy reads instead: slower, never wrong.
+                let map = FileMap::new(dev.file()).ok();
+                Input::Raw(dev, map)
+            }
             // An overlay reads through its backing chain.
-            Format::Qcow2 => Input::Qcow2(Box::new(open::image(path, true)?)),
+            Format::Qcow2 => {
+                let image = open::image(path, true)?;
+                let map = FileMap::new(image.device().file()).ok();
+                Input::Qcow2(Box::new(image), map)
+            }
         })
     }
 
@@ -117,27 +130,45 @@ impl Input {
         let name = snapshot_name(spec)?;
         let image = Image::open_snapshot_path(path, name)
             .map_err(|e| Error::wrap(format!("could not open snapshot '{name}' of '{}'", path.display()), e))?;
-        Ok(Input::Qcow2(Box::new(image)))
+        let map = FileMap::new(image.device().file()).ok();
+        Ok(Input::Qcow2(Box::new(image), map))
     }
 
     fn device(&self) -> &dyn BlockDevice {
         match self {
-            Input::Raw(dev) => dev,
-            Input::Qcow2(image) => &**image,
+            Input::Raw(dev, _) => dev,
+            Input::Qcow2(image, _) => &**image,
         }
     }
 
     fn map(&self) -> &dyn AllocationMap {
         match self {
-            Input::Raw(dev) => dev,
-            Input::Qcow2(image) => &**image,
+            Input::Raw(dev, _) => dev,
+            Input::Qcow2(image, _) => &**image,
         }
     }
 
     fn size(&self) -> u64 {
         match self {
-            Input::Raw(dev) => dev.len_bytes(),
-            Input::Qcow2(image) => image.virtual_size(),
+            Input::Raw(dev, _) => dev.len_bytes(),
+            Input::Qcow2(image, _) => image.virtual_size(),
+        }
+    }
+
+    /// The mapping of a qcow2 source's data clusters, when the data is all in its file.
+    fn image_map(&self) -> Option<ImageMap<'_, FileDevice>> {
+        match self {
+            Input::Qcow2(image, Some(map)) => ImageMap::new(image, map),
+            _ => None,
+        }
+    }
+
+    /// The source's bytes in place: a raw file's mapping, or `image_map` (made by the caller, who keeps it).
+    fn direct<'a>(&'a self, image_map: &'a Option<ImageMap<'a, FileDevice>>) -> Option<&'a dyn Direct> {
+        match (self, image_map) {
+            (_, Some(m)) => Some(m),
+            (Input::Raw(_, Some(map)), None) => Some(map),
+            _ => None,
         }
     }
 }
@@ -276,7 +307,9 @@ fn to_raw(args: &Args, input: &Input, size: u64) -> Result<()> {
         dev.resize(size.div_ceil(SECTOR_SIZE)).context(|| format!("could not resize '{}'", path.display()))?;
         dev
     };
-    let source = Source { device: input.device(), map: input.map(), size, base: None };
+    let image_map = input.image_map();
+    let source =
+        Source { device: input.device(), map: input.map(), size, base: None, direct: input.direct(&image_map) };
     let unsynced = Unsynced::new(&dev);
     let target: &dyn BlockDevice = if args.cache == Cache::Unsafe { &unsynced } else { &dev };
     copy(args, &source, &DeviceTarget(target), &engine_options(args))?;
@@ -323,8 +356,8 @@ fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Opti
         FileDevice::create(&data, &FileOptions::default())
             .context(|| format!("could not create data file '{}'", data.display()))?;
     }
-    let file =
-        FileDevice::create(path, &FileOptions::default()).context(|| format!("could not create '{}'", path.display()))?;
+    let file = FileDevice::create(path, &FileOptions::default())
+        .context(|| format!("could not create '{}'", path.display()))?;
     if args.cache == Cache::Unsafe {
         into_qcow2(args, input, size, level, Unsynced::new(file), Some(&options))
     } else {
@@ -373,6 +406,7 @@ fn into_qcow2<D: BlockDevice + 'static>(
         options.compression = Some(Compression { kind: image.header().compression_type, level, cluster_size: cs });
     }
     let padded_base = base.as_ref().map(|b| Padded::new(b.device()));
+    let image_map = input.image_map();
     let union = base.as_ref().map(|b| Union(input.map(), b.map()));
     let source = Source {
         device: input.device(),
@@ -382,6 +416,7 @@ fn into_qcow2<D: BlockDevice + 'static>(
         },
         size,
         base: padded_base.as_ref().map(|p| p as &dyn BlockDevice),
+        direct: input.direct(&image_map),
     };
     copy(args, &source, &ImageTarget(&image), &options)?;
     image.close().context(|| format!("could not write '{}'", path.display()))

@@ -20,6 +20,7 @@
 //! [`FileDevice`]: crate::block::FileDevice
 
 mod map;
+mod mapped;
 mod pipeline;
 mod target;
 mod tasks;
@@ -28,6 +29,7 @@ mod tests;
 mod work;
 
 pub use map::{AllocationMap, Union, Whole};
+pub use mapped::{Direct, FileMap, ImageMap, Span};
 pub use pipeline::run;
 pub use target::{DeviceTarget, ImageTarget, Target};
 
@@ -102,6 +104,9 @@ pub struct Source<'a> {
     /// backing file's data too ([`Union`]), and reads past the backing file's end must return zeros (wrap it in
     /// [`Padded`](crate::block::Padded)).
     pub base: Option<&'a dyn BlockDevice>,
+    /// The source's bytes in place (a mapped file), borrowed instead of read where possible: one copy less.
+    /// Used for plain copies only (no `base`, a destination that reads as zeros).
+    pub direct: Option<&'a dyn Direct>,
 }
 
 /// Copies the first `size` bytes of `src` to the same offsets of `dst`, with [`Options::default`].
@@ -122,6 +127,6 @@ pub fn convert(
     dst: &dyn BlockDevice,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let source = Source { device: src, map, size, base: None };
+    let source = Source { device: src, map, size, base: None, direct: None };
     run(&source, &DeviceTarget(dst), &Options::default(), progress)
 }

@@ -7,9 +7,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::target::Target;
 use super::tasks::{Task, Tasks};
-use super::work::{process, Done, Piece};
+use super::work::{process, Done, Piece, Rules};
 use super::{Options, Source};
-use crate::block::SECTOR_SIZE;
+use crate::block::{BlockDevice, SECTOR_SIZE};
 use crate::error::{Error, Result};
 
 /// What the workers and the writer share.
@@ -90,15 +90,17 @@ pub fn run(
         wake: Condvar::new(),
     };
     progress(0, size);
-    let (tx, rx) = mpsc::channel::<(u64, Result<Done>)>();
+    let (tx, rx) = mpsc::channel::<(u64, Result<Done<'_>>)>();
     let result = std::thread::scope(|scope| {
         for _ in 0..threads {
             let tx = tx.clone();
             let shared = &shared;
-            scope.spawn(move || worker(shared, source, &tx, in_flight, granule, options));
+            let rules = Rules { granule, compression: options.compression, target_is_zero: options.target_is_zero };
+            let direct_target = target.concurrent();
+            scope.spawn(move || worker(shared, source, direct_target, &tx, in_flight, rules));
         }
         drop(tx);
-        let result = write_in_order(&shared, &rx, target, size, progress);
+        let result = write_in_order(&shared, &rx, source, target, size, progress);
         if result.is_err() {
             shared.abort();
         }
@@ -110,13 +112,13 @@ pub fn run(
 }
 
 /// Takes tasks in order while the window allows, processes them, and sends the results to the writer.
-fn worker(
+fn worker<'a>(
     shared: &Shared<'_>,
-    source: &Source<'_>,
-    tx: &mpsc::Sender<(u64, Result<Done>)>,
+    source: &Source<'a>,
+    direct_target: Option<&dyn BlockDevice>,
+    tx: &mpsc::Sender<(u64, Result<Done<'a>>)>,
     in_flight: u64,
-    granule: u64,
-    options: &Options,
+    rules: Rules,
 ) {
     loop {
         let (seq, task, buf): (u64, Task, Vec<u8>) = {
@@ -142,7 +144,10 @@ fn worker(
                 }
             }
         };
-        let done = process(task, buf, source, granule, options.compression, options.target_is_zero);
+        let done = process(task, buf, source, rules).and_then(|done| match direct_target {
+            Some(dev) => store_data(dev, source, done),
+            None => Ok(done),
+        });
         let failed = done.is_err();
         if tx.send((seq, done)).is_err() || failed {
             return;
@@ -151,21 +156,22 @@ fn worker(
 }
 
 /// Receives results and stores them in sequence order, returning buffers to the pool and opening the window.
-fn write_in_order(
+fn write_in_order<'a>(
     shared: &Shared<'_>,
-    rx: &mpsc::Receiver<(u64, Result<Done>)>,
+    rx: &mpsc::Receiver<(u64, Result<Done<'a>>)>,
+    source: &Source<'a>,
     target: &dyn Target,
     size: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let mut waiting: BTreeMap<u64, Result<Done>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, Result<Done<'a>>> = BTreeMap::new();
     let mut next = 0u64;
     // The channel closes when every worker has finished: all tasks were handed out (or the copy failed).
     for (seq, done) in rx {
         waiting.insert(seq, done);
         while let Some(done) = waiting.remove(&next) {
             let done = done?;
-            store(target, &done)?;
+            store(target, source, &done)?;
             next += 1;
             {
                 let mut s = shared.lock();
@@ -184,14 +190,41 @@ fn write_in_order(
     Ok(())
 }
 
-fn store(target: &dyn Target, done: &Done) -> Result<()> {
+/// Writes the data pieces of `done` straight to `dev` (a destination whose layout does not depend on write
+/// order), leaving the rest for the writer.
+fn store_data<'a>(dev: &dyn BlockDevice, source: &Source<'a>, mut done: Done<'a>) -> Result<Done<'a>> {
+    let mut rest = Vec::new();
+    for piece in std::mem::take(&mut done.pieces) {
+        match piece {
+            Piece::Data { at, range } => dev.write_at(at, buffer_part(&done, &range)?)?,
+            Piece::Mapped { at, bytes } => {
+                dev.write_at(at, bytes)?;
+                if let Some(direct) = source.direct {
+                    direct.release(bytes);
+                }
+            }
+            other => rest.push(other),
+        }
+    }
+    done.pieces = rest;
+    Ok(done)
+}
+
+fn buffer_part<'d>(done: &'d Done<'_>, range: &std::ops::Range<usize>) -> Result<&'d [u8]> {
+    done.buf.get(range.clone()).ok_or_else(|| {
+        Error::invalid("convert", format!("internal: piece {range:?} of a {}-byte chunk", done.buf.len()))
+    })
+}
+
+fn store(target: &dyn Target, source: &Source<'_>, done: &Done<'_>) -> Result<()> {
     for piece in &done.pieces {
         match piece {
-            Piece::Data { at, range } => {
-                let data = done.buf.get(range.clone()).ok_or_else(|| {
-                    Error::invalid("convert", format!("internal: piece {range:?} of a {}-byte chunk", done.buf.len()))
-                })?;
-                target.write_data(*at, data)?;
+            Piece::Data { at, range } => target.write_data(*at, buffer_part(done, range)?)?,
+            Piece::Mapped { at, bytes } => {
+                target.write_data(*at, bytes)?;
+                if let Some(direct) = source.direct {
+                    direct.release(bytes);
+                }
             }
             Piece::Zero { at, len } => target.write_zeroes(*at, *len)?,
             Piece::Compressed { at, bytes } => target.write_compressed(*at, bytes)?,

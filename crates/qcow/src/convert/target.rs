@@ -32,6 +32,13 @@ pub trait Target {
     /// `Unsupported` when the destination cannot store compressed clusters; whatever it reports otherwise.
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()>;
 
+    /// The device data may be written to directly, from any thread and in any order, when the destination's
+    /// layout does not depend on the order of writes (a plain device). `None` (the default) has every piece
+    /// stored through this target, in guest order.
+    fn concurrent(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+
     /// Makes everything stored durable.
     ///
     /// # Errors
@@ -67,6 +74,10 @@ impl Target for DeviceTarget<'_> {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         zero_fill(self.0, offset, len)
+    }
+
+    fn concurrent(&self) -> Option<&dyn BlockDevice> {
+        Some(self.0)
     }
 
     fn write_compressed(&self, offset: u64, _: &[u8]) -> Result<()> {
