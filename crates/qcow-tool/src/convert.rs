@@ -351,6 +351,14 @@ fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Opti
         options.backing_format = Some(format.name().to_string());
     }
     options.validate().context(|| "invalid -o option")?;
+    // Opened before the output is made, so that a missing backing file is reported by its name.
+    let base = match (&options.backing_file, options.backing_format.as_deref()) {
+        (Some(name), format) => {
+            let format = if format == Some("raw") { Format::Raw } else { Format::Qcow2 };
+            Some(Input::open(&crate::create::backing_path(path, name), Some(format))?)
+        }
+        (None, _) => None,
+    };
     if let Some(name) = &options.data_file {
         let data = crate::create::backing_path(path, name);
         FileDevice::create(&data, &FileOptions::default())
@@ -359,9 +367,9 @@ fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Opti
     let file = FileDevice::create(path, &FileOptions::default())
         .context(|| format!("could not create '{}'", path.display()))?;
     if args.cache == Cache::Unsafe {
-        into_qcow2(args, input, size, level, Unsynced::new(file), Some(&options))
+        into_qcow2(args, input, size, level, Unsynced::new(file), Some((&options, base)))
     } else {
-        into_qcow2(args, input, size, level, file, Some(&options))
+        into_qcow2(args, input, size, level, file, Some((&options, base)))
     }
 }
 
@@ -372,14 +380,17 @@ fn into_qcow2<D: BlockDevice + 'static>(
     size: u64,
     level: Option<i32>,
     dev: D,
-    create: Option<&CreateOptions>,
+    create: Option<(&CreateOptions, Option<Input>)>,
 ) -> Result<()> {
     let path = &args.dst;
     let resolver = FileResolver::new(path, open::policy());
-    let image = match create {
-        Some(options) => Image::create_with(dev, options, Config::default(), &resolver)
-            .map_err(|e| Error::wrap(format!("could not create '{}'{}", path.display(), open::hint(&e)), e))?,
-        None => Image::open_with(dev, Config::default(), &resolver).map_err(|e| open::open_error(path, e))?,
+    let (image, base) = match create {
+        Some((options, base)) => (
+            Image::create_with(dev, options, Config::default(), &resolver)
+                .map_err(|e| Error::wrap(format!("could not create '{}'{}", path.display(), open::hint(&e)), e))?,
+            base,
+        ),
+        None => (Image::open_with(dev, Config::default(), &resolver).map_err(|e| open::open_error(path, e))?, None),
     };
     if image.virtual_size() < size {
         return Err(Error::msg(format!(
@@ -388,17 +399,6 @@ fn into_qcow2<D: BlockDevice + 'static>(
             image.virtual_size()
         )));
     }
-    let base = match image.header().backing_file {
-        Some(name) if create.is_some() => {
-            let name = String::from_utf8_lossy(&name).into_owned();
-            let format = match image.header().backing_format().as_deref() {
-                Some("raw") => Format::Raw,
-                _ => Format::Qcow2,
-            };
-            Some(Input::open(&crate::create::backing_path(path, &name), Some(format))?)
-        }
-        _ => None,
-    };
     let mut options = engine_options(args);
     let cs = image.geometry().cluster_size();
     options.zero_granule = cs;

@@ -336,8 +336,8 @@ fn a_failing_destination_stops_the_copy_with_its_error() {
     use crate::block::{FaultyDevice, FaultyOp};
     let size = 4u64 << 20;
     let src = MemoryDevice::from_bytes(pattern(size as usize, 9));
-    let image = Image::create(FaultyDevice::new(MemoryDevice::new(0)), &CreateOptions::new(size), Config::default())
-        .unwrap();
+    let image =
+        Image::create(FaultyDevice::new(MemoryDevice::new(0)), &CreateOptions::new(size), Config::default()).unwrap();
     image.device().fail_next(FaultyOp::Write, 3);
     let source = Source { device: &src, map: &Whole, size, base: None, direct: None };
     let err = run(&source, &ImageTarget(&image), &options(2), &mut |_, _| {}).unwrap_err();

@@ -126,7 +126,18 @@ pub fn process<'a>(task: Task, mut buf: Vec<u8>, source: &Source<'a>, rules: Rul
         Some(direct) if source.base.is_none() && rules.target_is_zero => direct.spans(offset, len)?.zip(Some(direct)),
         _ => None,
     };
-    if let Some((spans, direct)) = spans {
+    // Clusters are compressed whole: borrowed bytes serve only when they come in whole clusters.
+    let whole_clusters = |spans: &[Span<'_>]| match rules.compression {
+        None => true,
+        Some(c) => spans.iter().all(|span| match *span {
+            Span::Bytes(at, bytes) => {
+                let stop = at + bytes.len() as u64;
+                at % c.cluster_size == 0 && (stop % c.cluster_size == 0 || stop == end)
+            }
+            Span::Zeros(..) => true,
+        }),
+    };
+    if let Some((spans, direct)) = spans.filter(|(spans, _)| whole_clusters(spans)) {
         buf.clear();
         for span in spans {
             if let Span::Bytes(at, bytes) = span {

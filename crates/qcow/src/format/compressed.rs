@@ -241,7 +241,11 @@ fn deflate(input: &[u8], limit: usize, level: Option<i32>) -> Result<Option<Vec<
             _ => Compress::new_with_window_bits(level, false, DEFLATE_WINDOW_BITS),
         };
         let (c, result) = deflate_with(c, input, limit);
-        *cached = Some((level.level(), c));
+        // Only a compressor that finished its stream is reused: one that ran out of room still holds output
+        // that a reset does not reliably drop.
+        if matches!(result, Ok(Some(_))) {
+            *cached = Some((level.level(), c));
+        }
         result
     })
 }

@@ -1,13 +1,13 @@
 //! The state of a streaming decode: which host clusters are tables, which hold data for which guest clusters,
 //! and what was kept because nothing named it yet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::spool::Spool;
 use crate::error::{Error, Result};
-use crate::format::{decompress, CompressionType, Geometry, L1Entry, L2Entry, L2Kind};
+use crate::format::{decompress, CompressionType, Geometry, Header, L1Entry, L2Entry, L2Kind};
 
 /// The unit of zero detection in the output: a file system block.
 const ZERO_GRANULE: usize = 4096;
@@ -52,6 +52,10 @@ pub struct Decoder<'a> {
     l1_offset: u64,
     l1: Vec<u8>,
     l1_done: bool,
+    /// The refcount table: its offset and length in bytes.
+    reftable: (u64, u64),
+    /// Refcount blocks the refcount table names: metadata, never data, so they need not be kept.
+    refblocks: HashSet<u64>,
     /// L2 tables not yet seen: host cluster -> the L1 indexes naming it.
     l2_at: HashMap<u64, Vec<u64>>,
     uses: HashMap<u64, Vec<Use>>,
@@ -73,33 +77,29 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Whether `buf` is all zeros (a fold without early exit, so that it vectorises).
+/// Whether `buf` is all zeros (folding 256-byte blocks, which vectorises, and stopping at the first with data).
 fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().fold(0u8, |a, &b| a | b) == 0
+    buf.chunks(256).all(|block| block.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 impl<'a> Decoder<'a> {
-    /// A decoder writing the disk of `size` bytes into `out`, for an image with this geometry, whose active L1
-    /// table of `l1_entries` entries is at `l1_offset`.
-    pub fn new(
-        out: &'a File,
-        geo: Geometry,
-        size: u64,
-        compression: CompressionType,
-        l1_offset: u64,
-        l1_entries: u64,
-        spool: Spool,
-    ) -> Self {
+    /// A decoder writing the disk `header` describes into `out`.
+    pub fn new(out: &'a File, header: &Header, geo: Geometry, spool: Spool) -> Self {
+        let cs = geo.cluster_size();
+        let reftable = (header.refcount_table_offset, u64::from(header.refcount_table_clusters) * cs);
+        let l1_entries = u64::from(header.l1_size);
         let l1_len = usize::try_from(l1_entries.saturating_mul(8)).unwrap_or(0);
         Decoder {
             out,
             geo,
             cs: geo.cluster_size(),
-            size,
-            compression,
-            l1_offset,
+            size: header.size,
+            compression: header.compression_type,
+            l1_offset: header.l1_table_offset,
             l1: Vec::with_capacity(l1_len),
             l1_done: l1_len == 0,
+            reftable,
+            refblocks: HashSet::new(),
             l2_at: HashMap::new(),
             uses: HashMap::new(),
             assemblies: HashMap::new(),
@@ -139,14 +139,33 @@ impl<'a> Decoder<'a> {
                 self.l1_ready()?;
             }
         }
+        let (rt_at, rt_len) = self.reftable;
+        if start + self.cs > rt_at && start < rt_at.saturating_add(rt_len) && rt_at % self.cs == 0 {
+            // Part of the refcount table: note the refcount blocks it names, so that they are not kept.
+            known = true;
+            let upto = (rt_at + rt_len - start).min(len as u64) as usize;
+            for raw in data.get(..upto).unwrap_or(&[]).chunks_exact(8) {
+                let block = be64(raw, 0) & !(self.cs - 1) & 0x00ff_ffff_ffff_ffff;
+                if block != 0 {
+                    self.refblocks.insert(block / self.cs);
+                }
+            }
+        }
+        if self.refblocks.remove(&index) {
+            known = true;
+        }
         if let Some(indexes) = self.l2_at.remove(&index) {
             known = true;
             for l1_index in indexes {
                 self.l2_ready(l1_index, data)?;
             }
         }
+        // Bytes of this cluster from `keep_from` on are kept even though something named the cluster: see
+        // `uncertain_from`.
+        let mut keep_from = data.len();
         if let Some(uses) = self.uses.remove(&index) {
             known = true;
+            keep_from = self.uncertain_from(start, data.len(), &uses);
             for u in uses {
                 self.apply(u, index, Some((buf, from)), data)?;
             }
@@ -154,9 +173,39 @@ impl<'a> Decoder<'a> {
         if self.all_known() {
             self.spool.clear();
         } else if !known {
-            self.spool.put(index, data)?;
+            self.spool.put(index, 0, data)?;
+        } else if keep_from < data.len() {
+            self.spool.put(index, keep_from, data.get(keep_from..).unwrap_or(&[]))?;
         }
         Ok(())
+    }
+
+    /// Where the bytes of the cluster at `start` (`len` bytes long) that `uses` may not account for begin.
+    /// Compressed clusters are packed byte by byte, and a descriptor only bounds its data to the end of a
+    /// sector, so the last sector of each compressed piece, and anything no piece covers, may hold the start of
+    /// a compressed cluster whose table is still to come. Whole data clusters leave nothing uncertain.
+    fn uncertain_from(&self, start: u64, len: usize, uses: &[Use]) -> usize {
+        let mut certain: Vec<(u64, u64)> = Vec::new();
+        for u in uses {
+            match *u {
+                Use::Data { .. } => return len,
+                Use::Piece { id } => {
+                    if let Some(a) = self.assemblies.get(&id) {
+                        let end = (a.start + a.bytes.len() as u64).saturating_sub(511);
+                        certain.push((a.start.max(start), end.min(start + len as u64)));
+                    }
+                }
+            }
+        }
+        certain.sort_unstable();
+        let mut reach = start;
+        for (lo, hi) in certain {
+            if lo > reach {
+                break;
+            }
+            reach = reach.max(hi);
+        }
+        (reach - start) as usize
     }
 
     /// The L1 table is complete: note where every L2 table is.
@@ -180,9 +229,12 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// A cluster already passed, from the spool.
+    /// A whole cluster already passed, from the spool.
     fn passed(&self, cluster: u64, what: &'static str) -> Result<Vec<u8>> {
-        self.spool.get(cluster)?.ok_or_else(|| Error::corrupt(what, cluster * self.cs))
+        match self.spool.get(cluster)? {
+            Some((0, data)) => Ok(data),
+            _ => Err(Error::corrupt(what, cluster * self.cs)),
+        }
     }
 
     /// The L2 table for L1 index `l1_index` arrived: register (or serve from the spool) every cluster it maps.
@@ -234,8 +286,14 @@ impl<'a> Decoder<'a> {
         self.assemblies.insert(id, Assembly { guest, start, bytes, missing: 0 });
         for cluster in start / self.cs..=(end.max(start + 1) - 1) / self.cs {
             if cluster <= self.current {
-                let data = self.passed(cluster, "compressed data comes before its L2 table and was not kept")?;
-                self.piece(id, cluster, &data)?;
+                let what = "compressed data comes before its L2 table and was not kept";
+                let (kept_from, data) =
+                    self.spool.get(cluster)?.ok_or_else(|| Error::corrupt(what, cluster * self.cs))?;
+                let kept = cluster * self.cs + kept_from as u64;
+                if start.max(cluster * self.cs) < kept {
+                    return Err(Error::corrupt(what, cluster * self.cs));
+                }
+                self.piece(id, kept, &data)?;
             } else {
                 if let Some(a) = self.assemblies.get_mut(&id) {
                     a.missing += 1;
@@ -249,14 +307,13 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// Copies the part of host cluster `cluster` that assembly `id` needs.
-    fn piece(&mut self, id: u64, cluster: u64, data: &[u8]) -> Result<()> {
-        let cs = self.cs;
+    /// Copies what assembly `id` needs of `data`, the host bytes at `at`.
+    fn piece(&mut self, id: u64, at: u64, data: &[u8]) -> Result<()> {
         let Some(a) = self.assemblies.get_mut(&id) else { return Ok(()) };
-        let lo = (cluster * cs).max(a.start);
-        let hi = (cluster * cs + data.len() as u64).min(a.start + a.bytes.len() as u64);
+        let lo = at.max(a.start);
+        let hi = (at + data.len() as u64).min(a.start + a.bytes.len() as u64);
         if lo < hi {
-            let src = data.get((lo - cluster * cs) as usize..(hi - cluster * cs) as usize).unwrap_or(&[]);
+            let src = data.get((lo - at) as usize..(hi - at) as usize).unwrap_or(&[]);
             if let Some(dst) = a.bytes.get_mut((lo - a.start) as usize..(hi - a.start) as usize) {
                 dst.copy_from_slice(src);
             }
@@ -278,7 +335,7 @@ impl<'a> Decoder<'a> {
     fn apply(&mut self, u: Use, cluster: u64, origin: Option<(&[u8], usize)>, data: &[u8]) -> Result<()> {
         match u {
             Use::Piece { id } => {
-                self.piece(id, cluster, data)?;
+                self.piece(id, cluster * self.cs, data)?;
                 let done = match self.assemblies.get_mut(&id) {
                     Some(a) => {
                         a.missing = a.missing.saturating_sub(1);
@@ -312,13 +369,31 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// Writes `data` at `guest` (clipped to the disk), skipping it when it is all zeros.
+    /// Writes `data` at `guest` (clipped to the disk), leaving out the file system blocks that are all zeros so
+    /// that the output stays sparse.
     fn write_owned(&mut self, guest: u64, data: &[u8]) -> Result<()> {
         let len = (self.size.saturating_sub(guest)).min(data.len() as u64) as usize;
         let data = data.get(..len).unwrap_or(&[]);
-        if data.is_empty() || is_zero(data) {
-            return Ok(());
+        let mut pos = 0;
+        let mut start: Option<usize> = None;
+        while pos < data.len() {
+            let next = (pos + ZERO_GRANULE).min(data.len());
+            if is_zero(data.get(pos..next).unwrap_or(&[])) {
+                if let Some(s) = start.take() {
+                    self.write_out(guest + s as u64, data.get(s..pos).unwrap_or(&[]))?;
+                }
+            } else if start.is_none() {
+                start = Some(pos);
+            }
+            pos = next;
         }
+        if let Some(s) = start {
+            self.write_out(guest + s as u64, data.get(s..).unwrap_or(&[]))?;
+        }
+        Ok(())
+    }
+
+    fn write_out(&mut self, guest: u64, data: &[u8]) -> Result<()> {
         self.out.write_all_at(data, guest).map_err(|e| Error::io("write the output", guest, e))?;
         self.written += data.len() as u64;
         Ok(())
@@ -338,29 +413,13 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// Writes the pending run, whose bytes are in `buf`, skipping all-zero clusters.
+    /// Writes the pending run, whose bytes are in `buf`.
     pub fn flush_run(&mut self, buf: &[u8]) -> Result<()> {
         let Some(run) = self.run.take() else { return Ok(()) };
-        let cs = ZERO_GRANULE.min(self.cs as usize);
-        // Split where a file system block is zero, so that the output stays sparse.
-        let mut pos = 0;
-        let mut start: Option<usize> = None;
-        while pos < run.len {
-            let n = cs.min(run.len - pos);
-            let piece = buf.get(run.from + pos..run.from + pos + n).unwrap_or(&[]);
-            if is_zero(piece) {
-                if let Some(s) = start.take() {
-                    self.write_owned(run.guest + s as u64, buf.get(run.from + s..run.from + pos).unwrap_or(&[]))?;
-                }
-            } else if start.is_none() {
-                start = Some(pos);
-            }
-            pos += n;
-        }
-        if let Some(s) = start {
-            self.write_owned(run.guest + s as u64, buf.get(run.from + s..run.from + run.len).unwrap_or(&[]))?;
-        }
-        Ok(())
+        let data = buf
+            .get(run.from..run.from + run.len)
+            .ok_or_else(|| Error::invalid("stream-decode", "internal: bad run"))?;
+        self.write_owned(run.guest, data)
     }
 
     /// The stream ended after `clusters` clusters: everything still expected must have been past its end.

@@ -138,15 +138,7 @@ pub fn decode(
     output.set_len(0).map_err(|e| Error::io("truncate the output", 0, e))?;
     output.set_len(header.size).map_err(|e| Error::io("size the output", header.size, e))?;
     let spool = Spool::new(options.memory_limit, options.spool_dir.clone());
-    let mut decoder = Decoder::new(
-        output,
-        geo,
-        header.size,
-        header.compression_type,
-        header.l1_table_offset,
-        u64::from(header.l1_size),
-        spool,
-    );
+    let mut decoder = Decoder::new(output, &header, geo, spool);
     let cs_len = cs as usize;
     let mut index = 0u64;
     let mut total = 0u64;

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 
 /// Where a kept cluster is.
 enum Place {
-    Memory(Vec<u8>),
-    /// Offset and length in the spool file.
-    File(u64, usize),
+    /// The bytes kept, from this offset into the cluster.
+    Memory(usize, Vec<u8>),
+    /// Offset into the cluster, and offset and length in the spool file.
+    File(usize, u64, usize),
 }
 
 /// Clusters by host cluster index.
@@ -47,15 +48,15 @@ impl Spool {
         }
     }
 
-    /// Keeps `data` as host cluster `index`.
+    /// Keeps `data`, the bytes of host cluster `index` from offset `from` in it on.
     ///
     /// # Errors
     /// `Unsupported` past the memory bound without a spool directory; `Io` when the spool file fails.
-    pub fn put(&mut self, index: u64, data: &[u8]) -> Result<()> {
+    pub fn put(&mut self, index: u64, from: usize, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
         let place = if self.memory.saturating_add(len) <= self.limit {
             self.memory += len;
-            Place::Memory(data.to_vec())
+            Place::Memory(from, data.to_vec())
         } else {
             let Some(dir) = &self.dir else {
                 return Err(Error::Unsupported {
@@ -77,7 +78,7 @@ impl Spool {
             file.write_all_at(data, self.file_end).map_err(|e| Error::io("write the spool file", self.file_end, e))?;
             let at = self.file_end;
             self.file_end += len;
-            Place::File(at, data.len())
+            Place::File(from, at, data.len())
         };
         self.clusters.insert(index, place);
         self.held += len;
@@ -85,21 +86,21 @@ impl Spool {
         Ok(())
     }
 
-    /// The bytes of host cluster `index`, if kept.
+    /// The kept bytes of host cluster `index` and their offset in it, if kept.
     ///
     /// # Errors
     /// `Io` when the spool file fails.
-    pub fn get(&self, index: u64) -> Result<Option<Vec<u8>>> {
+    pub fn get(&self, index: u64) -> Result<Option<(usize, Vec<u8>)>> {
         match self.clusters.get(&index) {
             None => Ok(None),
-            Some(Place::Memory(data)) => Ok(Some(data.clone())),
-            Some(&Place::File(at, len)) => {
+            Some(Place::Memory(from, data)) => Ok(Some((*from, data.clone()))),
+            Some(&Place::File(from, at, len)) => {
                 let Some(file) = &self.file else {
                     return Err(Error::invalid("stream-decode", "internal: no spool file"));
                 };
                 let mut data = vec![0u8; len];
                 file.read_exact_at(&mut data, at).map_err(|e| Error::io("read the spool file", at, e))?;
-                Ok(Some(data))
+                Ok(Some((from, data)))
             }
         }
     }
@@ -125,19 +126,19 @@ mod tests {
     #[test]
     fn spills_past_the_bound_and_refuses_without_a_directory() {
         let mut s = Spool::new(1024, Some(std::env::temp_dir()));
-        s.put(1, &[1u8; 1000]).unwrap();
-        s.put(2, &[2u8; 1000]).unwrap();
+        s.put(1, 0, &[1u8; 1000]).unwrap();
+        s.put(2, 24, &[2u8; 1000]).unwrap();
         assert!(s.spilled);
-        assert_eq!(s.get(1).unwrap().unwrap(), vec![1u8; 1000]);
-        assert_eq!(s.get(2).unwrap().unwrap(), vec![2u8; 1000]);
+        assert_eq!(s.get(1).unwrap().unwrap(), (0, vec![1u8; 1000]));
+        assert_eq!(s.get(2).unwrap().unwrap(), (24, vec![2u8; 1000]));
         assert_eq!(s.get(3).unwrap(), None);
         s.clear();
         assert_eq!(s.get(2).unwrap(), None);
         assert_eq!(s.peak, 2000);
 
         let mut s = Spool::new(1024, None);
-        s.put(1, &[1u8; 1000]).unwrap();
-        let err = s.put(2, &[2u8; 1000]).unwrap_err();
+        s.put(1, 0, &[1u8; 1000]).unwrap();
+        let err = s.put(2, 0, &[2u8; 1000]).unwrap_err();
         assert!(err.to_string().contains("cannot be streamed"), "{err}");
     }
 }
