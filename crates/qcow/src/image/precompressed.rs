@@ -2,6 +2,7 @@
 //! converter can compress clusters on many threads and still store them one at a time, in guest order, which
 //! keeps the image's layout independent of thread timing.
 
+use super::meta::Meta;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -44,18 +45,28 @@ impl<D: BlockDevice> Image<D> {
             // The L2 table first, as QEMU allocates it: then a reader of the file from start to end meets every
             // table before the data it maps, which is what lets a pipe be decoded without spooling.
             m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
-            m.alloc_bytes(&self.dev, len)?
+            let host = m.alloc_packed(&self.dev, len)?;
+            // Written under the metadata lock: the first and last sectors may be shared with the neighbouring
+            // compressed clusters, so they are read, patched and written whole, and no other packed write may
+            // touch them meanwhile.
+            let first = host / 512 * 512;
+            let end = (host + len).next_multiple_of(512);
+            let mut sectors = vec![0u8; (end - first) as usize];
+            if first < host {
+                if let Some(head) = sectors.get_mut(..512) {
+                    self.dev.read_at(first, head)?;
+                }
+            }
+            if let Some(dst) = sectors.get_mut((host - first) as usize..(host - first + len) as usize) {
+                dst.copy_from_slice(data);
+            }
+            // Bytes after the data in its last sector belong to nothing yet: zeros, as QEMU leaves them.
+            if let Some(tail) = sectors.get_mut((host - first + len) as usize..) {
+                tail.fill(0);
+            }
+            self.dev.write_at(first, &sectors)?;
+            host
         };
-        // Devices move whole sectors: the tail of the last one is zeros.
-        let padded = len.next_multiple_of(512);
-        if padded == len {
-            self.dev.write_at(host, data)?;
-        } else {
-            let mut sectors = Vec::with_capacity(padded as usize);
-            sectors.extend_from_slice(data);
-            sectors.resize(padded as usize, 0);
-            self.dev.write_at(host, &sectors)?;
-        }
         let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
             .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
         let mut m = self.meta();
@@ -80,5 +91,45 @@ impl<D: BlockDevice> Image<D> {
             m.writeback(&self.dev)?;
         }
         Ok(())
+    }
+}
+
+impl Meta {
+    /// Allocates `len` bytes (less than a cluster) for compressed data as QEMU does (`qcow2_alloc_bytes`): right
+    /// after the previous compressed data, byte for byte, running on into the next cluster when that is the one
+    /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
+    fn alloc_packed(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let mut offset = self.free_byte_offset;
+        if offset != 0 {
+            // A cluster freed since (or full of references) is not written into.
+            let count = self.refcount(dev, offset / cs)?;
+            if count == 0 || count >= self.geo.refcount_max() {
+                offset = 0;
+            }
+        }
+        let free_in_cluster = if offset == 0 { 0 } else { cs - offset % cs };
+        if offset != 0 && free_in_cluster >= len {
+            let cluster = offset / cs;
+            let count = self.refcount(dev, cluster)?;
+            self.set_refcount(dev, cluster, count + 1)?;
+        } else if offset == 0 {
+            // Nothing to continue: with no open cluster, alloc_bytes starts a fresh one (refcount one).
+            self.free_byte_offset = 0;
+            offset = self.alloc_bytes(dev, len)?;
+        } else {
+            // The new cluster's refcount of one is this data's reference to it.
+            let new = self.alloc_clusters(dev, 1)? * cs;
+            if offset != 0 && offset.next_multiple_of(cs) == new {
+                let cluster = offset / cs;
+                let count = self.refcount(dev, cluster)?;
+                self.set_refcount(dev, cluster, count + 1)?;
+            } else {
+                offset = new;
+            }
+        }
+        let end = offset + len;
+        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
+        Ok(offset)
     }
 }
