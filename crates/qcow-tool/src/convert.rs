@@ -1,22 +1,28 @@
-//! `qcow-tool convert`: copy a raw or qcow2 image into a new raw or qcow2 image, as `qemu-img convert` does.
+//! `qcow-tool convert`: copy a raw or qcow2 image into a raw or qcow2 image, as `qemu-img convert` does, with
+//! the library's parallel engine ([`qcow::convert::run`]).
 //!
 //! Only data is copied: holes in a raw source and unallocated or zero clusters in a qcow2 source are skipped,
 //! and so are all-zero blocks, so a raw output is sparse and a qcow2 output allocates only what holds data. A
-//! qcow2 source that is an overlay is read through its backing chain, so the copy stands alone.
+//! qcow2 source that is an overlay is read through its backing chain, so the copy stands alone, unless `-B`
+//! makes the output an overlay itself: then only what differs from the new backing file is stored.
 //!
-//! With `-c`, every cluster of a qcow2 output that holds data is written compressed (whole clusters, the last
-//! partial one included); clusters that compression does not shrink are stored as they are, as qemu-img does.
+//! With `-c`, every cluster of a qcow2 output that holds data is compressed (on every core, with the image's
+//! `compression_type` and the level `-o compression_level=N` gives); clusters that compression does not shrink
+//! are stored as they are, as qemu-img does. The output is the same file on every run, whatever the thread
+//! count: clusters are stored in guest order.
 
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use qcow::block::{BlockDevice, FileDevice, FileOptions, SECTOR_SIZE};
-use qcow::convert::AllocationMap;
-use qcow::{Config, CreateOptions, Image};
+use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, Unsynced, SECTOR_SIZE};
+use qcow::convert::{
+    AllocationMap, Compression, DeviceTarget, Direct, FileMap, ImageMap, ImageTarget, Options, Source, Target, Union,
+};
+use qcow::{Config, CreateOptions, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
 use crate::open::{self, Format};
+use crate::progress::{Progress, ProgressArgs};
 
 /// Arguments of `convert`.
 #[derive(Debug, clap::Args)]
@@ -27,77 +33,223 @@ pub struct Args {
     /// Output format.
     #[arg(short = 'O', value_enum, default_value = "raw")]
     output_format: Format,
-    /// Options of a qcow2 output, as for `create` (its size is the source's). May be given more than once.
+    /// Options of a qcow2 output, as for `create` (its size is the source's), plus compression_level=N for -c
+    /// (zlib 1..=9, default 6; zstd 1..=22, default 3). May be given more than once.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Compress the data clusters of the (qcow2) output; -o compression_type=zlib|zstd picks the algorithm.
     #[arg(short = 'c')]
     compress: bool,
-    /// Show progress on stderr.
-    #[arg(short = 'p')]
-    progress: bool,
+    /// Make the (qcow2) output an overlay of this backing file, storing only what differs from it. A relative
+    /// name is resolved against the output's directory and recorded as given.
+    #[arg(short = 'B', short_alias = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file given with -B; probed when not given.
+    #[arg(short = 'F', value_enum, value_name = "FMT")]
+    backing_format: Option<Format>,
+    /// Convert an internal snapshot of a qcow2 source instead of its current state: snapshot.name=NAME,
+    /// snapshot.id=ID, or a bare name or id.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Do not create the output: write into an existing image or file at least as large as the source. Everything
+    /// the source does not hold is zeroed.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Worker threads (qemu-img's number of parallel requests); every core by default.
+    #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+    /// Accepted for qemu-img compatibility: workers always run out of order, while the output is stored in
+    /// order, so the result is the same file either way.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Cache mode of the output, as qemu-img's: unsafe (the default, as in qemu-img convert) never forces the
+    /// output to stable storage; writeback, writethrough, none and directsync flush it when the copy is done.
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    cache: Cache,
+    #[command(flatten)]
+    progress: ProgressArgs,
     /// The image to read.
     src: PathBuf,
-    /// The image to write; an existing file is overwritten.
+    /// The image to write; an existing file is overwritten (unless -n).
     dst: PathBuf,
 }
 
-/// An open source image.
-enum Source {
-    Raw(FileDevice),
-    Qcow2(Box<Image<FileDevice>>),
+/// Output cache modes, by qemu-img's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Cache {
+    /// No flushes.
+    Unsafe,
+    /// Flushes at the end.
+    Writeback,
+    /// Flushes at the end (writes are not made synchronous).
+    Writethrough,
+    /// Flushes at the end (the page cache is not bypassed).
+    None,
+    /// Flushes at the end (writes are not made synchronous, the page cache is not bypassed).
+    Directsync,
 }
 
-impl Source {
+/// An open source or backing image, with its allocation map.
+enum Input {
+    /// The file, and its mapping when it could be made.
+    Raw(FileDevice, Option<FileMap>),
+    /// The image, and its file's mapping when it could be made.
+    Qcow2(Box<Image<FileDevice>>, Option<FileMap>),
+}
+
+impl Input {
     fn open(path: &Path, format: Option<Format>) -> Result<Self> {
         let format = match format {
             Some(f) => f,
             None => open::probe(path)?,
         };
         Ok(match format {
-            Format::Raw => Source::Raw(open::file(path, true)?),
+            Format::Raw => {
+                let dev = open::file(path, true)?;
+                // Without a mapping the copy reads instead: slower, never wrong.
+                let map = FileMap::new(dev.file()).ok();
+                Input::Raw(dev, map)
+            }
             // An overlay reads through its backing chain.
-            Format::Qcow2 => Source::Qcow2(Box::new(open::image(path, true)?)),
+            Format::Qcow2 => {
+                let image = open::image(path, true)?;
+                let map = FileMap::new(image.device().file()).ok();
+                Input::Qcow2(Box::new(image), map)
+            }
         })
     }
 
-    /// The device, its allocation map, and its size in bytes.
-    fn parts(&self) -> (&dyn BlockDevice, &dyn AllocationMap, u64) {
+    fn open_snapshot(path: &Path, format: Option<Format>, spec: &str) -> Result<Self> {
+        let format = match format {
+            Some(f) => f,
+            None => open::probe(path)?,
+        };
+        if format != Format::Qcow2 {
+            return Err(Error::msg(format!("'{}' is raw: only qcow2 images have snapshots (-l)", path.display())));
+        }
+        let name = snapshot_name(spec)?;
+        let image = Image::open_snapshot_path(path, name)
+            .map_err(|e| Error::wrap(format!("could not open snapshot '{name}' of '{}'", path.display()), e))?;
+        let map = FileMap::new(image.device().file()).ok();
+        Ok(Input::Qcow2(Box::new(image), map))
+    }
+
+    fn device(&self) -> &dyn BlockDevice {
         match self {
-            Source::Raw(dev) => (dev, dev, dev.len_bytes()),
-            Source::Qcow2(image) => (&**image, &**image, image.virtual_size()),
+            Input::Raw(dev, _) => dev,
+            Input::Qcow2(image, _) => &**image,
+        }
+    }
+
+    fn map(&self) -> &dyn AllocationMap {
+        match self {
+            Input::Raw(dev, _) => dev,
+            Input::Qcow2(image, _) => &**image,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Input::Raw(dev, _) => dev.len_bytes(),
+            Input::Qcow2(image, _) => image.virtual_size(),
+        }
+    }
+
+    /// The mapping of a qcow2 source's data clusters, when the data is all in its file.
+    fn image_map(&self) -> Option<ImageMap<'_, FileDevice>> {
+        match self {
+            Input::Qcow2(image, Some(map)) => ImageMap::new(image, map),
+            _ => None,
+        }
+    }
+
+    /// The source's bytes in place: a raw file's mapping, or `image_map` (made by the caller, who keeps it).
+    fn direct<'a>(&'a self, image_map: &'a Option<ImageMap<'a, FileDevice>>) -> Option<&'a dyn Direct> {
+        match (self, image_map) {
+            (_, Some(m)) => Some(m),
+            (Input::Raw(_, Some(map)), None) => Some(map),
+            _ => None,
         }
     }
 }
 
+/// The snapshot `-l` names: `snapshot.name=S`, `snapshot.id=I` (both looked up by name first, then id, as the
+/// library does), or a bare name or id.
+fn snapshot_name(spec: &str) -> Result<&str> {
+    let mut found = None;
+    for part in spec.split(',') {
+        let value = match part.split_once('=') {
+            Some(("snapshot.name" | "snapshot.id", v)) => v,
+            Some((key, _)) => {
+                return Err(Error::msg(format!("-l {spec}: unknown key '{key}' (snapshot.name, snapshot.id)")))
+            }
+            None => part,
+        };
+        if found.is_some() {
+            return Err(Error::msg(format!("-l {spec}: name one snapshot")));
+        }
+        found = Some(value);
+    }
+    found.filter(|v| !v.is_empty()).ok_or_else(|| Error::msg(format!("-l '{spec}': no snapshot named")))
+}
+
+/// Takes `compression_level=N` out of the -o lists (the rest goes to `create`).
+fn split_level(lists: &[String]) -> Result<(Vec<String>, Option<i32>)> {
+    let mut level = None;
+    let mut rest = Vec::new();
+    for list in lists {
+        let mut keep = Vec::new();
+        for kv in list.split(',') {
+            match kv.trim().split_once('=') {
+                Some(("compression_level", v)) => {
+                    let n: i32 = v
+                        .parse()
+                        .map_err(|_| Error::msg(format!("invalid -o option: compression_level={v}: not a number")))?;
+                    if !(1..=22).contains(&n) {
+                        return Err(Error::msg(format!(
+                            "invalid -o option: compression_level={n}: zlib takes 1..=9, zstd 1..=22"
+                        )));
+                    }
+                    level = Some(n);
+                }
+                _ => keep.push(kv),
+            }
+        }
+        if !keep.is_empty() {
+            rest.push(keep.join(","));
+        }
+    }
+    Ok((rest, level))
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let (src_path, dst_path) = (&args.src, &args.dst);
-    let source = Source::open(src_path, args.format)?;
-    let (_, _, size) = source.parts();
-    let mut options = CreateOptions::new(size);
-    match args.output_format {
-        Format::Qcow2 => {
-            for list in &args.options {
-                options.apply(list).context(|| "invalid -o option")?;
-            }
-            options.size = size;
-            options.validate().context(|| "invalid -o option")?;
+    let source = match &args.snapshot {
+        Some(spec) => Input::open_snapshot(src_path, args.format, spec)?,
+        None => Input::open(src_path, args.format)?,
+    };
+    let size = source.size();
+    let (lists, level) = split_level(&args.options)?;
+    if args.output_format == Format::Raw {
+        if let Some(list) = lists.first() {
+            return Err(Error::msg(format!("raw output takes no -o options (got '{list}')")));
         }
-        Format::Raw => {
-            if let Some(list) = args.options.first() {
-                return Err(Error::msg(format!("raw output takes no -o options (got '{list}')")));
-            }
-            if args.compress {
-                return Err(Error::msg("raw output cannot be compressed: -c needs -O qcow2"));
-            }
+        if args.compress {
+            return Err(Error::msg("raw output cannot be compressed: -c needs -O qcow2"));
         }
+        if args.backing.is_some() {
+            return Err(Error::msg("raw output cannot have a backing file: -B needs -O qcow2"));
+        }
+    }
+    if level.is_some() && !args.compress {
+        return Err(Error::msg("-o compression_level only applies with -c"));
     }
     refuse_same_file(src_path, dst_path)?;
     let result = match args.output_format {
-        Format::Raw => to_raw(&source, dst_path, args.progress),
-        Format::Qcow2 => to_qcow2(&source, &options, dst_path, args.progress, args.compress),
+        Format::Raw => to_raw(args, &source, size),
+        Format::Qcow2 => to_qcow2(args, &source, size, &lists, level),
     };
-    if result.is_err() {
+    if result.is_err() && !args.no_create {
         // Leave no half-written copy behind.
         let _ = std::fs::remove_file(dst_path);
     }
@@ -119,130 +271,153 @@ fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-fn create_file(path: &Path) -> Result<FileDevice> {
-    FileDevice::create(path, &FileOptions::default()).context(|| format!("could not create '{}'", path.display()))
-}
-
-/// Progress on stderr in hundredths of a percent, as qemu-img shows it; silent unless `show`.
-fn progress_printer(show: bool) -> impl FnMut(u64, u64) {
-    let mut shown: Option<u64> = None;
-    move |done: u64, total: u64| {
-        if !show {
-            return;
-        }
-        let step = if total == 0 { 10_000 } else { (u128::from(done) * 10_000 / u128::from(total)) as u64 };
-        if shown != Some(step) {
-            shown = Some(step);
-            eprint!("    ({}.{:02}/100%)\r", step / 100, step % 100);
-            let _ = std::io::stderr().flush();
-        }
+fn engine_options(args: &Args) -> Options {
+    let mut options = Options { target_is_zero: !args.no_create, ..Options::default() };
+    if let Some(n) = args.threads {
+        options.threads = usize::from(n);
+        options.in_flight = options.threads * 2 + 2;
     }
+    options
 }
 
-fn copy(source: &Source, dst: &dyn BlockDevice, dst_path: &Path, show: bool) -> Result<()> {
-    let (src, map, size) = source.parts();
-    let mut progress = progress_printer(show);
-    let result = qcow::convert::convert(src, map, size, dst, &mut progress)
-        .context(|| format!("could not copy to '{}'", dst_path.display()));
-    if show {
-        eprintln!();
-    }
-    result
-}
-
-fn to_raw(source: &Source, path: &Path, show: bool) -> Result<()> {
-    let (_, _, size) = source.parts();
-    let dev = create_file(path)?;
-    dev.resize(size.div_ceil(SECTOR_SIZE)).context(|| format!("could not resize '{}'", path.display()))?;
-    copy(source, &dev, path, show)?;
-    // The copy moved whole sectors; the file keeps the source's exact length.
-    dev.file().set_len(size).context(|| format!("could not resize '{}'", path.display()))?;
-    dev.flush().context(|| format!("could not flush '{}'", path.display()))
-}
-
-fn to_qcow2(source: &Source, options: &CreateOptions, path: &Path, show: bool, compress: bool) -> Result<()> {
-    let dev = create_file(path)?;
-    let image =
-        Image::create(dev, options, Config::default()).context(|| format!("could not format '{}'", path.display()))?;
-    if compress {
-        if show {
-            let result = copy_compressed(source, &image, path, &mut progress_printer(true));
-            eprintln!();
-            result?;
-        } else {
-            copy_compressed(source, &image, path, &mut |_, _| {})?;
-        }
-    } else {
-        copy(source, &image, path, show)?;
-    }
-    image.close().context(|| format!("could not write '{}'", path.display()))
-}
-
-/// The most [`copy_compressed`] reads at once.
-const COMPRESS_CHUNK: u64 = 2 << 20;
-
-/// How much of the source [`copy_compressed`] maps at once: a multiple of every cluster size.
-const MAP_WINDOW: u64 = 1 << 30;
-
-/// Copies the source into `image` one whole cluster at a time, each written compressed. Only clusters that the
-/// source's map says may hold data are read, and clusters that read as all zeros are not written at all. The
-/// last cluster of a disk whose size is not a cluster multiple is written compressed too, as far as the disk's
-/// last sector.
-fn copy_compressed(
-    source: &Source,
-    image: &Image<FileDevice>,
-    path: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()> {
-    let (src, map, size) = source.parts();
-    let cs = image.geometry().cluster_size();
-    let disk_end = size.next_multiple_of(SECTOR_SIZE);
-    let failed =
-        |what: &str, at: u64| format!("could not {what} at byte {at} while compressing into '{}'", path.display());
-    progress(0, size);
-    let mut buf = Vec::new();
-    let mut window = 0;
-    while window < size {
-        let window_end = size.min(window + MAP_WINDOW);
-        // Clusters of this window that may hold data, in order, each once. The window is a whole number of
-        // clusters, so every cluster belongs to exactly one window.
-        let mut clusters: Vec<u64> = Vec::new();
-        let ranges = map
-            .data_ranges(window, window_end - window)
-            .map_err(|e| Error::wrap(failed("map the source", window), e))?;
-        for (start, len) in ranges {
-            let (start, end) = (start.max(window), start.saturating_add(len).min(window_end));
-            if start < end {
-                clusters.extend(start / cs..end.div_ceil(cs));
-            }
-        }
-        clusters.sort_unstable();
-        clusters.dedup();
-        let mut i = 0;
-        while let Some(&first) = clusters.get(i) {
-            // A run of consecutive clusters, read in one go.
-            let mut count = 1;
-            while clusters.get(i + count) == Some(&(first + count as u64)) && (count as u64 + 1) * cs <= COMPRESS_CHUNK
-            {
-                count += 1;
-            }
-            let start = first * cs;
-            let end = ((first + count as u64) * cs).min(disk_end);
-            buf.resize((end - start) as usize, 0);
-            src.read_at(start, &mut buf).map_err(|e| Error::wrap(failed("read the source", start), e))?;
-            for (n, cluster) in buf.chunks(cs as usize).enumerate() {
-                if cluster.iter().all(|&b| b == 0) {
-                    continue;
-                }
-                let at = start + n as u64 * cs;
-                image.write_compressed(at, cluster).map_err(|e| Error::wrap(failed("write", at), e))?;
-            }
-            progress(end.min(size), size);
-            i += count;
-        }
-        window = window_end;
-        progress(window, size);
-    }
-    progress(size, size);
+/// Runs the copy with progress as the user asked.
+fn copy(args: &Args, source: &Source<'_>, target: &dyn Target, options: &Options) -> Result<()> {
+    let mut progress = Progress::new(&args.progress, source.size, "bytes")?;
+    qcow::convert::run(source, target, options, &mut |done, total| progress.set(done, total))
+        .context(|| format!("could not convert '{}' to '{}'", args.src.display(), args.dst.display()))?;
+    progress.finish(source.size);
     Ok(())
+}
+
+fn to_raw(args: &Args, input: &Input, size: u64) -> Result<()> {
+    let path = &args.dst;
+    let dev = if args.no_create {
+        let dev = open::file(path, false)?;
+        if dev.len_bytes() < size {
+            return Err(Error::msg(format!(
+                "'{}' is {} bytes, smaller than the source's {size} (-n writes into the existing file)",
+                path.display(),
+                dev.len_bytes()
+            )));
+        }
+        dev
+    } else {
+        let dev = FileDevice::create(path, &FileOptions::default())
+            .context(|| format!("could not create '{}'", path.display()))?;
+        dev.resize(size.div_ceil(SECTOR_SIZE)).context(|| format!("could not resize '{}'", path.display()))?;
+        dev
+    };
+    let image_map = input.image_map();
+    let source =
+        Source { device: input.device(), map: input.map(), size, base: None, direct: input.direct(&image_map) };
+    let unsynced = Unsynced::new(&dev);
+    let target: &dyn BlockDevice = if args.cache == Cache::Unsafe { &unsynced } else { &dev };
+    copy(args, &source, &DeviceTarget(target), &engine_options(args))?;
+    if !args.no_create {
+        // The copy moved whole sectors; the file keeps the source's exact length.
+        dev.file().set_len(size).context(|| format!("could not resize '{}'", path.display()))?;
+    }
+    target.flush().context(|| format!("could not flush '{}'", path.display()))
+}
+
+fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Option<i32>) -> Result<()> {
+    let path = &args.dst;
+    if args.no_create {
+        if !lists.is_empty() || args.backing.is_some() {
+            return Err(Error::msg("-n writes into an existing image: -o and -B do not apply"));
+        }
+        let file = open::file(path, false)?;
+        return if args.cache == Cache::Unsafe {
+            into_qcow2(args, input, size, level, Unsynced::new(file), None)
+        } else {
+            into_qcow2(args, input, size, level, file, None)
+        };
+    }
+    let mut options = CreateOptions::new(size);
+    for list in lists {
+        options.apply(list).context(|| "invalid -o option")?;
+    }
+    options.size = size;
+    if let Some(backing) = &args.backing {
+        options.backing_file = Some(backing.clone());
+    }
+    if let Some(name) = &options.backing_file {
+        let format = match (args.backing_format, &options.backing_format) {
+            (Some(f), _) => f,
+            (None, Some(f)) if f == "raw" => Format::Raw,
+            (None, Some(_)) => Format::Qcow2,
+            (None, None) => open::probe(&crate::create::backing_path(path, name))?,
+        };
+        options.backing_format = Some(format.name().to_string());
+    }
+    options.validate().context(|| "invalid -o option")?;
+    // Opened before the output is made, so that a missing backing file is reported by its name.
+    let base = match (&options.backing_file, options.backing_format.as_deref()) {
+        (Some(name), format) => {
+            let format = if format == Some("raw") { Format::Raw } else { Format::Qcow2 };
+            Some(Input::open(&crate::create::backing_path(path, name), Some(format))?)
+        }
+        (None, _) => None,
+    };
+    if let Some(name) = &options.data_file {
+        let data = crate::create::backing_path(path, name);
+        FileDevice::create(&data, &FileOptions::default())
+            .context(|| format!("could not create data file '{}'", data.display()))?;
+    }
+    let file = FileDevice::create(path, &FileOptions::default())
+        .context(|| format!("could not create '{}'", path.display()))?;
+    if args.cache == Cache::Unsafe {
+        into_qcow2(args, input, size, level, Unsynced::new(file), Some((&options, base)))
+    } else {
+        into_qcow2(args, input, size, level, file, Some((&options, base)))
+    }
+}
+
+/// Formats `dev` as `create` says (or opens the image on it, for -n) and copies into it.
+fn into_qcow2<D: BlockDevice + 'static>(
+    args: &Args,
+    input: &Input,
+    size: u64,
+    level: Option<i32>,
+    dev: D,
+    create: Option<(&CreateOptions, Option<Input>)>,
+) -> Result<()> {
+    let path = &args.dst;
+    let resolver = FileResolver::new(path, open::policy());
+    let (image, base) = match create {
+        Some((options, base)) => (
+            Image::create_with(dev, options, Config::default(), &resolver)
+                .map_err(|e| Error::wrap(format!("could not create '{}'{}", path.display(), open::hint(&e)), e))?,
+            base,
+        ),
+        None => (Image::open_with(dev, Config::default(), &resolver).map_err(|e| open::open_error(path, e))?, None),
+    };
+    if image.virtual_size() < size {
+        return Err(Error::msg(format!(
+            "'{}' is {} bytes, smaller than the source's {size} (-n writes into the existing image)",
+            path.display(),
+            image.virtual_size()
+        )));
+    }
+    let mut options = engine_options(args);
+    let cs = image.geometry().cluster_size();
+    options.zero_granule = cs;
+    if args.compress {
+        options.compression = Some(Compression { kind: image.header().compression_type, level, cluster_size: cs });
+    }
+    let padded_base = base.as_ref().map(|b| Padded::new(b.device()));
+    let image_map = input.image_map();
+    let union = base.as_ref().map(|b| Union(input.map(), b.map()));
+    let source = Source {
+        device: input.device(),
+        map: match &union {
+            Some(u) => u,
+            None => input.map(),
+        },
+        size,
+        base: padded_base.as_ref().map(|p| p as &dyn BlockDevice),
+        direct: input.direct(&image_map),
+    };
+    copy(args, &source, &ImageTarget(&image), &options)?;
+    image.close().context(|| format!("could not write '{}'", path.display()))
 }

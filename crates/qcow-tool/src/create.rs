@@ -153,7 +153,7 @@ fn create(path: &Path, options: &CreateOptions) -> Result<Image<FileDevice>> {
 
 /// Where a backing file name recorded in the image at `image` points: relative names are relative to the
 /// image's directory, as the library resolves them.
-fn backing_path(image: &Path, name: &str) -> PathBuf {
+pub(crate) fn backing_path(image: &Path, name: &str) -> PathBuf {
     let named = Path::new(name);
     if named.is_absolute() {
         return named.to_path_buf();

@@ -26,6 +26,7 @@ pub mod convert;
 mod error;
 pub mod format;
 mod image;
+pub mod stream;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{

@@ -11,11 +11,13 @@ mod faulty;
 mod file;
 mod memory;
 mod padded;
+mod unsynced;
 
 pub use faulty::{FaultyDevice, FaultyOp};
 pub use file::{FileDevice, FileOptions};
 pub use memory::MemoryDevice;
 pub use padded::Padded;
+pub use unsynced::Unsynced;
 
 use crate::error::{Error, Result};
 

@@ -19,6 +19,7 @@
 //! decoded in one shot straight into `out`, so a frame header announcing a large window or content size cannot
 //! make it allocate more. [`compress`] allocates at most about the input's size.
 
+use std::cell::RefCell;
 use std::ops::RangeInclusive;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -196,41 +197,97 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 /// # Errors
 /// [`CompressionError::Codec`] when the codec fails for another reason than running out of room.
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>, CompressionError> {
+    compress_at_level(kind, input, None)
+}
+
+/// As [`compress`], at `level` instead of the codec's default (QEMU's choice): deflate takes 1..=9, zstd 1..=22;
+/// levels outside the range are clamped into it. The output reads back with [`decompress`] whatever the level.
+///
+/// # Errors
+/// As [`compress`].
+pub fn compress_at_level(
+    kind: CompressionType,
+    input: &[u8],
+    level: Option<i32>,
+) -> Result<Option<Vec<u8>>, CompressionError> {
     let limit = input.len().saturating_sub(1);
     let compressed = match kind {
-        CompressionType::Deflate => deflate(input, limit)?,
-        CompressionType::Zstd => zstd_compress(input)?,
+        CompressionType::Deflate => deflate(input, limit, level)?,
+        CompressionType::Zstd => zstd_compress(input, level)?,
     };
     Ok(compressed.filter(|c| c.len() <= limit && !input.is_empty()))
 }
 
-fn deflate(input: &[u8], limit: usize) -> Result<Option<Vec<u8>>, CompressionError> {
+thread_local! {
+    /// Each thread's last deflate compressor and its level: a compressor's state is large, and a converter
+    /// compresses thousands of clusters per thread, so it is reset between clusters rather than rebuilt.
+    static DEFLATE: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+    /// Each thread's zstd compression context, for the same reason.
+    static ZSTD: RefCell<Option<zstd_safe::CCtx<'static>>> = const { RefCell::new(None) };
+}
+
+fn deflate(input: &[u8], limit: usize, level: Option<i32>) -> Result<Option<Vec<u8>>, CompressionError> {
+    let level = match level {
+        Some(l) => Compression::new(l.clamp(1, 9).unsigned_abs()),
+        None => Compression::default(),
+    };
+    DEFLATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        let c = match cached.take() {
+            Some((l, mut c)) if l == level.level() => {
+                c.reset();
+                c
+            }
+            _ => Compress::new_with_window_bits(level, false, DEFLATE_WINDOW_BITS),
+        };
+        let (c, result) = deflate_with(c, input, limit);
+        // Only a compressor that finished its stream is reused: one that ran out of room still holds output
+        // that a reset does not reliably drop.
+        if matches!(result, Ok(Some(_))) {
+            *cached = Some((level.level(), c));
+        }
+        result
+    })
+}
+
+fn deflate_with(mut c: Compress, input: &[u8], limit: usize) -> (Compress, Result<Option<Vec<u8>>, CompressionError>) {
     let codec_err = |reason| CompressionError::Codec { kind: CompressionType::Deflate, reason };
     // QEMU compresses into a buffer of cluster_size - 1 bytes; running out of room there means "don't compress".
-    let mut c = Compress::new_with_window_bits(Compression::default(), false, DEFLATE_WINDOW_BITS);
     let mut out = Vec::with_capacity(limit);
     loop {
         let before = (c.total_in(), c.total_out());
         let rest = usize::try_from(c.total_in()).ok().and_then(|i| input.get(i..)).unwrap_or(&[]);
-        let status = c.compress_vec(rest, &mut out, FlushCompress::Finish).map_err(|_| codec_err("deflate failed"))?;
+        let status = match c.compress_vec(rest, &mut out, FlushCompress::Finish) {
+            Ok(status) => status,
+            Err(_) => return (c, Err(codec_err("deflate failed"))),
+        };
         if status == Status::StreamEnd {
-            return Ok(Some(out));
+            return (c, Ok(Some(out)));
         }
         if out.len() >= limit || before == (c.total_in(), c.total_out()) {
-            return Ok(None);
+            return (c, Ok(None));
         }
     }
 }
 
-fn zstd_compress(input: &[u8]) -> Result<Option<Vec<u8>>, CompressionError> {
+fn zstd_compress(input: &[u8], level: Option<i32>) -> Result<Option<Vec<u8>>, CompressionError> {
     let codec_err = |reason| CompressionError::Codec { kind: CompressionType::Zstd, reason };
-    let mut cctx = zstd_safe::CCtx::try_create().ok_or(codec_err("cannot create a compression context"))?;
-    // Room for any input, so the only failures are real ones; the size rule is applied by the caller. A frame
-    // that fits QEMU's cluster_size - 1 buffer is exactly one no longer than that.
-    let mut out = Vec::with_capacity(zstd_safe::compress_bound(input.len()));
-    cctx.compress(&mut out, input, zstd_safe::CLEVEL_DEFAULT)
-        .map_err(|code| codec_err(zstd_safe::get_error_name(code)))?;
-    Ok(Some(out))
+    ZSTD.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        let cctx = match cached.as_mut() {
+            Some(cctx) => cctx,
+            None => {
+                cached.insert(zstd_safe::CCtx::try_create().ok_or(codec_err("cannot create a compression context"))?)
+            }
+        };
+        // Room for any input, so the only failures are real ones; the size rule is applied by the caller. A
+        // frame that fits QEMU's cluster_size - 1 buffer is exactly one no longer than that.
+        let mut out = Vec::with_capacity(zstd_safe::compress_bound(input.len()));
+        let level = level.map_or(zstd_safe::CLEVEL_DEFAULT, |l| l.clamp(1, 22));
+        // One-shot compression sets every parameter from the level, so nothing carries over from the last use.
+        cctx.compress(&mut out, input, level).map_err(|code| codec_err(zstd_safe::get_error_name(code)))?;
+        Ok(Some(out))
+    })
 }
 
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), CompressionError> {

@@ -18,7 +18,7 @@ pub use bitmap::{
     parse_bitmap_directory, parse_bitmap_table, serialize_bitmap_directory, BitmapCluster, BitmapEntry, BitmapError,
     BitmapTableEntry, BitmapsExtension, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES,
 };
-pub use compressed::{compress, decompress, CompressedDescriptor, CompressionError};
+pub use compressed::{compress, compress_at_level, decompress, CompressedDescriptor, CompressionError};
 pub use entry::{L1Entry, L2Entry, L2Kind};
 pub use error::FormatError;
 pub use geometry::{Geometry, GuestOffset, HostOffset};

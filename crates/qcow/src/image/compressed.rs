@@ -3,7 +3,7 @@
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{compress, CompressedDescriptor, GuestOffset, HostOffset, L2Entry, L2Kind};
+use crate::format::compress;
 
 impl<D: BlockDevice> Image<D> {
     /// Writes one whole guest cluster compressed with the image's compression type. `buf` is a cluster, or for
@@ -34,44 +34,9 @@ impl<D: BlockDevice> Image<D> {
         }
         let compressed =
             compress(self.compression, &whole).map_err(|_| Error::corrupt("compressing a cluster failed", offset))?;
-        let Some(mut data) = compressed else {
-            return self.write_at(offset, buf);
-        };
-        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        let guest_cluster = offset / cs;
-        let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
-        let len = data.len() as u64;
-        let host = {
-            let mut m = self.meta();
-            m.mark_dirty(&self.dev)?;
-            m.alloc_bytes(&self.dev, len)?
-        };
-        data.resize(len.next_multiple_of(512) as usize, 0);
-        self.dev.write_at(host, &data)?;
-        let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
-            .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
-        let mut m = self.meta();
-        let guest = GuestOffset(offset);
-        let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
-        let index = self.geo.l2_index(guest);
-        let old = m.l2_entry(&self.dev, l2, index)?;
-        let at = l2.0 + index * self.geo.l2_entry_size();
-        m.set_l2_entry(&self.dev, l2, index, L2Entry(descriptor))?;
-        if self.geo.extended_l2 {
-            m.set_l2_bitmap(&self.dev, l2, index, 0)?;
+        match compressed {
+            Some(data) => self.write_precompressed(offset, &data),
+            None => self.write_at(offset, buf),
         }
-        match m.decode_l2(&self.dev, old, at)? {
-            L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),
-            L2Kind::Compressed { host: HostOffset(h), len } => {
-                for cluster in h / cs..=(h + len.max(1) - 1) / cs {
-                    m.free_later(cluster);
-                }
-            }
-            L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
-        }
-        if m.cache.over_budget() {
-            m.writeback(&self.dev)?;
-        }
-        Ok(())
     }
 }

@@ -36,6 +36,7 @@ mod metrics;
 mod open;
 mod options;
 mod overlap;
+mod precompressed;
 mod ranges;
 mod rebuild;
 mod reclaim;

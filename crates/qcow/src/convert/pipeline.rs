@@ -1,0 +1,234 @@
+//! The parallel copy: workers take chunks in guest order under a window that bounds how far they may run ahead
+//! of the writer, and the calling thread stores their results strictly in guest order.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::target::Target;
+use super::tasks::{Task, Tasks};
+use super::work::{process, Done, Piece, Rules};
+use super::{Options, Source};
+use crate::block::{BlockDevice, SECTOR_SIZE};
+use crate::error::{Error, Result};
+
+/// What the workers and the writer share.
+struct State<'a> {
+    tasks: Tasks<'a>,
+    /// The sequence number the next task gets.
+    next_seq: u64,
+    /// Tasks stored so far (all those numbered below this).
+    stored: u64,
+    /// Set when the copy fails: workers stop taking tasks.
+    abort: bool,
+    /// Buffers handed back by the writer.
+    pool: Vec<Vec<u8>>,
+}
+
+struct Shared<'a> {
+    state: Mutex<State<'a>>,
+    wake: Condvar,
+}
+
+impl<'a> Shared<'a> {
+    fn lock(&self) -> MutexGuard<'_, State<'a>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn abort(&self) {
+        self.lock().abort = true;
+        self.wake.notify_all();
+    }
+}
+
+/// Copies `source` into `target` as [`Options`] say (see the [module](super) documentation).
+///
+/// `progress(done, total)` is called from the calling thread as chunks are stored, with `total == size`, and a
+/// last time with `done == total`; the target is flushed at the end.
+///
+/// # Errors
+/// `InvalidArgument` when the source or the target is shorter than the size (rounded up to a sector)
+/// or the options are unusable; otherwise the first error of the map, the source or the target, after which the
+/// target holds part of the data.
+pub fn run(
+    source: &Source<'_>,
+    target: &dyn Target,
+    options: &Options,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let size = source.size;
+    let padded = size
+        .checked_next_multiple_of(SECTOR_SIZE)
+        .ok_or_else(|| Error::invalid("convert", format!("size {size} overflows")))?;
+    let src_len = source.device.info().size_bytes();
+    if src_len < padded {
+        return Err(Error::invalid("convert", format!("source is {src_len} bytes, shorter than {size}")));
+    }
+    let dst_len = target.size_bytes();
+    if dst_len < padded {
+        return Err(Error::invalid("convert", format!("destination is {dst_len} bytes, shorter than {size}")));
+    }
+    let granule = options.zero_granule.max(SECTOR_SIZE).checked_next_power_of_two().unwrap_or(SECTOR_SIZE);
+    let (align, unit) = match options.compression {
+        Some(c) if !c.cluster_size.is_power_of_two() || c.cluster_size < SECTOR_SIZE => {
+            return Err(Error::invalid("convert", format!("cluster size {} is not usable", c.cluster_size)));
+        }
+        Some(c) => (c.cluster_size, c.cluster_size),
+        None => (SECTOR_SIZE, granule),
+    };
+    let chunk = options.chunk_size.max(unit).checked_next_power_of_two().unwrap_or(unit);
+    let threads = options.threads.max(1);
+    let in_flight = u64::try_from(options.in_flight.max(threads)).unwrap_or(u64::MAX);
+    let shared = Shared {
+        state: Mutex::new(State {
+            tasks: Tasks::new(source.map, size, padded, chunk, align, !options.target_is_zero),
+            next_seq: 0,
+            stored: 0,
+            abort: false,
+            pool: Vec::new(),
+        }),
+        wake: Condvar::new(),
+    };
+    progress(0, size);
+    let (tx, rx) = mpsc::channel::<(u64, Result<Done<'_>>)>();
+    let result = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let shared = &shared;
+            let rules = Rules { granule, compression: options.compression, target_is_zero: options.target_is_zero };
+            let direct_target = target.concurrent();
+            scope.spawn(move || worker(shared, source, direct_target, &tx, in_flight, rules));
+        }
+        drop(tx);
+        let result = write_in_order(&shared, &rx, source, target, size, progress);
+        if result.is_err() {
+            shared.abort();
+        }
+        result
+    });
+    result?;
+    progress(size, size);
+    target.flush()
+}
+
+/// Takes tasks in order while the window allows, processes them, and sends the results to the writer.
+fn worker<'a>(
+    shared: &Shared<'_>,
+    source: &Source<'a>,
+    direct_target: Option<&dyn BlockDevice>,
+    tx: &mpsc::Sender<(u64, Result<Done<'a>>)>,
+    in_flight: u64,
+    rules: Rules,
+) {
+    loop {
+        let (seq, task, buf): (u64, Task, Vec<u8>) = {
+            let mut s = shared.lock();
+            while !s.abort && s.next_seq >= s.stored.saturating_add(in_flight) {
+                s = shared.wake.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            if s.abort {
+                return;
+            }
+            let seq = s.next_seq;
+            match s.tasks.next_task() {
+                Ok(None) => return,
+                Ok(Some(task)) => {
+                    s.next_seq += 1;
+                    let buf = s.pool.pop().unwrap_or_default();
+                    (seq, task, buf)
+                }
+                Err(e) => {
+                    s.next_seq += 1;
+                    let _ = tx.send((seq, Err(e)));
+                    return;
+                }
+            }
+        };
+        let done = process(task, buf, source, rules).and_then(|done| match direct_target {
+            Some(dev) => store_data(dev, source, done),
+            None => Ok(done),
+        });
+        let failed = done.is_err();
+        if tx.send((seq, done)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Receives results and stores them in sequence order, returning buffers to the pool and opening the window.
+fn write_in_order<'a>(
+    shared: &Shared<'_>,
+    rx: &mpsc::Receiver<(u64, Result<Done<'a>>)>,
+    source: &Source<'a>,
+    target: &dyn Target,
+    size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let mut waiting: BTreeMap<u64, Result<Done<'a>>> = BTreeMap::new();
+    let mut next = 0u64;
+    // The channel closes when every worker has finished: all tasks were handed out (or the copy failed).
+    for (seq, done) in rx {
+        waiting.insert(seq, done);
+        while let Some(done) = waiting.remove(&next) {
+            let done = done?;
+            store(target, source, &done)?;
+            next += 1;
+            {
+                let mut s = shared.lock();
+                s.stored = next;
+                s.pool.push(done.buf);
+            }
+            shared.wake.notify_all();
+            progress(done.end.min(size), size);
+        }
+    }
+    if let Some((_, done)) = waiting.into_iter().next() {
+        // A gap in the sequence: a worker stopped without sending its task's result.
+        done?;
+        return Err(Error::invalid("convert", format!("internal: chunk {next} was never processed")));
+    }
+    Ok(())
+}
+
+/// Writes the data pieces of `done` straight to `dev` (a destination whose layout does not depend on write
+/// order), leaving the rest for the writer.
+fn store_data<'a>(dev: &dyn BlockDevice, source: &Source<'a>, mut done: Done<'a>) -> Result<Done<'a>> {
+    let mut rest = Vec::new();
+    for piece in std::mem::take(&mut done.pieces) {
+        match piece {
+            Piece::Data { at, range } => dev.write_at(at, buffer_part(&done, &range)?)?,
+            Piece::Mapped { at, bytes } => {
+                dev.write_at(at, bytes)?;
+                if let Some(direct) = source.direct {
+                    direct.release(bytes);
+                }
+            }
+            other => rest.push(other),
+        }
+    }
+    done.pieces = rest;
+    Ok(done)
+}
+
+fn buffer_part<'d>(done: &'d Done<'_>, range: &std::ops::Range<usize>) -> Result<&'d [u8]> {
+    done.buf.get(range.clone()).ok_or_else(|| {
+        Error::invalid("convert", format!("internal: piece {range:?} of a {}-byte chunk", done.buf.len()))
+    })
+}
+
+fn store(target: &dyn Target, source: &Source<'_>, done: &Done<'_>) -> Result<()> {
+    for piece in &done.pieces {
+        match piece {
+            Piece::Data { at, range } => target.write_data(*at, buffer_part(done, range)?)?,
+            Piece::Mapped { at, bytes } => {
+                target.write_data(*at, bytes)?;
+                if let Some(direct) = source.direct {
+                    direct.release(bytes);
+                }
+            }
+            Piece::Zero { at, len } => target.write_zeroes(*at, *len)?,
+            Piece::Compressed { at, bytes } => target.write_compressed(*at, bytes)?,
+        }
+    }
+    Ok(())
+}

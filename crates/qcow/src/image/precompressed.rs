@@ -1,0 +1,135 @@
+//! Storing a cluster that is already compressed: the engine half of [`Image::write_compressed`], exposed so that a
+//! converter can compress clusters on many threads and still store them one at a time, in guest order, which
+//! keeps the image's layout independent of thread timing.
+
+use super::meta::Meta;
+use super::Image;
+use crate::block::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{CompressedDescriptor, GuestOffset, HostOffset, L2Entry, L2Kind};
+
+impl<D: BlockDevice> Image<D> {
+    /// Stores `data`, the compressed form of the whole guest cluster at `offset` in the image's compression type
+    /// (as [`crate::format::compress`] makes it from the cluster zero padded to full size), packed after the
+    /// previous compressed cluster as QEMU packs them. The caller vouches that `data` decompresses to the
+    /// cluster; nothing here can check it short of decompressing.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when `offset` is not a cluster inside the disk or `data` is empty or not shorter than a
+    /// cluster; `Unsupported` for an image with an external data file; otherwise as [`Image::write_at`].
+    pub fn write_precompressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable("write compressed")?;
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported {
+                feature: "compressed clusters in an image with an external data file".into(),
+            });
+        }
+        let cs = self.geo.cluster_size();
+        if !self.geo.is_aligned(offset) || offset >= self.virtual_size() {
+            return Err(Error::invalid("write compressed", format!("{offset:#x} is not a cluster of the disk")));
+        }
+        if data.is_empty() || data.len() as u64 >= cs {
+            return Err(Error::invalid(
+                "write compressed",
+                format!("{} compressed bytes for a {cs}-byte cluster at {offset:#x}", data.len()),
+            ));
+        }
+        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let guest_cluster = offset / cs;
+        let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
+        let len = data.len() as u64;
+        let guest = GuestOffset(offset);
+        let host = {
+            let mut m = self.meta();
+            m.mark_dirty(&self.dev)?;
+            // The L2 table first, as QEMU allocates it: then a reader of the file from start to end meets every
+            // table before the data it maps, which is what lets a pipe be decoded without spooling.
+            m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
+            let host = m.alloc_packed(&self.dev, len)?;
+            // Written under the metadata lock: the first and last sectors may be shared with the neighbouring
+            // compressed clusters, so they are read, patched and written whole, and no other packed write may
+            // touch them meanwhile.
+            let first = host / 512 * 512;
+            let end = (host + len).next_multiple_of(512);
+            let mut sectors = vec![0u8; (end - first) as usize];
+            if first < host {
+                if let Some(head) = sectors.get_mut(..512) {
+                    self.dev.read_at(first, head)?;
+                }
+            }
+            if let Some(dst) = sectors.get_mut((host - first) as usize..(host - first + len) as usize) {
+                dst.copy_from_slice(data);
+            }
+            // Bytes after the data in its last sector belong to nothing yet: zeros, as QEMU leaves them.
+            if let Some(tail) = sectors.get_mut((host - first + len) as usize..) {
+                tail.fill(0);
+            }
+            self.dev.write_at(first, &sectors)?;
+            host
+        };
+        let descriptor = CompressedDescriptor::encode(host, len, self.geo.cluster_bits)
+            .map_err(|_| Error::corrupt("compressed cluster offset does not fit a descriptor", host))?;
+        let mut m = self.meta();
+        let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
+        let index = self.geo.l2_index(guest);
+        let old = m.l2_entry(&self.dev, l2, index)?;
+        let at = l2.0 + index * self.geo.l2_entry_size();
+        m.set_l2_entry(&self.dev, l2, index, L2Entry(descriptor))?;
+        if self.geo.extended_l2 {
+            m.set_l2_bitmap(&self.dev, l2, index, 0)?;
+        }
+        match m.decode_l2(&self.dev, old, at)? {
+            L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),
+            L2Kind::Compressed { host: HostOffset(h), len } => {
+                for cluster in h / cs..=(h + len.max(1) - 1) / cs {
+                    m.free_later(cluster);
+                }
+            }
+            L2Kind::Zero { host: None } | L2Kind::Unallocated => {}
+        }
+        if m.cache.over_budget() {
+            m.writeback(&self.dev)?;
+        }
+        Ok(())
+    }
+}
+
+impl Meta {
+    /// Allocates `len` bytes (less than a cluster) for compressed data as QEMU does (`qcow2_alloc_bytes`): right
+    /// after the previous compressed data, byte for byte, running on into the next cluster when that is the one
+    /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
+    fn alloc_packed(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let mut offset = self.free_byte_offset;
+        if offset != 0 {
+            // A cluster freed since (or full of references) is not written into.
+            let count = self.refcount(dev, offset / cs)?;
+            if count == 0 || count >= self.geo.refcount_max() {
+                offset = 0;
+            }
+        }
+        let free_in_cluster = if offset == 0 { 0 } else { cs - offset % cs };
+        if offset != 0 && free_in_cluster >= len {
+            let cluster = offset / cs;
+            let count = self.refcount(dev, cluster)?;
+            self.set_refcount(dev, cluster, count + 1)?;
+        } else if offset == 0 {
+            // Nothing to continue: with no open cluster, alloc_bytes starts a fresh one (refcount one).
+            self.free_byte_offset = 0;
+            offset = self.alloc_bytes(dev, len)?;
+        } else {
+            // The new cluster's refcount of one is this data's reference to it.
+            let new = self.alloc_clusters(dev, 1)? * cs;
+            if offset != 0 && offset.next_multiple_of(cs) == new {
+                let cluster = offset / cs;
+                let count = self.refcount(dev, cluster)?;
+                self.set_refcount(dev, cluster, count + 1)?;
+            } else {
+                offset = new;
+            }
+        }
+        let end = offset + len;
+        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
+        Ok(offset)
+    }
+}
