@@ -420,7 +420,8 @@ fn stream_decode_refuses_what_is_not_in_the_stream_by_name() {
     let overlay = dir.path("overlay.qcow2");
     run_ok(qemu("qemu-img").args(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"]).arg(&overlay));
     let data_file = dir.path("external.qcow2");
-    qemu_create(&data_file, "data_file=external.data", "1M");
+    // An absolute name: qemu-img creates a relative one in its working directory, which is the source tree here.
+    qemu_create(&data_file, &format!("data_file={}", dir.path("external.data").display()), "1M");
     let not_qcow2 = dir.path("plain.raw");
     std::fs::write(&not_qcow2, vec![7u8; 4096]).unwrap();
     for (img, needle) in
