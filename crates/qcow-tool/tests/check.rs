@@ -7,37 +7,17 @@
 #[path = "../../qcow/tests/support/mod.rs"]
 mod support;
 
+mod binary;
+
+use binary::{show, tool, Dir};
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use support::{qemu, qemu_create, qemu_io, run_ok, with_deadline};
-
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().expect("temp dir"))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
-}
 
 /// What one check run printed, and its exit code.
 #[derive(Debug)]

@@ -2,16 +2,16 @@
 //! by qemu-img are read by the tool, and images made by the tool are judged by `qemu-img check`, `info` and
 //! `compare`.
 
+mod binary;
+
+use binary::{show, tool, Dir};
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
 
 fn qemu(program: &str) -> Command {
     match Command::new(program).arg("--version").output() {
@@ -26,15 +26,6 @@ fn qemu_img() -> Command {
 
 fn qemu_io() -> Command {
     qemu("qemu-io")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Runs `cmd` and insists it succeeds.
@@ -105,17 +96,6 @@ fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
 
 fn field<'a>(v: &'a Value, path: &str) -> &'a Value {
     path.split('/').fold(v, |v, k| &v[k])
-}
-
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().expect("temp dir"))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
 }
 
 #[test]

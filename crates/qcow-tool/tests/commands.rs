@@ -2,14 +2,14 @@
 //! measure, bench, encode, decode, sha, pattern, dehydrate and rehydrate, each driven as a user would with QEMU
 //! on the other side (qemu-img/qemu-io made the input, or qemu-img's own output and verdicts are the oracle).
 
+mod binary;
+
+use binary::{show, tool, Dir};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
 
 fn qemu(program: &str) -> Command {
     match Command::new(program).arg("--version").output() {
@@ -20,15 +20,6 @@ fn qemu(program: &str) -> Command {
 
 fn qemu_img() -> Command {
     qemu("qemu-img")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -58,21 +49,6 @@ fn fails_with(cmd: &mut Command, code: i32) -> String {
 
 fn fails(cmd: &mut Command) -> String {
     fails_with(cmd, 1)
-}
-
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().expect("temp dir"))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
-    /// Runs `cmd` in this directory, so that file names print as given.
-    fn here<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.current_dir(self.0.path())
-    }
 }
 
 fn qemu_create(dir: &Dir, name: &str, options: &str, size: &str) -> PathBuf {

@@ -7,6 +7,10 @@
 #[path = "../../qcow/tests/support/mod.rs"]
 mod support;
 
+mod binary;
+
+use binary::{show, tool, Dir};
+
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -14,19 +18,6 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 use support::{assert_clean, qemu, qemu_create, qemu_io, qemu_to_raw, run_ok, with_deadline};
-
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Runs `cmd`, insists it fails with exit code 1 and exactly one line on stderr, and returns that line.
 fn fails(cmd: &mut Command) -> String {
@@ -36,17 +27,6 @@ fn fails(cmd: &mut Command) -> String {
     assert_eq!(stderr.lines().count(), 1, "{cmd:?} must print one line:\n{}", show(&out));
     assert!(stderr.starts_with("qcow-tool: ") && !stderr.contains("panicked"), "{}", show(&out));
     stderr
-}
-
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().expect("temp dir"))
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
 }
 
 /// Bytes that do not compress (xorshift).

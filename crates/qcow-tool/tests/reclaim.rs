@@ -3,14 +3,14 @@
 //! `compact` shrinks the file while `qemu-img check` stays clean and `qemu-img compare` finds no difference.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod binary;
+
+use binary::tool;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
 
 fn qemu(program: &str) -> Command {
     let found = Command::new(program).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);

@@ -6,32 +6,23 @@
 #[path = "../../qcow/tests/support/mod.rs"]
 mod support;
 
+mod binary;
+
+use binary::{show, tool, Dir};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use support::{assert_clean, output_within, qemu, qemu_create, qemu_io, qemu_to_raw, run_ok, with_deadline};
 
-fn tool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
-}
-
 fn need(tool: &str, package: &str) -> Command {
     let found = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(found, "{tool} not found: install {package} (apt-get install -y {package})");
     Command::new(tool)
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Runs a client with a deadline and asserts it succeeded.
@@ -91,17 +82,6 @@ impl Drop for Served {
             child.kill().ok();
             child.wait().ok();
         }
-    }
-}
-
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().unwrap())
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
     }
 }
 
