@@ -11,7 +11,6 @@
 //! are stored as they are, as qemu-img does. The output is the same file on every run, whatever the thread
 //! count: clusters are stored in guest order.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, Unsynced, SECTOR_SIZE};
@@ -244,7 +243,7 @@ pub fn run(args: &Args) -> Result<()> {
     if level.is_some() && !args.compress {
         return Err(Error::msg("-o compression_level only applies with -c"));
     }
-    refuse_same_file(src_path, dst_path)?;
+    open::refuse_same_file(src_path, dst_path)?;
     let result = match args.output_format {
         Format::Raw => to_raw(args, &source, size),
         Format::Qcow2 => to_qcow2(args, &source, size, &lists, level),
@@ -254,21 +253,6 @@ pub fn run(args: &Args) -> Result<()> {
         let _ = std::fs::remove_file(dst_path);
     }
     result
-}
-
-/// Refuses to overwrite the source: creating the destination truncates it.
-fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
-    let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) else {
-        return Ok(());
-    };
-    if a.dev() == b.dev() && a.ino() == b.ino() {
-        return Err(Error::msg(format!(
-            "'{}' and '{}' are the same file: the source would be overwritten",
-            src.display(),
-            dst.display()
-        )));
-    }
-    Ok(())
 }
 
 fn engine_options(args: &Args) -> Options {

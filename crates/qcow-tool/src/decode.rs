@@ -1,12 +1,11 @@
 //! `qcow-tool decode QCOW RAW`: the reference's name for `convert -f qcow2 -O raw`: a sparse raw file of the
 //! image's virtual size holding its guest data (read through the backing chain).
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use qcow::block::{BlockDevice, FileDevice, FileOptions, SECTOR_SIZE};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::open;
 use crate::progress::{Progress, ProgressArgs};
 
@@ -21,25 +20,10 @@ pub struct Args {
     progress: ProgressArgs,
 }
 
-/// Refuses to overwrite the source: creating the destination truncates it.
-pub fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
-    let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) else {
-        return Ok(());
-    };
-    if a.dev() == b.dev() && a.ino() == b.ino() {
-        return Err(Error::msg(format!(
-            "'{}' and '{}' are the same file: the source would be overwritten",
-            src.display(),
-            dst.display()
-        )));
-    }
-    Ok(())
-}
-
 pub fn run(args: &Args) -> Result<()> {
     let image = open::image(&args.qcow, true)?;
     let size = image.virtual_size();
-    refuse_same_file(&args.qcow, &args.raw)?;
+    open::refuse_same_file(&args.qcow, &args.raw)?;
     let made = (|| {
         let dst = FileDevice::create(&args.raw, &FileOptions::default())
             .context(|| format!("could not create '{}'", args.raw.display()))?;

@@ -23,7 +23,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let src = open::file(&args.raw, true)?;
     let size = src.len_bytes();
-    crate::decode::refuse_same_file(&args.raw, &args.qcow)?;
+    crate::open::refuse_same_file(&args.raw, &args.qcow)?;
     let made = (|| {
         let image = Image::create_path(&args.qcow, &CreateOptions::new(size), Config::default())
             .map_err(|e| open::io_error(&args.qcow, e))?;

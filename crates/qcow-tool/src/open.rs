@@ -6,6 +6,7 @@
 //! also lets absolute names through; it is set once, before any command runs.
 
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -148,4 +149,19 @@ pub fn size(text: &str) -> Result<u64> {
             "invalid size '{text}': expected a number of bytes, optionally with a K, M, G, T, P or E suffix"
         ))
     })
+}
+
+/// Refuses to overwrite the source: creating the destination truncates it.
+pub fn refuse_same_file(src: &Path, dst: &Path) -> Result<()> {
+    let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) else {
+        return Ok(());
+    };
+    if a.dev() == b.dev() && a.ino() == b.ino() {
+        return Err(Error::msg(format!(
+            "'{}' and '{}' are the same file: the source would be overwritten",
+            src.display(),
+            dst.display()
+        )));
+    }
+    Ok(())
 }
