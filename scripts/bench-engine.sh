@@ -10,6 +10,12 @@
 #   write-alloc-d64   writes into an empty image (every cluster allocated by the run), 64 in flight
 #   write-over-d64    writes over the fully allocated image, 64 in flight
 #   write64k-flush    64 KiB sequential writes into an empty image, 16 in flight, flush every 16 requests
+#   read-zero-d64     reads of an image whose clusters are all zero-flag clusters, 64 in flight
+#   read-sparse1T-d64 reads across a 1 TiB image with data every 512 MiB (2048 L2 tables: more than either
+#                     tool's metadata cache holds), stepping 512 MiB + 4 KiB, 64 in flight
+#   read64k-seq-d16   64 KiB sequential reads of the fully allocated image, 16 in flight; also compared with
+#                     qemu-img bench reading the same data from a raw file (the physical limit)
+#   read64k-zlib/zstd 64 KiB sequential reads of compressed images (text-like data), in MB/s
 #
 # Environment:
 #   QCOW_BENCH_DIR  work directory, images kept between runs (default: <target dir>/bench-engine)
@@ -85,14 +91,17 @@ run_case() {
             fi
         done
     done
-    python3 - "$name" "$ours_rss" "$qemu_rss" "${ours_t[*]}" "${qemu_t[*]}" <<'PY'
+    python3 - "$name" "$ours_rss" "$qemu_rss" "${ours_t[*]}" "${qemu_t[*]}" "${BYTES:-0}" <<'PY'
 import statistics, sys
-name, ours_rss, qemu_rss, ours, qemu = sys.argv[1:]
+name, ours_rss, qemu_rss, ours, qemu, nbytes = sys.argv[1:]
 o = statistics.median(float(x) for x in ours.split())
 q = statistics.median(float(x) for x in qemu.split())
 ratio = o / q if q > 0 else float("inf")
+rate = ""
+if int(nbytes) > 0:
+    rate = f"  ours {int(nbytes) / o / 1e6:7.0f} MB/s, qemu-img {int(nbytes) / q / 1e6:7.0f} MB/s"
 print(f"{name:<18} ours {o:8.3f} s  qemu-img {q:8.3f} s  ratio {ratio:6.2f}  "
-      f"peak RSS ours {int(ours_rss) // 1024} MiB, qemu-img {int(qemu_rss) // 1024} MiB")
+      f"peak RSS ours {int(ours_rss) // 1024} MiB, qemu-img {int(qemu_rss) // 1024} MiB{rate}")
 PY
 }
 
@@ -104,4 +113,43 @@ run_case read-empty-d64 0 "$empty" -c "$count" -d 64 -s 4K
 run_case write-alloc-d64 1 "$scratch" -w -c "$count" -d 64 -s 4K
 run_case write-over-d64 0 "$full" -w -c "$count" -d 64 -s 4K
 run_case write64k-flush 1 "$scratch" -w -c $((count / 4)) -d 16 -s 64K --flush-interval 16
+
+zero=$dir/zero-1G.qcow2
+if [ ! -f "$zero" ]; then
+    qemu-img create -q -f qcow2 "$zero.part" 1G && qemu-io -f qcow2 -c "write -z 0 1G" "$zero.part" >/dev/null
+    mv "$zero.part" "$zero"
+fi
+sparse=$dir/sparse-1T.qcow2
+if [ ! -f "$sparse" ]; then
+    qemu-img create -q -f qcow2 "$sparse.part" 1T
+    cmds=()
+    for ((g = 0; g < 2048; g++)); do cmds+=(-c "write -P 0x5a $((g * 512))M 64k"); done
+    qemu-io -f qcow2 "${cmds[@]}" "$sparse.part" >/dev/null
+    mv "$sparse.part" "$sparse"
+fi
+raw=$dir/full-1G.raw
+[ -f "$raw" ] || qemu-img convert -f qcow2 -O raw "$full" "$raw"
+text=$dir/text-256M.raw
+[ -f "$text" ] || head -c $((192 << 20)) /dev/urandom | base64 -w 0 | head -c $((256 << 20)) >"$text"
+for codec in zlib zstd; do
+    [ -f "$dir/text-$codec.qcow2" ] || qemu-img convert -c -f raw -O qcow2 -o compression_type=$codec "$text" "$dir/text-$codec.qcow2"
+done
+
+run_case read-zero-d64 0 "$zero" -c "$count" -d 64 -s 4K
+run_case read-sparse1T-d64 0 "$sparse" -c "$count" -d 64 -s 4K -S $(((512 << 20) + 4096))
+seq=$((count / 4))
+BYTES=$((seq * 65536)) run_case read64k-seq-d16 0 "$full" -c "$seq" -d 16 -s 64K
+raw_t=()
+for ((i = 0; i < runs; i++)); do
+    read -r t _ < <(measure qemu-img bench -t "$cache" -f raw -c "$seq" -d 16 -s 64K "$raw")
+    raw_t+=("$t")
+done
+python3 - "${raw_t[*]}" "$((seq * 65536))" <<'PY'
+import statistics, sys
+t = statistics.median(float(x) for x in sys.argv[1].split())
+print(f"{'raw-file 64k-seq':<18} qemu-img bench -f raw {t:8.3f} s, {int(sys.argv[2]) / t / 1e6:7.0f} MB/s: the physical limit for read64k-seq-d16")
+PY
+small=$(((256 << 20) / 65536))
+BYTES=$((small * 65536)) run_case read64k-zlib 0 "$dir/text-zlib.qcow2" -c "$small" -d 16 -s 64K
+BYTES=$((small * 65536)) run_case read64k-zstd 0 "$dir/text-zstd.qcow2" -c "$small" -d 16 -s 64K
 qemu-img check -q "$full" && qemu-img check -q "$scratch" && echo "qemu-img check: both images clean"
