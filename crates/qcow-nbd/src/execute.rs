@@ -8,8 +8,6 @@ use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM, ESHUTDOWN};
 use crate::reply::Replies;
 use crate::request::Command;
 
-/// Zeros written per device call when a zero range must stay allocated.
-const ZERO_CHUNK: u64 = 1 << 20;
 /// At most this many descriptors go into one block status reply; the client asks again for the rest.
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
@@ -100,15 +98,7 @@ fn write_zeroes<E: Export + ?Sized>(export: &E, offset: u64, len: u64, no_hole: 
             other => return other,
         }
     }
-    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let n = (end - pos).min(ZERO_CHUNK);
-        export.write_at(pos, zeros.get(..n as usize).unwrap_or_default())?;
-        pos += n;
-    }
-    Ok(())
+    qcow::block::write_zeros(export, offset, len)
 }
 
 /// The error value the protocol carries for an engine error.

@@ -40,7 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
             let Some(chunk) = buf.get_mut(..len.next_multiple_of(512) as usize) else { break };
             image.read_at(pos, chunk).map_err(fail)?;
             for (i, cluster) in chunk.chunks(cs as usize).enumerate() {
-                if cluster.iter().all(|&b| b == 0) {
+                if qcow::convert::is_zero(cluster) {
                     let at = pos + i as u64 * cs;
                     image.discard(at / 512, cluster.len() as u64 / 512).map_err(fail)?;
                     discarded += cluster.len() as u64;

@@ -245,19 +245,8 @@ impl<D: BlockDevice> FaultyDevice<D> {
     /// Stands in for discard on inner devices that do not implement it, so that discarded sectors read as zeros
     /// as the contract says.
     fn write_zeros(&self, sector: u64, count: u64) -> Result<()> {
-        const CHUNK: u64 = 256;
         let sector_size = self.inner.info().sector_size;
-        let zeros = vec![0u8; usize::try_from(CHUNK.saturating_mul(sector_size)).unwrap_or(0)];
-        let mut at = sector;
-        let end = sector.saturating_add(count);
-        while at < end {
-            let n = (end - at).min(CHUNK);
-            let len = usize::try_from(n.saturating_mul(sector_size)).unwrap_or(0);
-            let part = zeros.get(..len).unwrap_or_default();
-            self.inner.write(at, &[part])?;
-            at += n;
-        }
-        Ok(())
+        super::write_zeros(&self.inner, sector.saturating_mul(sector_size), count.saturating_mul(sector_size))
     }
 
     fn check_alive(st: &State) -> Result<()> {

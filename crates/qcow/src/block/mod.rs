@@ -107,6 +107,26 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Bytes of zeros written per request by [`write_zeros`].
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Writes zeros over `len` bytes at byte `offset` (both sector multiples), a bounded piece at a time, for when
+/// sectors must read as zeros and stay allocated, or the device cannot discard.
+///
+/// # Errors
+/// As [`BlockDevice::write_at`]; the range may then be partly zeroed.
+pub fn write_zeros(dev: &(impl BlockDevice + ?Sized), offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; usize::try_from(len.min(ZERO_CHUNK)).unwrap_or(0)];
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(ZERO_CHUNK);
+        dev.write_at(pos, zeros.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default())?;
+        pos += n;
+    }
+    Ok(())
+}
+
 fn sector_of(sector_size: u64, offset: u64, op: &'static str) -> Result<u64> {
     if sector_size == 0 || offset % sector_size != 0 {
         return Err(Error::invalid(

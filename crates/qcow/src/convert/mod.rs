@@ -32,6 +32,7 @@ pub use map::{AllocationMap, Union, Whole};
 pub use mapped::{Direct, FileMap, ImageMap, Span};
 pub use pipeline::run;
 pub use target::{DeviceTarget, ImageTarget, Target};
+pub use work::is_zero;
 
 use crate::block::BlockDevice;
 use crate::error::Result;

@@ -2,12 +2,9 @@
 //! ([`DeviceTarget`]), or a qcow2 image, which also stores compressed clusters and skips zeroing what already
 //! reads as zeros ([`ImageTarget`]).
 
-use crate::block::BlockDevice;
+use crate::block::{write_zeros, BlockDevice};
 use crate::error::{Error, Result};
-use crate::image::{ExtentKind, Image};
-
-/// The largest zero write issued at once.
-const ZERO_CHUNK: usize = 1 << 20;
+use crate::image::Image;
 
 /// A destination of [`run`](super::run). Calls come from one thread, in guest order.
 pub trait Target {
@@ -46,19 +43,6 @@ pub trait Target {
     fn flush(&self) -> Result<()>;
 }
 
-/// Writes zeros over `offset..offset + len` of `dev`, a bounded piece at a time.
-fn zero_fill(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
-    let mut pos = offset;
-    let end = offset.saturating_add(len);
-    while pos < end {
-        let n = (end - pos).min(zeros.len() as u64);
-        dev.write_at(pos, zeros.get(..n as usize).unwrap_or(&[]))?;
-        pos += n;
-    }
-    Ok(())
-}
-
 /// A plain block device (a raw file, memory): data is written as it is, zeros as zeros, and compressed clusters
 /// are refused.
 pub struct DeviceTarget<'a>(pub &'a dyn BlockDevice);
@@ -73,7 +57,7 @@ impl Target for DeviceTarget<'_> {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        zero_fill(self.0, offset, len)
+        write_zeros(self.0, offset, len)
     }
 
     fn concurrent(&self) -> Option<&dyn BlockDevice> {
@@ -104,13 +88,8 @@ impl<D: BlockDevice> Target for ImageTarget<'_, D> {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         for extent in self.0.map(offset, len)? {
-            let reads_zero = match extent.kind {
-                ExtentKind::Zero => true,
-                ExtentKind::Unallocated => !self.0.has_backing(),
-                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => false,
-            };
-            if !reads_zero {
-                zero_fill(self.0, extent.guest.0, extent.len)?;
+            if !self.0.reads_as_zeros(&extent) {
+                write_zeros(self.0, extent.guest.0, extent.len)?;
             }
         }
         Ok(())

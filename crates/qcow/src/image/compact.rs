@@ -24,7 +24,7 @@ const BATCH: usize = 512;
 
 /// The one pointer to a movable cluster, by position rather than by address, so that it stays valid when the
 /// table holding it moves too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Referrer {
     /// Entry `index` of the L2 table that active L1 entry `l1` points at.
     Data { l1: u64, index: u64 },

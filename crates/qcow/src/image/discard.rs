@@ -300,13 +300,14 @@ impl<D: BlockDevice> Image<D> {
         if self.map(lo, hi - lo)?.iter().all(|e| self.reads_as_zeros(e)) {
             return Ok(());
         }
-        let zeros = vec![0u8; (hi - lo) as usize];
-        self.write_at(lo, &zeros)?;
+        crate::block::write_zeros(self, lo, hi - lo)?;
         self.counters.erased_sectors.fetch_add((hi - lo) / 512, Ordering::Relaxed);
         Ok(())
     }
 
-    fn reads_as_zeros(&self, extent: &super::Extent) -> bool {
+    /// Whether an extent of this image reads as zeros without reading data (a backing file may show through
+    /// unallocated clusters).
+    pub(crate) fn reads_as_zeros(&self, extent: &super::Extent) -> bool {
         match extent.kind {
             super::ExtentKind::Zero => true,
             super::ExtentKind::Unallocated => self.backing.is_none(),

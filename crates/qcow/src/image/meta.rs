@@ -403,25 +403,35 @@ impl Meta {
         }
     }
 
-    /// Allocates `len` bytes (rounded up to whole sectors) for compressed data, packed after the previous
-    /// compressed cluster when they fit in its host cluster, as QEMU packs them. Every host cluster the bytes
-    /// touch gains one reference.
+    /// Allocates `len` bytes (less than a cluster) for compressed data as QEMU does (`qcow2_alloc_bytes`): right
+    /// after the previous compressed data, byte for byte, running on into the next cluster when that is the one
+    /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
     pub fn alloc_bytes(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
-        let len = len.next_multiple_of(512).max(512);
-        let cur = self.free_byte_offset;
-        if cur != 0 && cur % cs != 0 && len <= cs - cur % cs {
-            let cluster = cur / cs;
-            let count = self.refcount(dev, cluster)?;
-            if count > 0 && count < self.geo.refcount_max() {
-                self.set_refcount(dev, cluster, count + 1)?;
-                self.free_byte_offset = cur + len;
-                return Ok(cur);
+        let mut open = self.free_byte_offset;
+        if open != 0 {
+            // A cluster freed since (or full of references) is not written into.
+            let count = self.refcount(dev, open / cs)?;
+            if count == 0 || count >= self.geo.refcount_max() {
+                open = 0;
             }
         }
-        let first = self.alloc_clusters(dev, len.div_ceil(cs))?;
-        self.free_byte_offset = first * cs + len;
-        Ok(first * cs)
+        let offset = if open != 0 && cs - open % cs >= len {
+            self.adjust_refcount(dev, open / cs, 1)?;
+            open
+        } else {
+            // The new cluster's refcount of one is this data's reference to it.
+            let new = self.alloc_clusters(dev, 1)? * cs;
+            if open != 0 && open.next_multiple_of(cs) == new {
+                self.adjust_refcount(dev, open / cs, 1)?;
+                open
+            } else {
+                new
+            }
+        };
+        let end = offset + len;
+        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
+        Ok(offset)
     }
 
     /// Queues a refcount decrement for after the reference's removal is durable.

@@ -100,21 +100,6 @@ impl<D: BlockDevice> Image<D> {
         })
     }
 
-    /// What the reclaimer knows about host cluster `cluster`.
-    ///
-    /// # Errors
-    /// `Corrupt` or `Io` while reading its refcount, `Disconnected`.
-    pub fn cluster_state(&self, cluster: u64) -> Result<super::ClusterState> {
-        self.check_connected()?;
-        let mut m = self.meta();
-        let recorded = m.reclaim.recorded(cluster);
-        Ok(match (m.refcount(&self.dev, cluster)?, recorded) {
-            (_, Some(state)) => state,
-            (0, None) => super::ClusterState::Junk,
-            _ => super::ClusterState::Allocated,
-        })
-    }
-
     /// The metrics in the Prometheus text exposition format, each labelled with the configuration's `id`.
     ///
     /// # Errors

@@ -2,7 +2,6 @@
 //! converter can compress clusters on many threads and still store them one at a time, in guest order, which
 //! keeps the image's layout independent of thread timing.
 
-use super::meta::Meta;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -45,7 +44,7 @@ impl<D: BlockDevice> Image<D> {
             // The L2 table first, as QEMU allocates it: then a reader of the file from start to end meets every
             // table before the data it maps, which is what lets a pipe be decoded without spooling.
             m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
-            let host = m.alloc_packed(&self.dev, len)?;
+            let host = m.alloc_bytes(&self.dev, len)?;
             // Written under the metadata lock: the first and last sectors may be shared with the neighbouring
             // compressed clusters, so they are read, patched and written whole, and no other packed write may
             // touch them meanwhile.
@@ -91,45 +90,5 @@ impl<D: BlockDevice> Image<D> {
             m.writeback(&self.dev)?;
         }
         Ok(())
-    }
-}
-
-impl Meta {
-    /// Allocates `len` bytes (less than a cluster) for compressed data as QEMU does (`qcow2_alloc_bytes`): right
-    /// after the previous compressed data, byte for byte, running on into the next cluster when that is the one
-    /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
-    fn alloc_packed(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
-        let cs = self.geo.cluster_size();
-        let mut offset = self.free_byte_offset;
-        if offset != 0 {
-            // A cluster freed since (or full of references) is not written into.
-            let count = self.refcount(dev, offset / cs)?;
-            if count == 0 || count >= self.geo.refcount_max() {
-                offset = 0;
-            }
-        }
-        let free_in_cluster = if offset == 0 { 0 } else { cs - offset % cs };
-        if offset != 0 && free_in_cluster >= len {
-            let cluster = offset / cs;
-            let count = self.refcount(dev, cluster)?;
-            self.set_refcount(dev, cluster, count + 1)?;
-        } else if offset == 0 {
-            // Nothing to continue: with no open cluster, alloc_bytes starts a fresh one (refcount one).
-            self.free_byte_offset = 0;
-            offset = self.alloc_bytes(dev, len)?;
-        } else {
-            // The new cluster's refcount of one is this data's reference to it.
-            let new = self.alloc_clusters(dev, 1)? * cs;
-            if offset != 0 && offset.next_multiple_of(cs) == new {
-                let cluster = offset / cs;
-                let count = self.refcount(dev, cluster)?;
-                self.set_refcount(dev, cluster, count + 1)?;
-            } else {
-                offset = new;
-            }
-        }
-        let end = offset + len;
-        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
-        Ok(offset)
     }
 }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::spool::Spool;
+use crate::convert::is_zero;
 use crate::error::{Error, Result};
 use crate::format::{decompress, CompressionType, Geometry, Header, L1Entry, L2Entry, L2Kind};
 
@@ -75,11 +76,6 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
         b.copy_from_slice(s);
     }
     u64::from_be_bytes(b)
-}
-
-/// Whether `buf` is all zeros (folding 256-byte blocks, which vectorises, and stopping at the first with data).
-fn is_zero(buf: &[u8]) -> bool {
-    buf.chunks(256).all(|block| block.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 impl<'a> Decoder<'a> {

@@ -12,9 +12,6 @@ use crate::error::{ErrorKind, Result};
 /// Clusters looked at per search for junk, so that one search holds the metadata lock only briefly.
 const SEARCH_BUDGET: u64 = 1 << 16;
 
-/// Bytes of zeros written per device write when the device cannot punch.
-const ZERO_CHUNK: u64 = 1 << 20;
-
 impl Meta {
     /// Up to `want` junk clusters among the first `whole` clusters of the file, searched from the junk cursor
     /// (wrapping once), looking at no more than [`SEARCH_BUDGET`] clusters.
@@ -102,13 +99,6 @@ impl<D: BlockDevice> Image<D> {
                 Err(e) => return Err(e),
             }
         }
-        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-        let mut at = start;
-        while at < start + len {
-            let n = (start + len - at).min(ZERO_CHUNK);
-            self.dev.write_at(at, zeros.get(..n as usize).unwrap_or(&[]))?;
-            at += n;
-        }
-        Ok(())
+        crate::block::write_zeros(&self.dev, start, len)
     }
 }

@@ -30,3 +30,20 @@ pub use states::ClusterState;
 pub(crate) use states::{ClusterStates, Move, MoveStage};
 pub(crate) use worker::{ReclaimMemo, WorkerSlot};
 pub use worker::{ReclaimPass, ReclaimerOptions};
+
+impl<D: crate::block::BlockDevice> super::Image<D> {
+    /// What the reclaimer knows about host cluster `cluster`.
+    ///
+    /// # Errors
+    /// `Corrupt` or `Io` while reading its refcount, `Disconnected`.
+    pub fn cluster_state(&self, cluster: u64) -> crate::Result<ClusterState> {
+        self.check_connected()?;
+        let mut m = self.meta();
+        let recorded = m.reclaim.recorded(cluster);
+        Ok(match (m.refcount(&self.dev, cluster)?, recorded) {
+            (_, Some(state)) => state,
+            (0, None) => ClusterState::Junk,
+            _ => ClusterState::Allocated,
+        })
+    }
+}

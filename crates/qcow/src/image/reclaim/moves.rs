@@ -67,7 +67,7 @@ impl Meta {
         l1: u64,
         above: u64,
         keep: usize,
-        top: &mut BinaryHeap<Reverse<(u64, RefKey)>>,
+        top: &mut BinaryHeap<Reverse<(u64, Referrer)>>,
     ) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
@@ -79,7 +79,7 @@ impl Meta {
         if !entry.is_copied() {
             return Ok(()); // shared with a snapshot: so are its entries
         }
-        let offer = |host: u64, key: RefKey, top: &mut BinaryHeap<Reverse<(u64, RefKey)>>| {
+        let offer = |host: u64, key: Referrer, top: &mut BinaryHeap<Reverse<(u64, Referrer)>>| {
             if host > above && (top.len() < keep || top.peek().is_some_and(|Reverse((low, _))| host > *low)) {
                 top.push(Reverse((host, key)));
                 if top.len() > keep {
@@ -87,14 +87,14 @@ impl Meta {
                 }
             }
         };
-        offer(l2.0 / cs, RefKey::L2Table(l1), top);
+        offer(l2.0 / cs, Referrer::L2Table { l1 }, top);
         if self.data_file_size.is_some() {
             return Ok(());
         }
         for index in 0..geo.l2_entries() {
             let entry = self.l2_entry(dev, l2, index)?;
             if let Ok(L2Kind::Normal { host, copied: true }) = entry.kind(&geo) {
-                offer(host.0 / cs, RefKey::Data(l1, index), top);
+                offer(host.0 / cs, Referrer::Data { l1, index }, top);
             }
         }
         Ok(())
@@ -135,10 +135,8 @@ impl Meta {
             .ok_or_else(|| Error::corrupt("table vanished from the cache while it was moved", from))?;
         self.cache.insert(p.to * cs, kind, bytes, true);
         self.cache.remove(from);
+        // Repointing also tells the overlap index where the table now is.
         self.repoint(dev, p.referrer, p.to)?;
-        if let Referrer::RefcountBlock { .. } = p.referrer {
-            self.overlap.refblock_added(p.to * cs, self.geo.cluster_bits);
-        }
         self.free_later(p.from);
         Ok(true)
     }
@@ -152,24 +150,6 @@ impl Meta {
         match entry.l2_offset() {
             Some(l2) if entry.is_copied() => Ok(Some(self.l2_entry(dev, l2, index)?)),
             _ => Ok(None),
-        }
-    }
-}
-
-/// A referrer in a form that orders (for the heap of candidates).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum RefKey {
-    RefcountBlock(u64),
-    L2Table(u64),
-    Data(u64, u64),
-}
-
-impl RefKey {
-    fn referrer(self) -> Referrer {
-        match self {
-            RefKey::RefcountBlock(index) => Referrer::RefcountBlock { index },
-            RefKey::L2Table(l1) => Referrer::L2Table { l1 },
-            RefKey::Data(l1, index) => Referrer::Data { l1, index },
         }
     }
 }
@@ -236,7 +216,7 @@ impl<D: BlockDevice> Image<D> {
         let mut top = BinaryHeap::new();
         for (index, host) in refblocks {
             if host > lowest {
-                top.push(Reverse((host, RefKey::RefcountBlock(index))));
+                top.push(Reverse((host, Referrer::RefcountBlock { index })));
                 if top.len() > keep {
                     top.pop();
                 }
@@ -246,13 +226,13 @@ impl<D: BlockDevice> Image<D> {
             let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
             self.meta().movable_under(&self.dev, l1, lowest, keep, &mut top)?;
         }
-        let mut sources: Vec<(u64, RefKey)> = top.into_iter().map(|Reverse(c)| c).collect();
+        let mut sources: Vec<(u64, Referrer)> = top.into_iter().map(|Reverse(c)| c).collect();
         sources.sort_unstable_by(|a, b| b.cmp(a));
         Ok(sources
             .into_iter()
             .zip(targets)
             .take_while(|((from, _), to)| to < from)
-            .map(|((from, key), to)| Planned { from, to, referrer: key.referrer() })
+            .map(|((from, referrer), to)| Planned { from, to, referrer })
             .collect())
     }
 
