@@ -62,7 +62,7 @@ impl Meta {
                     Some(l2) => self.copy_shared_l2(dev, l2)?,
                     None => vec![0u8; cs as usize].into_boxed_slice(),
                 };
-                self.cache.insert(new.0, super::cache::TableKind::L2, bytes, true);
+                self.cache.insert_table(new.0, super::cache::TableKind::L2, &bytes);
                 self.set_l1_entry(dev, l1_index, L1Entry::new(new))?;
                 if let Some(l2) = old {
                     self.free_later(l2.0 / cs);
@@ -77,12 +77,7 @@ impl Meta {
     /// cleared because those clusters stay shared with the old table.
     fn copy_shared_l2(&mut self, dev: &dyn BlockDevice, l2: HostOffset) -> Result<Box<[u8]>> {
         let geo = self.geo;
-        self.l2_entry(dev, l2, 0)?;
-        let mut bytes: Box<[u8]> = self
-            .cache
-            .get(l2.0)
-            .map(Box::from)
-            .ok_or_else(|| Error::corrupt("L2 table vanished from the cache", l2.0))?;
+        let mut bytes = self.table_bytes(dev, l2.0, super::cache::TableKind::L2)?;
         let stride = geo.l2_entry_size() as usize;
         for slot in bytes.chunks_exact_mut(stride) {
             if let Some(flags) = slot.first_mut() {

@@ -53,8 +53,8 @@ pub struct Meta {
     pub read_grace: Arc<super::reclaim::ReadGrace>,
 }
 
-fn read_cluster(dev: &dyn BlockDevice, geo: &Geometry, offset: u64) -> Result<Box<[u8]>> {
-    let mut buf = vec![0u8; geo.cluster_size() as usize].into_boxed_slice();
+fn read_piece(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Box<[u8]>> {
+    let mut buf = vec![0u8; len as usize].into_boxed_slice();
     dev.read_at(offset, &mut buf)?;
     Ok(buf)
 }
@@ -87,14 +87,44 @@ impl Meta {
         Ok(())
     }
 
-    fn load(&mut self, dev: &dyn BlockDevice, offset: u64, kind: TableKind) -> Result<()> {
-        if self.cache.kind(offset) != Some(kind) {
-            self.check_table_load(dev, offset, kind)?;
-            if self.cache.contains(offset) {
-                return Err(Error::corrupt("table is already cached as another kind of table", offset));
+    /// Makes sure the piece of the table at `cluster` that holds its byte `at` is cached, and answers that
+    /// piece's key and the byte's place in it.
+    fn load(&mut self, dev: &dyn BlockDevice, cluster: u64, at: u64, kind: TableKind) -> Result<(u64, usize)> {
+        let (key, within) = self.cache.piece_of(kind, cluster, at);
+        if self.cache.kind(key) != Some(kind) {
+            self.check_table_load(dev, cluster, kind)?;
+            if self.cache.cluster_kind(cluster).is_some_and(|k| k != kind) {
+                return Err(Error::corrupt("table is already cached as another kind of table", cluster));
             }
-            let bytes = read_cluster(dev, &self.geo, offset)?;
-            self.cache.insert(offset, kind, bytes, false);
+            let bytes = read_piece(dev, key, self.cache.piece_len(kind))?;
+            self.cache.insert(key, kind, bytes, false);
+        }
+        Ok((key, within))
+    }
+
+    /// The whole table at `cluster`, every piece loaded, as one buffer (with any unwritten change).
+    pub fn table_bytes(&mut self, dev: &dyn BlockDevice, cluster: u64, kind: TableKind) -> Result<Box<[u8]>> {
+        let cs = self.geo.cluster_size();
+        let mut out = vec![0u8; cs as usize];
+        let piece = self.cache.piece_len(kind);
+        for (i, chunk) in out.chunks_mut(piece as usize).enumerate() {
+            let (key, _) = self.load(dev, cluster, i as u64 * piece, kind)?;
+            let bytes = self.cache.peek(key).ok_or_else(|| Error::corrupt("table vanished from the cache", key))?;
+            if bytes.len() != chunk.len() {
+                return Err(Error::corrupt("cached table piece has the wrong size", key));
+            }
+            chunk.copy_from_slice(bytes);
+        }
+        Ok(out.into_boxed_slice())
+    }
+
+    /// Loads every piece of the table at `cluster` into the cache (so that it can move as a whole).
+    pub fn load_table(&mut self, dev: &dyn BlockDevice, cluster: u64, kind: TableKind) -> Result<()> {
+        let piece = self.cache.piece_len(kind);
+        let mut at = 0;
+        while at < self.geo.cluster_size() {
+            self.load(dev, cluster, at, kind)?;
+            at += piece;
         }
         Ok(())
     }
@@ -120,8 +150,8 @@ impl Meta {
     /// The L1 entry at `index`, validated.
     pub fn l1_entry(&mut self, dev: &dyn BlockDevice, index: u64) -> Result<L1Entry> {
         let (cluster, at) = self.l1_slot(index)?;
-        self.load(dev, cluster, TableKind::L1)?;
-        let raw = self.cache.get(cluster).and_then(|c| c.get(at..at + 8)).map(be64);
+        let (key, at) = self.load(dev, cluster, at as u64, TableKind::L1)?;
+        let raw = self.cache.get(key).and_then(|c| c.get(at..at + 8)).map(be64);
         let entry = L1Entry(raw.ok_or_else(|| Error::corrupt("L1 entry outside its cluster", cluster))?);
         if entry.is_malformed(&self.geo) {
             let at = cluster + at as u64;
@@ -140,8 +170,8 @@ impl Meta {
     /// Stores the L1 entry at `index` (in the cache; written back later).
     pub fn set_l1_entry(&mut self, dev: &dyn BlockDevice, index: u64, entry: L1Entry) -> Result<()> {
         let (cluster, at) = self.l1_slot(index)?;
-        self.load(dev, cluster, TableKind::L1)?;
-        let slot = self.cache.get_mut(cluster).and_then(|c| c.get_mut(at..at + 8));
+        let (key, at) = self.load(dev, cluster, at as u64, TableKind::L1)?;
+        let slot = self.cache.get_mut(key).and_then(|c| c.get_mut(at..at + 8));
         let old = match slot {
             Some(s) => {
                 let old = L1Entry(be64(s));
@@ -154,27 +184,35 @@ impl Meta {
         Ok(())
     }
 
+    /// Where entry `index` of an L2 table starts in it.
+    fn l2_byte(&self, l2: HostOffset, index: u64) -> Result<u64> {
+        if index >= self.geo.l2_entries() {
+            return Err(Error::corrupt("L2 index outside its table", l2.0));
+        }
+        Ok(index * self.geo.l2_entry_size())
+    }
+
     /// The L2 entry at `index` of the table at `l2`.
     pub fn l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<L2Entry> {
-        self.load(dev, l2.0, TableKind::L2)?;
-        let at = (index * self.geo.l2_entry_size()) as usize;
-        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64);
+        let at = self.l2_byte(l2, index)?;
+        let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
+        let raw = self.cache.get(key).and_then(|c| c.get(at..at + 8)).map(be64);
         raw.map(L2Entry).ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
     /// The subcluster bitmap of extended L2 entry `index` (allocation bits 0..=31, zero bits 32..=63).
     pub fn l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<u64> {
-        self.load(dev, l2.0, TableKind::L2)?;
-        let at = (index * self.geo.l2_entry_size() + 8) as usize;
-        let raw = self.cache.get(l2.0).and_then(|c| c.get(at..at + 8)).map(be64);
+        let at = self.l2_byte(l2, index)? + 8;
+        let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
+        let raw = self.cache.get(key).and_then(|c| c.get(at..at + 8)).map(be64);
         raw.ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
     /// Stores the subcluster bitmap of extended L2 entry `index` (in the cache).
     pub fn set_l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, bitmap: u64) -> Result<()> {
-        self.load(dev, l2.0, TableKind::L2)?;
-        let at = (index * self.geo.l2_entry_size() + 8) as usize;
-        match self.cache.get_mut(l2.0).and_then(|c| c.get_mut(at..at + 8)) {
+        let at = self.l2_byte(l2, index)? + 8;
+        let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
+        match self.cache.get_mut(key).and_then(|c| c.get_mut(at..at + 8)) {
             Some(s) => s.copy_from_slice(&bitmap.to_be_bytes()),
             None => return Err(Error::corrupt("L2 index outside its table", l2.0)),
         }
@@ -183,9 +221,9 @@ impl Meta {
 
     /// Stores the L2 entry at `index` of the table at `l2` (in the cache).
     pub fn set_l2_entry(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, entry: L2Entry) -> Result<()> {
-        self.load(dev, l2.0, TableKind::L2)?;
-        let at = (index * self.geo.l2_entry_size()) as usize;
-        match self.cache.get_mut(l2.0).and_then(|c| c.get_mut(at..at + 8)) {
+        let at = self.l2_byte(l2, index)?;
+        let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
+        match self.cache.get_mut(key).and_then(|c| c.get_mut(at..at + 8)) {
             Some(s) => s.copy_from_slice(&entry.0.to_be_bytes()),
             None => return Err(Error::corrupt("L2 index outside its table", l2.0)),
         }
@@ -211,10 +249,10 @@ impl Meta {
         let Some(block) = self.refblock_offset(cluster / rbe)? else {
             return Ok(0);
         };
-        self.load(dev, block, TableKind::RefcountBlock)?;
+        let (key, _) = self.load(dev, block, 0, TableKind::RefcountBlock)?;
         let order = self.geo.refcount_order;
         self.cache
-            .get(block)
+            .get(key)
             .and_then(|b| RefcountBlock::new(b, order).get(cluster % rbe))
             .ok_or_else(|| Error::corrupt("refcount index outside its block", block))
     }
@@ -229,9 +267,9 @@ impl Meta {
             Some(b) => b,
             None => self.create_refblock(dev, cluster / rbe)?,
         };
-        self.load(dev, block, TableKind::RefcountBlock)?;
+        let (key, _) = self.load(dev, block, 0, TableKind::RefcountBlock)?;
         let order = self.geo.refcount_order;
-        let ok = self.cache.get_mut(block).is_some_and(|b| RefcountBlock::new(b, order).set(cluster % rbe, value));
+        let ok = self.cache.get_mut(key).is_some_and(|b| RefcountBlock::new(b, order).set(cluster % rbe, value));
         if !ok {
             return Err(Error::corrupt("refcount index outside its block", block));
         }

@@ -106,7 +106,7 @@ impl<D: BlockDevice> Image<D> {
             geo,
             reftable,
             reftable_dirty: BTreeSet::new(),
-            cache: MetadataCache::new((config.cache_size / cs) as usize),
+            cache: MetadataCache::new(config.cache_size, cs),
             free_hint: 0,
             end_cluster,
             pending_frees: Vec::new(),

@@ -256,7 +256,7 @@ impl Meta {
             // L1 clusters come from the header, which was validated at open; their writeback is checked.
             return Ok(());
         }
-        let found = match self.cache.kind(offset) {
+        let found = match self.cache.cluster_kind(offset) {
             Some(cached) if cached != kind => Some(MetaKind::of(cached)),
             _ => self.overlapping(dev, offset >> self.geo.cluster_bits, Some(MetaKind::of(kind)))?,
         };

@@ -35,7 +35,7 @@ impl Meta {
                     let end = self.header.l1_table_offset + self.l1_size() * 8;
                     end.saturating_sub(offset).min(self.geo.cluster_size()).next_multiple_of(512)
                 }
-                _ => self.geo.cluster_size(),
+                _ => self.cache.piece_len(kind),
             };
             if let Some(bytes) = self.cache.peek(offset).and_then(|b| b.get(..len as usize)) {
                 write_meta(dev, offset, bytes)?;

@@ -14,8 +14,8 @@ use super::super::meta::Meta;
 use super::super::Image;
 use super::{Move, MoveStage};
 use crate::block::BlockDevice;
-use crate::error::{Error, Result};
-use crate::format::{HostOffset, L2Entry, L2Kind};
+use crate::error::Result;
+use crate::format::{L2Entry, L2Kind};
 
 /// What a round of online compaction did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,7 +110,6 @@ impl Meta {
                 if entry.l2_offset().map(|o| o.0 / cs) != Some(p.from) || !entry.is_copied() {
                     return Ok(false);
                 }
-                self.l2_entry(dev, HostOffset(p.from * cs), 0)?;
                 (p.from * cs, super::super::cache::TableKind::L2)
             }
             Referrer::RefcountBlock { index } => {
@@ -118,8 +117,6 @@ impl Meta {
                 if entry != p.from * cs {
                     return Ok(false);
                 }
-                // Loads the block.
-                self.refcount(dev, index * self.geo.refcount_block_entries())?;
                 (p.from * cs, super::super::cache::TableKind::RefcountBlock)
             }
             Referrer::Data { .. } => return Ok(false),
@@ -127,14 +124,14 @@ impl Meta {
         if self.refcount(dev, p.from)? != 1 || self.refcount(dev, p.to)? != 0 || self.reclaim.is_busy(p.to) {
             return Ok(false);
         }
+        self.load_table(dev, from, kind)?;
+        // Taking the destination's refcount may load a refcount block and evict clean pieces: it comes first, and
+        // the table is rekeyed only whole (a piece missing now would be read later from the wrong place).
         self.set_refcount(dev, p.to, 1)?;
-        let bytes: Box<[u8]> = self
-            .cache
-            .get(from)
-            .map(Box::from)
-            .ok_or_else(|| Error::corrupt("table vanished from the cache while it was moved", from))?;
-        self.cache.insert(p.to * cs, kind, bytes, true);
-        self.cache.remove(from);
+        if !self.cache.rekey(from, p.to * cs) {
+            self.set_refcount(dev, p.to, 0)?;
+            return Ok(false);
+        }
         // Repointing also tells the overlap index where the table now is.
         self.repoint(dev, p.referrer, p.to)?;
         self.free_later(p.from);
