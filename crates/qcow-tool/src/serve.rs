@@ -55,6 +55,10 @@ pub struct Args {
     /// With --reclaim: how many zeroed free clusters to keep ready for allocation.
     #[arg(long, value_name = "N", default_value_t = 0, requires = "reclaim")]
     keep_erased: u64,
+    /// Budget of a qcow2 image's metadata cache (K/M/G suffixes; default 32M, which maps 256 GiB of data at
+    /// 64 KiB clusters).
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
     /// With --reclaim: compact once this much has been discarded (K/M/G/T suffixes).
     #[arg(long, value_name = "SIZE", default_value = "64M", requires = "reclaim")]
     compact_after: String,
@@ -82,6 +86,9 @@ pub fn run(args: &Args) -> Result<()> {
         Format::Qcow2 => {
             // Discard is on so that TRIM and WRITE_ZEROES give space back.
             let mut config = Config { discard: !args.read_only, read_only: args.read_only, ..Config::default() };
+            if let Some(size) = &args.cache_size {
+                config.cache_size = open::size(size)?;
+            }
             if args.reclaim {
                 config.keep_erased = args.keep_erased;
                 config.compact_after_unmaps = open::size(&args.compact_after)?.div_ceil(512).max(1);

@@ -645,6 +645,26 @@ fn bench_runs_qemu_img_bench_requests_and_leaves_a_checkable_image() {
         .args(["bench", "-c", "300", "-d", "4", "-w", "--flush-interval", "10", "--no-drain", "-t", "unsafe"])
         .arg(&img));
     assert_clean(&img);
+    // The smallest metadata cache, on a larger image whose writes touch many L2 slices: QEMU finds it clean.
+    let big = qemu_create(&dir, "big.qcow2", "", "64G");
+    ok(tool()
+        .args(["bench", "--cache-size", "0", "-c", "400", "-d", "8", "-w", "-S", "161M", "--pattern", "77"])
+        .arg(&big));
+    assert_clean(&big);
+    // Request k wrote 4 KiB at k * 161 MiB (400 of them stay below 64 GiB); the bytes between stay zero.
+    let reads: Vec<String> = (0..400u64)
+        .flat_map(|k| {
+            [format!("read -P 77 {} 4k", k * (161 << 20)), format!("read -P 0 {} 4k", k * (161 << 20) + 4096)]
+        })
+        .collect();
+    let mut cmd = qemu("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for r in &reads {
+        cmd.args(["-c", r]);
+    }
+    let out = stdout(cmd.arg(&big));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read 4096/4096").count(), 800, "{out}");
     let out = stdout(tool().args(["bench", "-c", "2000", "-d", "4", "-t", "none"]).arg(&img));
     assert!(
         out.starts_with(
@@ -676,6 +696,8 @@ fn bench_runs_qemu_img_bench_requests_and_leaves_a_checkable_image() {
     assert!(err.contains("depth"), "{err}");
     let err = fails(tool().args(["bench", "-s", "12Q"]).arg(&img));
     assert!(err.contains("invalid size '12Q'"), "{err}");
+    let err = fails(tool().args(["bench", "--cache-size", "lots"]).arg(&img));
+    assert!(err.contains("invalid size 'lots'"), "{err}");
     let err = fails(tool().args(["bench", "-t", "sometimes"]).arg(&img));
     assert!(err.contains("sometimes"), "{err}");
     let err = fails(tool().args(["bench", "-i", "native"]).arg(&img));
