@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # The engine under a request load: `qcow-tool bench` against `qemu-img bench`, same image, same arguments, run
-# alternately, for each case below. Prints, per case, the median run time of each (as each tool reports it:
-# requests and flushes only, not opening or closing), the ratio ours / qemu-img, and each one's peak RSS.
+# alternately, for each case below. Prints, per case:
+#   - the median run time of each (as each tool reports it: requests and flushes only, not opening or closing),
+#     the ratio ours / qemu-img, and each one's peak RSS;
+#   - on an indented second line, system calls per request of each and their ratio, from one extra run of each
+#     tool under `strace -f -c` with a fifth of the requests (never a timed run: strace slows every call). The
+#     count is every system call of the process and all its threads, opening and closing the image included,
+#     divided by the requests; the three most frequent calls of each follow, also per request.
+# After read64k-seq-d16, one `cpu-per-GiB` line: user+system CPU seconds per GiB moved (medians, from
+# /usr/bin/time %U %S) of ours, qemu-img, qemu-img reading the raw file, and a plain pread loop
+# (crates/qcow/examples/pread_loop.rs: one thread, 64 KiB reads over the whole raw file, O_DIRECT unless
+# BENCH_CACHE asks for the page cache), the floor for the CPU cost of moving the data.
 #
 # Cases (4 KiB requests unless said otherwise):
 #   read-full-d1      reads of a fully allocated 1 GiB image, one request in flight
@@ -20,9 +29,12 @@
 # Environment:
 #   QCOW_BENCH_DIR  work directory, images kept between runs (default: <target dir>/bench-engine)
 #   BENCH_RUNS      runs of each tool per case (default: 5)
-#   BENCH_COUNT     requests per 4 KiB run (default: 50000; the 64 KiB case uses a quarter)
+#   BENCH_COUNT     requests per 4 KiB run (default: 50000; the 64 KiB cases use a quarter; strace'd runs a
+#                   fifth of a case's count)
 #   BENCH_CACHE     cache mode for both tools (default: none, i.e. O_DIRECT)
 set -euo pipefail
+# Command substitutions (every helper below runs in one) stop at the first failure too.
+shopt -s inherit_errexit
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
@@ -31,23 +43,29 @@ runs=${BENCH_RUNS:-5}
 count=${BENCH_COUNT:-50000}
 cache=${BENCH_CACHE:-none}
 
-for tool in qemu-img /usr/bin/time python3; do
+for tool in qemu-img /usr/bin/time python3 strace; do
     if ! command -v "$tool" >/dev/null; then
         case $tool in
             qemu-img) echo "bench-engine: qemu-img not found: install qemu-utils" >&2 ;;
             /usr/bin/time) echo "bench-engine: /usr/bin/time not found: install the 'time' package" >&2 ;;
+            strace) echo "bench-engine: strace not found (it counts system calls per request): install strace" >&2 ;;
             *) echo "bench-engine: $tool not found" >&2 ;;
         esac
         exit 1
     fi
 done
 case $runs in '' | *[!0-9]* | 0) echo "bench-engine: BENCH_RUNS must be a positive integer, not '$runs'" >&2; exit 1 ;; esac
+case $count in '' | *[!0-9]* | 0) echo "bench-engine: BENCH_COUNT must be a positive integer, not '$count'" >&2; exit 1 ;; esac
 
-echo "building qcow-tool (release)..." >&2
-(cd "$root" && cargo build --release --quiet -p qcow-tool)
+echo "building qcow-tool and the pread_loop example (release)..." >&2
+(cd "$root" && cargo build --release --quiet -p qcow-tool && cargo build --release --quiet -p qcow --example pread_loop)
 ours=$target/release/qcow-tool
+pread_loop=$target/release/examples/pread_loop
 
 mkdir -p "$dir"
+# Logs live apart from the images, so that two runs sharing QCOW_BENCH_DIR do not read each other's.
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 full=$dir/full-1G.qcow2
 if [ ! -f "$full" ]; then
     echo "making $full (once; later runs reuse it)..." >&2
@@ -60,40 +78,82 @@ fi
 empty=$dir/empty-1G.qcow2
 scratch=$dir/scratch.qcow2
 
-# Runs one bench; prints "<seconds as the tool reports them> <peak RSS KiB>".
-measure() {
-    local log=$dir/time.log out=$dir/out.log
-    if ! /usr/bin/time -o "$log" -f '%M' "$@" >"$out" 2>&1; then
+# Runs a command under /usr/bin/time; prints "<peak RSS KiB> <user+system CPU seconds>". Its output is left in
+# $logs/out.log.
+timed() {
+    local log=$logs/time.log out=$logs/out.log
+    if ! /usr/bin/time -o "$log" -f '%M %U %S' "$@" >"$out" 2>&1; then
         echo "bench-engine: failed: $*" >&2
         cat "$out" >&2
-        exit 1
+        return 1
     fi
-    local secs
-    secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p' "$out")
-    [ -n "$secs" ] || { echo "bench-engine: no run time from: $*" >&2; cat "$out" >&2; exit 1; }
-    echo "$secs $(tail -n 1 "$log")"
+    local rss user sys
+    read -r rss user sys < <(tail -n 1 "$log")
+    echo "$rss $(python3 -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$user" "$sys")"
 }
 
-# case NAME FRESH IMAGE ARGS...: FRESH=1 makes IMAGE a new empty 1 GiB qcow2 before every run.
+# Runs one bench; prints "<seconds as the tool reports them> <peak RSS KiB> <user+system CPU seconds>".
+measure() {
+    local usage secs
+    usage=$(timed "$@") || return 1
+    secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p' "$logs/out.log")
+    [ -n "$secs" ] || { echo "bench-engine: no run time from: $*" >&2; cat "$logs/out.log" >&2; return 1; }
+    echo "$secs $usage"
+}
+
+# Runs one bench under strace -f -c; prints "<total system calls> <the three most frequent as name=calls,...>".
+syscalls() {
+    local log=$logs/strace.log out=$logs/out.log
+    if ! strace -f -c -o "$log" "$@" >"$out" 2>&1; then
+        echo "bench-engine: failed under strace: $*" >&2
+        cat "$out" "$log" >&2
+        return 1
+    fi
+    # Columns: % time, seconds, usecs/call, calls, [errors], syscall; the errors column may be empty.
+    local total top
+    total=$(awk '$NF == "total" { print $4 }' "$log")
+    [ -n "$total" ] || { echo "bench-engine: no 'total' line in strace's summary of: $*" >&2; cat "$log" >&2; return 1; }
+    top=$(awk '/^-/ { body = !body; next } body && NF >= 5 { print $4, $NF }' "$log" | sort -rn | awk 'NR <= 3' |
+        awk '{ printf "%s%s=%s", (NR > 1 ? "," : ""), $2, $1 }')
+    echo "$total $top"
+}
+
+# Makes IMAGE a new empty 1 GiB qcow2 when FRESH is 1.
+refresh() {
+    if [ "$1" = 1 ]; then qemu-img create -q -f qcow2 "$2" 1G; fi
+}
+
+# run_case NAME FRESH IMAGE COUNT ARGS...: COUNT requests per timed run; FRESH=1 makes IMAGE a new empty 1 GiB
+# qcow2 before every run. Leaves the CPU seconds of the timed runs in case_ours_cpu and case_qemu_cpu.
 run_case() {
-    local name=$1 fresh=$2 image=$3
-    shift 3
-    local ours_t=() qemu_t=() ours_rss=0 qemu_rss=0 i t rss
+    local name=$1 fresh=$2 image=$3 n=$4
+    shift 4
+    local ours_t=() qemu_t=() ours_rss=0 qemu_rss=0 i t rss cpu result
+    case_ours_cpu=() case_qemu_cpu=()
     for ((i = 0; i < runs; i++)); do
         for who in qemu ours; do
-            if [ "$fresh" = 1 ]; then qemu-img create -q -f qcow2 "$image" 1G; fi
+            refresh "$fresh" "$image"
             if [ $who = ours ]; then
-                read -r t rss < <(measure "$ours" bench -t "$cache" "$@" "$image")
-                ours_t+=("$t"); ((rss > ours_rss)) && ours_rss=$rss
+                result=$(measure "$ours" bench -t "$cache" -c "$n" "$@" "$image")
+                read -r t rss cpu <<<"$result"
+                ours_t+=("$t") case_ours_cpu+=("$cpu")
+                if ((rss > ours_rss)); then ours_rss=$rss; fi
             else
-                read -r t rss < <(measure qemu-img bench -t "$cache" "$@" "$image")
-                qemu_t+=("$t"); ((rss > qemu_rss)) && qemu_rss=$rss
+                result=$(measure qemu-img bench -t "$cache" -c "$n" "$@" "$image")
+                read -r t rss cpu <<<"$result"
+                qemu_t+=("$t") case_qemu_cpu+=("$cpu")
+                if ((rss > qemu_rss)); then qemu_rss=$rss; fi
             fi
         done
     done
-    python3 - "$name" "$ours_rss" "$qemu_rss" "${ours_t[*]}" "${qemu_t[*]}" "${BYTES:-0}" <<'PY'
+    local sn=$((n / 5 > 0 ? n / 5 : 1)) ours_sc qemu_sc
+    refresh "$fresh" "$image"
+    qemu_sc=$(syscalls qemu-img bench -t "$cache" -c "$sn" "$@" "$image")
+    refresh "$fresh" "$image"
+    ours_sc=$(syscalls "$ours" bench -t "$cache" -c "$sn" "$@" "$image")
+    python3 - "$name" "$ours_rss" "$qemu_rss" "${ours_t[*]}" "${qemu_t[*]}" "${BYTES:-0}" "$sn" "$ours_sc" "$qemu_sc" <<'PY'
 import statistics, sys
-name, ours_rss, qemu_rss, ours, qemu, nbytes = sys.argv[1:]
+name, ours_rss, qemu_rss, ours, qemu, nbytes, sn, ours_sc, qemu_sc = sys.argv[1:]
 o = statistics.median(float(x) for x in ours.split())
 q = statistics.median(float(x) for x in qemu.split())
 ratio = o / q if q > 0 else float("inf")
@@ -102,17 +162,29 @@ if int(nbytes) > 0:
     rate = f"  ours {int(nbytes) / o / 1e6:7.0f} MB/s, qemu-img {int(nbytes) / q / 1e6:7.0f} MB/s"
 print(f"{name:<18} ours {o:8.3f} s  qemu-img {q:8.3f} s  ratio {ratio:6.2f}  "
       f"peak RSS ours {int(ours_rss) // 1024} MiB, qemu-img {int(qemu_rss) // 1024} MiB{rate}")
+requests = int(sn)
+def parse(summary):
+    total, _, top = summary.partition(" ")
+    calls = [c.split("=") for c in top.split(",") if c]
+    return int(total) / requests, ", ".join(f"{name} {int(k) / requests:.2f}" for name, k in calls)
+os_, otop = parse(ours_sc)
+qs, qtop = parse(qemu_sc)
+sratio = os_ / qs if qs > 0 else float("inf")
+print(f"{'':<18} syscalls/request ours {os_:6.2f}  qemu-img {qs:6.2f}  ratio {sratio:6.2f}  "
+      f"(ours: {otop}; qemu-img: {qtop})")
 PY
 }
 
 [ -f "$empty" ] || qemu-img create -q -f qcow2 "$empty" 1G
 echo "cache=$cache, $runs runs per tool, alternating; times are each tool's own 'Run completed in' figure"
-run_case read-full-d1 0 "$full" -c "$count" -d 1 -s 4K
-run_case read-full-d64 0 "$full" -c "$count" -d 64 -s 4K
-run_case read-empty-d64 0 "$empty" -c "$count" -d 64 -s 4K
-run_case write-alloc-d64 1 "$scratch" -w -c "$count" -d 64 -s 4K
-run_case write-over-d64 0 "$full" -w -c "$count" -d 64 -s 4K
-run_case write64k-flush 1 "$scratch" -w -c $((count / 4)) -d 16 -s 64K --flush-interval 16
+echo "syscalls/request: one more run per tool under strace -f -c with a fifth of the requests; every system call of"
+echo "  the process and its threads, opening and closing the image included, divided by the requests"
+run_case read-full-d1 0 "$full" "$count" -d 1 -s 4K
+run_case read-full-d64 0 "$full" "$count" -d 64 -s 4K
+run_case read-empty-d64 0 "$empty" "$count" -d 64 -s 4K
+run_case write-alloc-d64 1 "$scratch" "$count" -w -d 64 -s 4K
+run_case write-over-d64 0 "$full" "$count" -w -d 64 -s 4K
+run_case write64k-flush 1 "$scratch" $((count / 4)) -w -d 16 -s 64K --flush-interval 16
 
 zero=$dir/zero-1G.qcow2
 if [ ! -f "$zero" ]; then
@@ -135,21 +207,46 @@ for codec in zlib zstd; do
     [ -f "$dir/text-$codec.qcow2" ] || qemu-img convert -c -f raw -O qcow2 -o compression_type=$codec "$text" "$dir/text-$codec.qcow2"
 done
 
-run_case read-zero-d64 0 "$zero" -c "$count" -d 64 -s 4K
-run_case read-sparse1T-d64 0 "$sparse" -c "$count" -d 64 -s 4K -S $(((512 << 20) + 4096))
+run_case read-zero-d64 0 "$zero" "$count" -d 64 -s 4K
+run_case read-sparse1T-d64 0 "$sparse" "$count" -d 64 -s 4K -S $(((512 << 20) + 4096))
 seq=$((count / 4))
-BYTES=$((seq * 65536)) run_case read64k-seq-d16 0 "$full" -c "$seq" -d 16 -s 64K
-raw_t=()
+BYTES=$((seq * 65536)) run_case read64k-seq-d16 0 "$full" "$seq" -d 16 -s 64K
+seq_ours_cpu=("${case_ours_cpu[@]}") seq_qemu_cpu=("${case_qemu_cpu[@]}")
+raw_t=() raw_cpu=()
 for ((i = 0; i < runs; i++)); do
-    read -r t _ < <(measure qemu-img bench -t "$cache" -f raw -c "$seq" -d 16 -s 64K "$raw")
-    raw_t+=("$t")
+    result=$(measure qemu-img bench -t "$cache" -f raw -c "$seq" -d 16 -s 64K "$raw")
+    read -r t _ cpu <<<"$result"
+    raw_t+=("$t") raw_cpu+=("$cpu")
 done
 python3 - "${raw_t[*]}" "$((seq * 65536))" <<'PY'
 import statistics, sys
 t = statistics.median(float(x) for x in sys.argv[1].split())
 print(f"{'raw-file 64k-seq':<18} qemu-img bench -f raw {t:8.3f} s, {int(sys.argv[2]) / t / 1e6:7.0f} MB/s: the physical limit for read64k-seq-d16")
 PY
+# The pread loop goes through the page cache exactly when the benches do (every mode but none and directsync).
+case $cache in
+    none | directsync) pread_mode=() pread_label="O_DIRECT" ;;
+    *) pread_mode=(--buffered) pread_label="buffered" ;;
+esac
+pread_cpu=() pread_bytes=0
+for ((i = 0; i < runs; i++)); do
+    result=$(timed "$pread_loop" "$raw" 65536 "${pread_mode[@]}")
+    read -r _ cpu <<<"$result"
+    pread_cpu+=("$cpu")
+    pread_bytes=$(sed -n 's/^bytes \([0-9]*\) seconds .*/\1/p' "$logs/out.log")
+    [ -n "$pread_bytes" ] || { echo "bench-engine: no byte count from pread_loop:" >&2; cat "$logs/out.log" >&2; exit 1; }
+done
+python3 - "${seq_ours_cpu[*]}" "${seq_qemu_cpu[*]}" "${raw_cpu[*]}" "${pread_cpu[*]}" "$((seq * 65536))" "$pread_bytes" "$pread_label" <<'PY'
+import statistics, sys
+ours, qemu, raw, pread, nbytes, pread_bytes, label = sys.argv[1:]
+gib = 1 << 30
+def per_gib(cpus, moved):
+    return statistics.median(float(x) for x in cpus.split()) / (int(moved) / gib)
+print(f"cpu-per-GiB 64k-seq: ours {per_gib(ours, nbytes):.3f} s, qemu-img {per_gib(qemu, nbytes):.3f} s, "
+      f"pread loop {per_gib(pread, pread_bytes):.3f} s ({label}) (user+sys; qemu-img -f raw "
+      f"{per_gib(raw, nbytes):.3f} s; the benches' figures include opening and closing)")
+PY
 small=$(((256 << 20) / 65536))
-BYTES=$((small * 65536)) run_case read64k-zlib 0 "$dir/text-zlib.qcow2" -c "$small" -d 16 -s 64K
-BYTES=$((small * 65536)) run_case read64k-zstd 0 "$dir/text-zstd.qcow2" -c "$small" -d 16 -s 64K
+BYTES=$((small * 65536)) run_case read64k-zlib 0 "$dir/text-zlib.qcow2" "$small" -d 16 -s 64K
+BYTES=$((small * 65536)) run_case read64k-zstd 0 "$dir/text-zstd.qcow2" "$small" -d 16 -s 64K
 qemu-img check -q "$full" && qemu-img check -q "$scratch" && echo "qemu-img check: both images clean"
