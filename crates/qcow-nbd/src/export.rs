@@ -105,6 +105,9 @@ impl<D: BlockDevice> BlockDevice for AllData<D> {
     fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
         self.0.discard(sector, count)
     }
+    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
+        self.0.zero_range(sector, count)
+    }
     fn disconnect(&self) {
         self.0.disconnect()
     }

@@ -12,6 +12,7 @@
 //! requests and flushes are timed, not opening or closing the image.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -100,6 +101,9 @@ impl BlockDevice for BenchDevice {
     fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
         self.file.discard(sector, count)
     }
+    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
+        self.file.zero_range(sector, count)
+    }
     fn disconnect(&self) {
         self.file.disconnect();
     }
@@ -164,13 +168,51 @@ fn cache_mode(name: &str) -> Result<Cache> {
 }
 
 /// The request schedule shared by the workers.
+/// Where the run is. Issuing and completing a request touch only the atomics: with dozens of workers, a mutex
+/// taken twice per request costs more context switches than the requests themselves. The mutex and the condition
+/// variable serve only drains and errors.
+#[derive(Default)]
 struct Schedule {
-    issued: u64,
-    completed: u64,
-    in_flight: u64,
+    issued: AtomicU64,
+    completed: AtomicU64,
+    in_flight: AtomicU64,
     /// A drained flush is due or running: no request may start.
-    draining: bool,
-    error: Option<Error>,
+    draining: AtomicBool,
+    /// Set with `error`: every worker stops.
+    stop: AtomicBool,
+    error: Mutex<Option<Error>>,
+    /// Guards the waits on `wake`.
+    waits: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Schedule {
+    fn fail(&self, e: Error) {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+        self.stop.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    fn notify(&self) {
+        let _w = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake.notify_all();
+    }
+
+    /// Waits while `blocked` holds; whoever makes it false calls `notify`.
+    fn wait_while(&self, blocked: impl Fn() -> bool) {
+        let mut w = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        while blocked() && !self.stop.load(Ordering::SeqCst) {
+            w = self.wake.wait(w).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Marks one request finished; the last one out of a drain wakes the drainer.
+    fn leave(&self) {
+        // SeqCst pairs with the drainer's store of `draining` and load of `in_flight`: one of the two sees the other.
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+            self.notify();
+        }
+    }
 }
 
 /// The run's fixed parameters.
@@ -209,62 +251,50 @@ fn aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
     (buf, start)
 }
 
-fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Mutex<Schedule>, wake: &Condvar) {
+fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Schedule) {
     let (mut storage, start) = aligned(plan.bufsize as usize, plan.pattern);
     let Some(buf) = storage.get_mut(start..start + plan.bufsize as usize) else { return };
-    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let k = {
-            let mut s = lock();
-            loop {
-                if s.error.is_some() || s.issued >= plan.count {
-                    return;
-                }
-                if !s.draining {
-                    break;
-                }
-                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
-            }
-            s.issued += 1;
-            s.in_flight += 1;
-            s.issued - 1
-        };
+        if state.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Counted in flight before looking at `draining`, so that a drain either sees this request or this
+        // request sees the drain.
+        state.in_flight.fetch_add(1, Ordering::SeqCst);
+        if state.draining.load(Ordering::SeqCst) {
+            state.leave();
+            state.wait_while(|| state.draining.load(Ordering::SeqCst));
+            continue;
+        }
+        let k = state.issued.fetch_add(1, Ordering::SeqCst);
+        if k >= plan.count {
+            state.leave();
+            return;
+        }
         let offset = plan.offset(k);
         let mut result = if plan.write { dev.write_at(offset, buf) } else { dev.read_at(offset, buf) };
         if result.is_ok() && plan.write && plan.flush_each_write {
             result = dev.flush();
         }
-        let mut s = lock();
-        s.in_flight -= 1;
-        s.completed += 1;
+        state.leave();
         if let Err(e) = result {
             let what = if plan.write { "write" } else { "read" };
-            s.error.get_or_insert(Error::wrap(format!("failed {what} request at offset {offset}"), e));
-            wake.notify_all();
+            state.fail(Error::wrap(format!("failed {what} request at offset {offset}"), e));
             return;
         }
-        // Only a drain waits (for in-flight requests to finish, or for the flush to end): waking every worker
-        // after every request would cost more than the requests.
-        if s.draining {
-            wake.notify_all();
-        }
-        if plan.flush_interval == 0 || s.completed % plan.flush_interval != 0 {
+        let completed = state.completed.fetch_add(1, Ordering::SeqCst) + 1;
+        if plan.flush_interval == 0 || !completed.is_multiple_of(plan.flush_interval) {
             continue;
         }
         if plan.drain {
-            s.draining = true;
-            while s.in_flight > 0 {
-                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
-            }
+            state.draining.store(true, Ordering::SeqCst);
+            state.wait_while(|| state.in_flight.load(Ordering::SeqCst) > 0);
         }
-        drop(s);
-        let flushed = dev.flush();
-        let mut s = lock();
-        if let Err(e) = flushed {
-            s.error.get_or_insert(Error::wrap("failed flush request", e));
+        if let Err(e) = dev.flush() {
+            state.fail(Error::wrap("failed flush request", e));
         }
-        s.draining = false;
-        wake.notify_all();
+        state.draining.store(false, Ordering::SeqCst);
+        state.notify();
     }
 }
 
@@ -352,17 +382,16 @@ pub fn run(args: &Args) -> Result<()> {
         }
         print(text.as_bytes())?;
     }
-    let state = Mutex::new(Schedule { issued: 0, completed: 0, in_flight: 0, draining: false, error: None });
-    let wake = Condvar::new();
+    let state = Schedule::default();
     let threads = args.depth.min(args.count.max(1));
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| worker(target.device(), &plan, &state, &wake));
+            scope.spawn(|| worker(target.device(), &plan, &state));
         }
     });
     let elapsed = started.elapsed();
-    let failed = state.into_inner().unwrap_or_else(|e| e.into_inner()).error;
+    let failed = state.error.into_inner().unwrap_or_else(|e| e.into_inner());
     let closed = target.close().map_err(|e| open::io_error(&args.file, e));
     if let Some(e) = failed {
         return Err(e);

@@ -89,6 +89,9 @@ impl BlockDevice for Metered<'_> {
     fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
         self.inner.discard(sector, count)
     }
+    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
+        self.inner.zero_range(sector, count)
+    }
     fn disconnect(&self) {
         self.inner.disconnect();
     }

@@ -53,6 +53,8 @@ pub struct FileDevice {
     len: AtomicU64,
     disconnected: AtomicBool,
     punch_holes: AtomicBool,
+    /// Whether the filesystem can zero a range without writing it; false once it said it cannot.
+    zero_ranges: AtomicBool,
     rmw: RwLock<()>,
 }
 
@@ -127,6 +129,7 @@ impl FileDevice {
             len: AtomicU64::new(len),
             disconnected: AtomicBool::new(false),
             punch_holes: AtomicBool::new(true),
+            zero_ranges: AtomicBool::new(true),
             rmw: RwLock::new(()),
         })
     }
@@ -377,6 +380,26 @@ impl FileDevice {
         }
     }
 
+    /// Tries `fallocate(FALLOC_FL_ZERO_RANGE)`, which also grows the file when the range ends past it; `Ok(false)`
+    /// when the filesystem cannot.
+    fn fallocate_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        let off = to_off_t("zero range", offset)?;
+        let n = to_off_t("zero range", len)?;
+        loop {
+            // SAFETY: fallocate only acts on the open descriptor; no memory is passed.
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, n) };
+            if r == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
+                _ => return Err(Error::io("zero range", offset, err)),
+            }
+        }
+    }
+
     /// Writes zeros over `[offset, end)`, for filesystems that cannot punch holes.
     fn write_zeros(&self, offset: u64, end: u64) -> Result<()> {
         let chunk = vec![0u8; to_usize(BOUNCE_MAX.min(end.saturating_sub(offset)))];
@@ -426,10 +449,39 @@ impl BlockDevice for FileDevice {
             .checked_mul(SECTOR_SIZE)
             .filter(|b| i64::try_from(*b).is_ok())
             .ok_or_else(|| Error::invalid("resize", format!("{sectors} sectors is too large for a file")))?;
-        let _exclusive = self.exclusive();
+        // Growing only adds zeros past the end, which no read-modify-write in flight can be relying on: writes
+        // carry on meanwhile. Shrinking waits for them, and holds new ones off.
+        let (_shared, _exclusive);
+        if bytes >= self.len_bytes() {
+            _shared = self.shared();
+        } else {
+            _exclusive = self.exclusive();
+        }
         self.file.set_len(bytes).map_err(|e| Error::io("resize", bytes, e))?;
         self.len.store(bytes, Ordering::Release);
         Ok(())
+    }
+
+    fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
+        self.check_writable("zero range")?;
+        if count == 0 || !self.zero_ranges.load(Ordering::Relaxed) {
+            return Ok(count == 0);
+        }
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or_else(|| Error::invalid("zero range", format!("sector {sector} is too large for a file")))?;
+        let len = count
+            .checked_mul(SECTOR_SIZE)
+            .filter(|l| offset.checked_add(*l).is_some_and(|end| i64::try_from(end).is_ok()))
+            .ok_or_else(|| Error::invalid("zero range", format!("{count} sectors from {sector} are too many")))?;
+        // Shared, as ordinary writes: a bounced read-modify-write must not straddle the change.
+        let _shared = self.shared();
+        if !self.fallocate_zero(offset, len)? {
+            self.zero_ranges.store(false, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.len.fetch_max(offset + len, Ordering::AcqRel);
+        Ok(true)
     }
 
     fn discard(&self, sector: u64, count: u64) -> Result<()> {
@@ -749,6 +801,35 @@ mod tests {
         assert_eq!(&buf[63 * 512..], &[0; 512][..]);
         assert_eq!(d.discard(60, 5).unwrap_err().kind(), ErrorKind::InvalidArgument);
         println!("punches holes: {}", d.punches_holes());
+    }
+
+    #[test]
+    fn zero_range_zeroes_in_place_and_grows_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = FileDevice::create(dir.path().join("disk"), &FileOptions::default()).unwrap();
+        d.resize(16).unwrap();
+        d.write(0, &[&vec![0xaa; 16 * 512]]).unwrap();
+        if !d.zero_range(4, 4).unwrap() {
+            // A filesystem without FALLOC_FL_ZERO_RANGE: nothing changed, and the device stops asking.
+            assert!(!d.zero_range(0, 1).unwrap());
+            let mut buf = vec![0u8; 16 * 512];
+            d.read(0, &mut [&mut buf]).unwrap();
+            assert!(buf.iter().all(|&b| b == 0xaa));
+            return;
+        }
+        // The range straddling the end grows the file to its end, as a write there would.
+        assert!(d.zero_range(14, 6).unwrap());
+        assert_eq!(d.len_bytes(), 20 * 512);
+        assert_eq!(d.file().metadata().unwrap().len(), 20 * 512);
+        let mut buf = vec![0u8; 20 * 512];
+        d.read(0, &mut [&mut buf]).unwrap();
+        assert!(buf[..4 * 512].iter().all(|&b| b == 0xaa));
+        assert!(buf[4 * 512..8 * 512].iter().all(|&b| b == 0));
+        assert!(buf[8 * 512..14 * 512].iter().all(|&b| b == 0xaa));
+        assert!(buf[14 * 512..].iter().all(|&b| b == 0));
+        assert!(d.zero_range(3, 0).unwrap(), "an empty range is done");
+        let ro = FileDevice::open(dir.path().join("disk"), &FileOptions { read_only: true, direct: false }).unwrap();
+        assert_eq!(ro.zero_range(0, 1).unwrap_err().kind(), ErrorKind::ReadOnly);
     }
 
     #[test]

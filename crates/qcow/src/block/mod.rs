@@ -85,6 +85,18 @@ pub trait BlockDevice: Send + Sync {
         Err(Error::Unimplemented { op: "discard" })
     }
 
+    /// Makes `count` sectors from `sector` read as zeros without writing them, growing the device when they end
+    /// past it, as `fallocate(FALLOC_FL_ZERO_RANGE)` does: the sectors stay allocated. Answers `Ok(false)`, having
+    /// changed nothing, when the device cannot do that more cheaply than writing zeros (the default); the caller
+    /// then writes the zeros itself.
+    ///
+    /// # Errors
+    /// `ReadOnly`, `Disconnected`, `Io`.
+    fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
+        let _ = (sector, count);
+        Ok(false)
+    }
+
     /// Releases the device. It cannot fail; every later operation answers `Disconnected`.
     fn disconnect(&self);
 
@@ -187,6 +199,9 @@ macro_rules! forward_block_device {
             }
             fn discard(&self, sector: u64, count: u64) -> Result<()> {
                 (**self).discard(sector, count)
+            }
+            fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
+                (**self).zero_range(sector, count)
             }
             fn disconnect(&self) {
                 let disconnect: fn(&T) = $disconnect;

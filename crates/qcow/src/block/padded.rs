@@ -129,6 +129,11 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
         self.inner.discard(sector, count)
     }
 
+    fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
+        self.check_connected()?;
+        self.inner.zero_range(sector, count)
+    }
+
     fn disconnect(&self) {
         self.disconnected.store(true, Ordering::Release);
         self.inner.disconnect();

@@ -45,6 +45,9 @@ impl<D: BlockDevice> BlockDevice for Unsynced<D> {
     fn discard(&self, sector: u64, count: u64) -> Result<()> {
         self.0.discard(sector, count)
     }
+    fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
+        self.0.zero_range(sector, count)
+    }
     fn disconnect(&self) {
         self.0.disconnect()
     }

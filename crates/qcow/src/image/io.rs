@@ -322,7 +322,7 @@ impl<D: BlockDevice> Image<D> {
             return self.write_subclusters(offset, buf);
         }
         let mut retried = false;
-        let (_owned, plans) = loop {
+        let (owned, plans) = loop {
             {
                 // Most writes overwrite clusters in place and change no metadata: they share their clusters with
                 // other such writes and take the metadata lock once.
@@ -332,7 +332,7 @@ impl<D: BlockDevice> Image<D> {
                     return self.write_planned(offset, buf, &plans);
                 }
             }
-            let owned = self.ranges.lock(first, last + 1);
+            let Some(owned) = self.ranges.lock_to_allocate(first, last + 1) else { continue };
             let mut m = self.meta();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
             if plans.iter().all(|p| p.fill == Fill::InPlace) && !retried && m.data_file_size.is_none() {
@@ -345,9 +345,29 @@ impl<D: BlockDevice> Image<D> {
             }
             break (owned, plans);
         };
+        if self.zero_fresh_clusters(offset, buf.len() as u64, &plans)? {
+            // The fresh clusters read as what the guest had there (zeros) already: they are linked now, before
+            // their data arrives, and the write goes on as an overwrite, sharing its clusters with the writers
+            // that were waiting for them instead of holding them off until its data is on disk. A flush in between
+            // makes the zeros durable before the links (writeback flushes before it writes L2 tables).
+            {
+                let mut m = self.meta();
+                m.commit_write(&self.dev, &plans)?;
+                if m.cache.over_budget() {
+                    m.writeback(&self.dev)?;
+                }
+            }
+            let _shared = owned.share();
+            let in_place: Vec<ClusterPlan> = plans
+                .iter()
+                .map(|p| ClusterPlan { allocate: false, fill: Fill::InPlace, release: None, ..*p })
+                .collect();
+            return self.write_planned(offset, buf, &in_place);
+        }
         self.write_planned(offset, buf, &plans)?;
         let mut m = self.meta();
         m.commit_write(&self.dev, &plans)?;
+        drop(owned);
         if m.cache.over_budget() {
             m.writeback(&self.dev)?;
         }
@@ -370,6 +390,9 @@ impl<D: BlockDevice> Image<D> {
             let (host, mut these) = match plan.fill {
                 _ if whole_cluster => (plan.target.0, vec![Piece::Borrowed(data)]),
                 Fill::InPlace => (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)]),
+                Fill::Zeros if self.zero_cluster(plan.target.0)? => {
+                    (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)])
+                }
                 Fill::Zeros => {
                     let head = (lo - cluster_start) as usize;
                     let tail = (cluster_start + cs - hi) as usize;
@@ -414,6 +437,46 @@ impl<D: BlockDevice> Image<D> {
             self.flush_pieces(start, &pieces)?;
         }
         Ok(())
+    }
+
+    /// Whether every cluster of a planned write that is new to its mapping is one whose untouched bytes are zeros,
+    /// written only in part, and now zeroed by the device without writing (true also when no cluster is new).
+    /// False, with nothing linked, when any of them needs its bytes written (copy-on-write, a whole cluster of
+    /// new data, a device that cannot zero a range).
+    fn zero_fresh_clusters(&self, offset: u64, len: u64, plans: &[ClusterPlan]) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let partial = |p: &ClusterPlan| {
+            let start = p.guest_cluster * cs;
+            offset > start || end < start + cs
+        };
+        let fresh = || plans.iter().filter(|p| p.fill != Fill::InPlace);
+        if fresh().next().is_none() || !fresh().all(|p| p.fill == Fill::Zeros && partial(p)) {
+            return Ok(false);
+        }
+        for plan in fresh() {
+            if !self.zero_cluster(plan.target.0)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes the cluster at `host` read as zeros without writing it, when the data device can (QEMU does the same
+    /// before writing part of a fresh cluster): the write then carries only the guest's bytes, and the file system
+    /// allocates the cluster once, as one extent, instead of taking a cluster of zeros through the page or the
+    /// disk. Answers false when the device cannot; the caller writes the zeros.
+    fn zero_cluster(&self, host: u64) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        let device = self.data_device();
+        let (sector, count) = (host / 512, cs / 512);
+        if host.saturating_add(cs) > device.info().size_bytes() {
+            // This grows the file: under the metadata lock, as flush_pieces grows it, so that a writer growing it
+            // less far cannot cut this cluster off again.
+            let _m = self.meta();
+            return device.zero_range(sector, count);
+        }
+        device.zero_range(sector, count)
     }
 
     pub(super) fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {

@@ -10,12 +10,18 @@
 use std::sync::Mutex;
 use std::thread::Thread;
 
-/// A thread waiting for a range; woken only when a range it overlaps is released.
+/// A thread waiting for a range; woken only when a change to a range it overlaps lets it in.
 struct Waiter {
     start: u64,
     end: u64,
+    shared: bool,
+    /// Whether it gives up when an overlapping owner turns shared ([`RangeLocks::lock_to_allocate`]).
+    yields: bool,
     id: u64,
     thread: Thread,
+    /// Set when an overlapping owner turned shared (it linked its clusters): a waiter that asked for the range
+    /// only in order to allocate it may find it allocated now.
+    shared_since: bool,
 }
 
 #[derive(Default)]
@@ -49,34 +55,49 @@ impl RangeLocks {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, start: u64, end: u64, shared: bool) -> RangeGuard<'_> {
+    /// Takes the range once nothing conflicts; `None` instead when `yield_to_sharing` and an overlapping owner
+    /// turned shared meanwhile.
+    fn take(&self, start: u64, end: u64, shared: bool, yield_to_sharing: bool) -> Option<RangeGuard<'_>> {
         let mut held = self.held();
         if held.conflicts(start, end, shared) {
             // Waiting threads park and are unparked only by releases that overlap them: with many writers in
             // flight, waking every waiter on every release costs more than the writes.
             let id = held.next_id;
             held.next_id += 1;
-            held.waiters.push(Waiter { start, end, id, thread: std::thread::current() });
+            let thread = std::thread::current();
+            let yields = yield_to_sharing;
+            held.waiters.push(Waiter { start, end, shared, yields, id, thread, shared_since: false });
             while held.conflicts(start, end, shared) {
                 drop(held);
                 std::thread::park();
                 held = self.held();
+                if yield_to_sharing && held.waiters.iter().any(|w| w.id == id && w.shared_since) {
+                    held.waiters.retain(|w| w.id != id);
+                    return None;
+                }
             }
             held.waiters.retain(|w| w.id != id);
         }
         held.ranges.push((start, end, shared));
-        RangeGuard { locks: self, range: (start, end, shared) }
+        Some(RangeGuard { locks: self, range: (start, end, shared) })
     }
 
     /// Waits until no one else holds any cluster in `start..end`, then takes them all.
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        self.take(start, end, false)
+        self.take(start, end, false, false).unwrap_or_else(|| unreachable!("lock never yields"))
+    }
+
+    /// As [`lock`](Self::lock), for a writer that needs the range only to allocate it: `None` as soon as an
+    /// overlapping owner links what it allocated and shares its range ([`RangeGuard::share`]), so that the writer
+    /// can try again as an overwrite beside it, rather than queue for exclusive ownership it no longer needs.
+    pub fn lock_to_allocate(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
+        self.take(start, end, false, true)
     }
 
     /// Waits until no one holds any cluster in `start..end` exclusively, then takes them all, shared with other
     /// shared owners.
     pub fn lock_shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        self.take(start, end, true)
+        self.take(start, end, true, false).unwrap_or_else(|| unreachable!("lock_shared never yields"))
     }
 
     /// Takes `start..end` exclusively if no one holds any of it, without waiting.
@@ -90,6 +111,25 @@ impl RangeLocks {
     }
 }
 
+impl RangeGuard<'_> {
+    /// Turns exclusive ownership into shared ownership of the same range, waking the waiters it now admits.
+    pub fn share(self) -> Self {
+        let mut held = self.locks.held();
+        let (start, end, _) = self.range;
+        if let Some(r) = held.ranges.iter_mut().find(|r| **r == self.range) {
+            r.2 = true;
+        }
+        for w in held.waiters.iter_mut().filter(|w| w.yields && w.start < end && start < w.end) {
+            w.shared_since = true;
+        }
+        wake_overlapping(held, start, end);
+        let shared = RangeGuard { locks: self.locks, range: (start, end, true) };
+        // The entry now reads shared: this guard must not release it under its old key.
+        std::mem::forget(self);
+        shared
+    }
+}
+
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.locks.held();
@@ -97,12 +137,24 @@ impl Drop for RangeGuard<'_> {
             held.ranges.swap_remove(i);
         }
         let (start, end, _) = self.range;
-        let wake: Vec<Thread> =
-            held.waiters.iter().filter(|w| w.start < end && start < w.end).map(|w| w.thread.clone()).collect();
-        drop(held);
-        for thread in wake {
-            thread.unpark();
-        }
+        wake_overlapping(held, start, end);
+    }
+}
+
+/// Wakes the waiters overlapping `start..end` that the change to it lets in (or that yield), after letting go of
+/// the table. Waking the others would only have them look and sleep again: with many writers queued on the same
+/// clusters, that costs more than the writes.
+fn wake_overlapping(held: std::sync::MutexGuard<'_, Held>, start: u64, end: u64) {
+    let wake: Vec<Thread> = held
+        .waiters
+        .iter()
+        .filter(|w| w.start < end && start < w.end)
+        .filter(|w| w.shared_since || !held.conflicts(w.start, w.end, w.shared))
+        .map(|w| w.thread.clone())
+        .collect();
+    drop(held);
+    for thread in wake {
+        thread.unpark();
     }
 }
 
@@ -151,5 +203,25 @@ mod tests {
         assert!(locks.try_lock(0, 1).is_none());
         drop(x);
         assert!(locks.try_lock(0, 1).is_some());
+    }
+
+    #[test]
+    fn an_exclusive_owner_that_shares_admits_shared_waiters_and_still_holds_off_exclusive_ones() {
+        let locks = Arc::new(RangeLocks::default());
+        let owner = locks.lock(0, 2);
+        let entered = Arc::new(AtomicU32::new(0));
+        let waiter = {
+            let (locks, entered) = (locks.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _g = locks.lock_shared(1, 2);
+                entered.store(1, Ordering::SeqCst);
+            })
+        };
+        let shared = owner.share();
+        assert!(waiter.join().is_ok());
+        assert_eq!(entered.load(Ordering::SeqCst), 1, "the shared waiter got in beside the owner");
+        assert!(locks.try_lock(0, 1).is_none(), "the shared owner still holds off an exclusive one");
+        drop(shared);
+        assert!(locks.try_lock(0, 2).is_some(), "released under its shared key");
     }
 }
