@@ -6,6 +6,7 @@
 //! cluster is never written in place.
 
 use super::meta::Meta;
+use super::ranges::RangeGuard;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -334,6 +335,8 @@ impl<D: BlockDevice> Image<D> {
             }
             let Some(owned) = self.ranges.lock_to_allocate(first, last + 1) else { continue };
             let mut m = self.meta();
+            // Nothing lies at or past the end of the file: fresh clusters placed there read as zeros already.
+            let file_end = self.dev.info().size_bytes();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
             if plans.iter().all(|p| p.fill == Fill::InPlace) && !retried && m.data_file_size.is_none() {
                 // Another writer allocated these clusters while this one waited: share them instead.
@@ -343,9 +346,22 @@ impl<D: BlockDevice> Image<D> {
             if plans.iter().any(|p| p.fill != Fill::InPlace) {
                 m.mark_dirty(&self.dev)?;
             }
+            let past_end =
+                m.data_file_size.is_none() && plans.iter().all(|p| p.fill == Fill::InPlace || p.target.0 >= file_end);
+            if past_end && self.zero_filled_in_part(offset, buf.len() as u64, &plans) {
+                // Linked in the same critical section that allocated them: the writers queued on these clusters
+                // wait for no I/O at all. (Growing the file gave them zeros; writeback flushes before it writes
+                // the L2 tables, so the growth is durable before the links.)
+                m.commit_write(&self.dev, &plans)?;
+                if m.cache.over_budget() {
+                    m.writeback(&self.dev)?;
+                }
+                drop(m);
+                return self.write_linked(offset, buf, owned, &plans);
+            }
             break (owned, plans);
         };
-        if self.zero_fresh_clusters(offset, buf.len() as u64, &plans)? {
+        if self.zero_filled_in_part(offset, buf.len() as u64, &plans) && self.zero_fresh_clusters(&plans)? {
             // The fresh clusters read as what the guest had there (zeros) already: they are linked now, before
             // their data arrives, and the write goes on as an overwrite, sharing its clusters with the writers
             // that were waiting for them instead of holding them off until its data is on disk. A flush in between
@@ -357,12 +373,7 @@ impl<D: BlockDevice> Image<D> {
                     m.writeback(&self.dev)?;
                 }
             }
-            let _shared = owned.share();
-            let in_place: Vec<ClusterPlan> = plans
-                .iter()
-                .map(|p| ClusterPlan { allocate: false, fill: Fill::InPlace, release: None, ..*p })
-                .collect();
-            return self.write_planned(offset, buf, &in_place);
+            return self.write_linked(offset, buf, owned, &plans);
         }
         self.write_planned(offset, buf, &plans)?;
         let mut m = self.meta();
@@ -439,27 +450,39 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    /// Whether every cluster of a planned write that is new to its mapping is one whose untouched bytes are zeros,
-    /// written only in part, and now zeroed by the device without writing (true also when no cluster is new).
-    /// False, with nothing linked, when any of them needs its bytes written (copy-on-write, a whole cluster of
-    /// new data, a device that cannot zero a range).
-    fn zero_fresh_clusters(&self, offset: u64, len: u64, plans: &[ClusterPlan]) -> Result<bool> {
+    /// Whether a planned write has clusters new to its mapping, and each of them is written only in part and
+    /// reads as zeros elsewhere: once such clusters read as zeros on the device, they may be linked before their
+    /// data arrives. Not so for copy-on-write (the old bytes must land first) or a whole cluster of new data (the
+    /// write itself is the zeroing).
+    fn zero_filled_in_part(&self, offset: u64, len: u64, plans: &[ClusterPlan]) -> bool {
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let partial = |p: &ClusterPlan| {
             let start = p.guest_cluster * cs;
             offset > start || end < start + cs
         };
-        let fresh = || plans.iter().filter(|p| p.fill != Fill::InPlace);
-        if fresh().next().is_none() || !fresh().all(|p| p.fill == Fill::Zeros && partial(p)) {
-            return Ok(false);
-        }
-        for plan in fresh() {
+        let mut fresh = plans.iter().filter(|p| p.fill != Fill::InPlace).peekable();
+        fresh.peek().is_some() && fresh.all(|p| p.fill == Fill::Zeros && partial(p))
+    }
+
+    /// Zeroes every cluster new to the mapping without writing it; false (some perhaps zeroed, none linked) when
+    /// the device cannot.
+    fn zero_fresh_clusters(&self, plans: &[ClusterPlan]) -> Result<bool> {
+        for plan in plans.iter().filter(|p| p.fill != Fill::InPlace) {
             if !self.zero_cluster(plan.target.0)? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Writes the data of a write whose clusters are all linked already, as an overwrite: the range turns shared,
+    /// so the writers queued on those clusters run beside this one.
+    fn write_linked(&self, offset: u64, buf: &[u8], owned: RangeGuard<'_>, plans: &[ClusterPlan]) -> Result<()> {
+        let _shared = owned.share();
+        let in_place: Vec<ClusterPlan> =
+            plans.iter().map(|p| ClusterPlan { allocate: false, fill: Fill::InPlace, release: None, ..*p }).collect();
+        self.write_planned(offset, buf, &in_place)
     }
 
     /// Makes the cluster at `host` read as zeros without writing it, when the data device can (QEMU does the same

@@ -331,7 +331,11 @@ impl Meta {
         if end > self.end_cluster {
             self.end_cluster = end;
             let bytes = end << self.geo.cluster_bits;
-            if dev.info().size_bytes() < bytes {
+            let have = dev.info().size_sectors;
+            // Grown with extents allocated as zeros where the device can, not as a hole: a direct write of part
+            // of a cluster then converts the extent, where into a hole the file system would allocate 4 KiB at a
+            // time (slower, and fragmented). Either way the new clusters read as zeros.
+            if have < bytes / 512 && !dev.zero_range(have, bytes / 512 - have)? {
                 dev.resize(bytes / 512)?;
             }
         }
