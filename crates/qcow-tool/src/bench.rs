@@ -13,7 +13,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
+use std::thread::Thread;
 use std::time::Instant;
 
 use qcow::block::{BlockDevice, FileDevice, FileOptions, Info};
@@ -169,8 +170,9 @@ fn cache_mode(name: &str) -> Result<Cache> {
 
 /// The request schedule shared by the workers.
 /// Where the run is. Issuing and completing a request touch only the atomics: with dozens of workers, a mutex
-/// taken twice per request costs more context switches than the requests themselves. The mutex and the condition
-/// variable serve only drains and errors.
+/// taken twice per request costs more context switches than the requests themselves. Waits (for a drain to end,
+/// or for the requests in flight to finish) park the thread; whoever ends the wait unparks exactly the threads
+/// parked for it, which then run without contending for a shared lock.
 #[derive(Default)]
 struct Schedule {
     issued: AtomicU64,
@@ -181,36 +183,51 @@ struct Schedule {
     /// Set with `error`: every worker stops.
     stop: AtomicBool,
     error: Mutex<Option<Error>>,
-    /// Guards the waits on `wake`.
-    waits: Mutex<()>,
-    wake: Condvar,
+    /// Workers waiting for a drain to end.
+    held: Parked,
+    /// The worker draining, waiting for the requests in flight.
+    drainer: Parked,
+}
+
+/// Threads parked until a condition they wait on turns false.
+#[derive(Default)]
+struct Parked(Mutex<Vec<Thread>>);
+
+impl Parked {
+    /// Parks while `blocked` holds or until `stop`; whoever makes `blocked` false calls `wake` after doing so.
+    fn wait_while(&self, stop: &AtomicBool, blocked: impl Fn() -> bool) {
+        while blocked() && !stop.load(Ordering::SeqCst) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(std::thread::current());
+            // Looked at again once registered: a change made before `wake` took the list is seen here, and one
+            // made after it unparks this thread.
+            if !blocked() || stop.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::park();
+        }
+    }
+
+    fn wake(&self) {
+        let threads = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            thread.unpark();
+        }
+    }
 }
 
 impl Schedule {
     fn fail(&self, e: Error) {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
         self.stop.store(true, Ordering::SeqCst);
-        self.notify();
-    }
-
-    fn notify(&self) {
-        let _w = self.waits.lock().unwrap_or_else(|e| e.into_inner());
-        self.wake.notify_all();
-    }
-
-    /// Waits while `blocked` holds; whoever makes it false calls `notify`.
-    fn wait_while(&self, blocked: impl Fn() -> bool) {
-        let mut w = self.waits.lock().unwrap_or_else(|e| e.into_inner());
-        while blocked() && !self.stop.load(Ordering::SeqCst) {
-            w = self.wake.wait(w).unwrap_or_else(|e| e.into_inner());
-        }
+        self.held.wake();
+        self.drainer.wake();
     }
 
     /// Marks one request finished; the last one out of a drain wakes the drainer.
     fn leave(&self) {
         // SeqCst pairs with the drainer's store of `draining` and load of `in_flight`: one of the two sees the other.
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
-            self.notify();
+            self.drainer.wake();
         }
     }
 }
@@ -263,7 +280,7 @@ fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Schedule) {
         state.in_flight.fetch_add(1, Ordering::SeqCst);
         if state.draining.load(Ordering::SeqCst) {
             state.leave();
-            state.wait_while(|| state.draining.load(Ordering::SeqCst));
+            state.held.wait_while(&state.stop, || state.draining.load(Ordering::SeqCst));
             continue;
         }
         let k = state.issued.fetch_add(1, Ordering::SeqCst);
@@ -288,13 +305,13 @@ fn worker(dev: &dyn BlockDevice, plan: &Plan, state: &Schedule) {
         }
         if plan.drain {
             state.draining.store(true, Ordering::SeqCst);
-            state.wait_while(|| state.in_flight.load(Ordering::SeqCst) > 0);
+            state.drainer.wait_while(&state.stop, || state.in_flight.load(Ordering::SeqCst) > 0);
         }
         if let Err(e) = dev.flush() {
             state.fail(Error::wrap("failed flush request", e));
         }
         state.draining.store(false, Ordering::SeqCst);
-        state.notify();
+        state.held.wake();
     }
 }
 
