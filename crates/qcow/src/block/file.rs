@@ -359,15 +359,13 @@ impl FileDevice {
         }
     }
 
-    /// Tries to punch a hole; `Ok(false)` when the filesystem cannot.
-    fn punch(&self, offset: u64, len: u64) -> Result<bool> {
-        let off = to_off_t("discard", offset)?;
-        let len = to_off_t("discard", len)?;
+    /// `fallocate` with `mode` over `len` bytes at `offset`; `Ok(false)` when the filesystem cannot do that.
+    fn fallocate(&self, op: &'static str, mode: libc::c_int, offset: u64, len: u64) -> Result<bool> {
+        let off = to_off_t(op, offset)?;
+        let n = to_off_t(op, len)?;
         loop {
             // SAFETY: fallocate only acts on the open descriptor; no memory is passed.
-            let r = unsafe {
-                libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
-            };
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
             if r == 0 {
                 return Ok(true);
             }
@@ -375,29 +373,20 @@ impl FileDevice {
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
-                _ => return Err(Error::io("discard", offset, err)),
+                _ => return Err(Error::io(op, offset, err)),
             }
         }
+    }
+
+    /// Tries to punch a hole; `Ok(false)` when the filesystem cannot.
+    fn punch(&self, offset: u64, len: u64) -> Result<bool> {
+        self.fallocate("discard", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
     /// Tries `fallocate(FALLOC_FL_ZERO_RANGE)`, which also grows the file when the range ends past it; `Ok(false)`
     /// when the filesystem cannot.
     fn fallocate_zero(&self, offset: u64, len: u64) -> Result<bool> {
-        let off = to_off_t("zero range", offset)?;
-        let n = to_off_t("zero range", len)?;
-        loop {
-            // SAFETY: fallocate only acts on the open descriptor; no memory is passed.
-            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, n) };
-            if r == 0 {
-                return Ok(true);
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
-                _ => return Err(Error::io("zero range", offset, err)),
-            }
-        }
+        self.fallocate("zero range", libc::FALLOC_FL_ZERO_RANGE, offset, len)
     }
 
     /// Writes zeros over `[offset, end)`, for filesystems that cannot punch holes.

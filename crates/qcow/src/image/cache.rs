@@ -9,8 +9,9 @@
 //! read over a large image then costs one small read per miss instead of a whole table, and the same budget maps
 //! sixteen times as many scattered places at 64 KiB clusters. L1 clusters and refcount blocks are cached whole.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
+
+use super::offset_hash::OffsetMap;
 
 /// Bytes of an L2 table cached as one piece (or the whole table, for clusters smaller than this).
 pub const L2_SLICE: u64 = 4096;
@@ -25,33 +26,6 @@ pub enum TableKind {
     /// One cluster of the L1 table.
     L1,
 }
-
-/// Hashes the cache's keys, byte offsets, with one multiplication. Every lookup runs under the metadata lock, and
-/// SipHash took a sixth of a cached lookup. Its resistance to chosen keys buys little here: the keys are offsets
-/// inside the file, and the table never holds more than the budget's pieces, so a hostile image that made them
-/// collide could slow lookups down, not make them unbounded.
-#[derive(Default, Clone, Copy)]
-struct OffsetHasher(u64);
-
-impl Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing; folding the high half down puts entropy in the low bits the table indexes with.
-        let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 29);
-    }
-}
-
-type ByOffset<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
 struct Slot {
     bytes: Box<[u8]>,
@@ -69,8 +43,8 @@ struct Owner {
 
 /// A bounded write-back cache of metadata, in pieces: whole clusters, or slices of L2 tables.
 pub struct MetadataCache {
-    slots: ByOffset<Slot>,
-    owners: ByOffset<Owner>,
+    slots: OffsetMap<Slot>,
+    owners: OffsetMap<Owner>,
     lru: BTreeMap<u64, u64>,
     tick: u64,
     used: u64,
@@ -86,8 +60,8 @@ impl MetadataCache {
     pub fn new(budget: u64, cluster_size: u64) -> Self {
         let budget = budget.max(cluster_size.saturating_mul(8));
         MetadataCache {
-            slots: ByOffset::default(),
-            owners: ByOffset::default(),
+            slots: OffsetMap::default(),
+            owners: OffsetMap::default(),
             lru: BTreeMap::new(),
             tick: 0,
             used: 0,

@@ -33,6 +33,7 @@ mod io;
 mod mapping;
 mod meta;
 mod metrics;
+mod offset_hash;
 mod open;
 mod options;
 mod overlap;

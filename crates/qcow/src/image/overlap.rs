@@ -13,12 +13,11 @@
 //! fixed by the header are kept as in-memory sets (refcount blocks from the refcount table, active L2 tables from
 //! the L1 table), built on first use and kept up to date as entries change, so a check costs two hash lookups.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use super::cache::TableKind;
 use super::meta::{be64, Meta};
+use super::offset_hash::{OffsetMap, OffsetSet};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{feature, snapshot_table_size, BitmapsExtension, Extension, Header, L1Entry, L2Entry, L2Kind};
@@ -88,29 +87,8 @@ fn load_refused(loading: TableKind, found: MetaKind) -> &'static str {
     }
 }
 
-/// Hashes cluster indices with one multiplication: the sets below sit on the write path, and their keys are
-/// offsets from the image, not from an adversary who could aim at collisions worth more than a slow lookup.
-#[derive(Default)]
-struct ClusterHasher(u64);
-
-impl Hasher for ClusterHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type ClusterMap<V> = HashMap<u64, V, BuildHasherDefault<ClusterHasher>>;
-type ClusterSet = HashSet<u64, BuildHasherDefault<ClusterHasher>>;
+type ClusterMap<V> = OffsetMap<V>;
+type ClusterSet = OffsetSet;
 
 /// The first corruption found while the image was open. Once set, every write is refused with it.
 #[derive(Debug, Default)]
