@@ -84,7 +84,12 @@ impl RangeLocks {
 
     /// Waits until no one else holds any cluster in `start..end`, then takes them all.
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        self.take(start, end, false, false).unwrap_or_else(|| unreachable!("lock never yields"))
+        // Not yielding, `take` answers only once it holds the range: the loop runs once.
+        loop {
+            if let Some(guard) = self.take(start, end, false, false) {
+                return guard;
+            }
+        }
     }
 
     /// As [`lock`](Self::lock), for a writer that needs the range only to allocate it: `None` as soon as an
@@ -97,7 +102,11 @@ impl RangeLocks {
     /// Waits until no one holds any cluster in `start..end` exclusively, then takes them all, shared with other
     /// shared owners.
     pub fn lock_shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        self.take(start, end, true, false).unwrap_or_else(|| unreachable!("lock_shared never yields"))
+        loop {
+            if let Some(guard) = self.take(start, end, true, false) {
+                return guard;
+            }
+        }
     }
 
     /// Takes `start..end` exclusively if no one holds any of it, without waiting.
