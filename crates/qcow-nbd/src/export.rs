@@ -87,36 +87,7 @@ impl Export for MemoryDevice {
 pub struct AllData<D>(pub D);
 
 impl<D: BlockDevice> BlockDevice for AllData<D> {
-    fn info(&self) -> qcow::block::Info {
-        self.0.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.0.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        self.0.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.0.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.0.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.0.discard(sector, count)
-    }
-    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
-        self.0.zero_range(sector, count)
-    }
-    fn disconnect(&self) {
-        self.0.disconnect()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
-        self.0.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> qcow::Result<()> {
-        self.0.write_at(offset, buf)
-    }
+    qcow::forward_block_device_methods!(0; info, read, write, flush, resize, discard, zero_range, disconnect, read_at, write_at);
 }
 
 impl<D: BlockDevice + 'static> Export for AllData<D> {

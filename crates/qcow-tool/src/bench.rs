@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::thread::Thread;
 use std::time::Instant;
 
-use qcow::block::{BlockDevice, FileDevice, FileOptions, Info};
+use qcow::block::{BlockDevice, FileDevice, FileOptions};
 use qcow::{Config, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
@@ -81,38 +81,12 @@ struct BenchDevice {
 }
 
 impl BlockDevice for BenchDevice {
-    fn info(&self) -> Info {
-        self.file.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.file.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        self.file.write(sector, bufs)
-    }
+    qcow::forward_block_device_methods!(file; info, read, write, resize, discard, zero_range, disconnect, read_at, write_at);
     fn flush(&self) -> qcow::Result<()> {
         if self.ignore_flush {
             return Ok(());
         }
         self.file.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.file.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.file.discard(sector, count)
-    }
-    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
-        self.file.zero_range(sector, count)
-    }
-    fn disconnect(&self) {
-        self.file.disconnect();
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
-        self.file.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> qcow::Result<()> {
-        self.file.write_at(offset, buf)
     }
 }
 

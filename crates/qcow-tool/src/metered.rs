@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use qcow::block::{BlockDevice, FileDevice, Info};
+use qcow::block::{BlockDevice, FileDevice};
 use qcow::format::Header;
 
 use crate::hostmap::read;
@@ -68,39 +68,16 @@ fn estimate(dev: &FileDevice) -> Option<u64> {
 }
 
 impl BlockDevice for Metered<'_> {
-    fn info(&self) -> Info {
-        self.inner.info()
-    }
+    qcow::forward_block_device_methods!(inner; info, write, flush, resize, discard, zero_range, disconnect, write_at);
     fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.inner.read(sector, bufs)?;
         self.count(bytes);
         Ok(())
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        self.inner.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.inner.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.inner.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.inner.discard(sector, count)
-    }
-    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
-        self.inner.zero_range(sector, count)
-    }
-    fn disconnect(&self) {
-        self.inner.disconnect();
-    }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
         self.inner.read_at(offset, buf)?;
         self.count(buf.len() as u64);
         Ok(())
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> qcow::Result<()> {
-        self.inner.write_at(offset, buf)
     }
 }

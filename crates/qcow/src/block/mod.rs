@@ -176,6 +176,84 @@ pub fn check_request(info: &Info, op: &'static str, sector: u64, buf_lens: impl 
     }
 }
 
+/// Writes, inside an `impl BlockDevice for Wrapper`, the named methods as calls passed straight on to the field
+/// `$field` of `self` (a name, or a tuple index such as `0`). A wrapper writes out only the methods it changes and
+/// lists the rest, so a method added to the trait is passed on wherever it is listed.
+///
+/// ```
+/// use qcow::block::{BlockDevice, MemoryDevice};
+///
+/// /// A device whose flushes do nothing.
+/// struct NoFlush(MemoryDevice);
+///
+/// impl BlockDevice for NoFlush {
+///     qcow::forward_block_device_methods!(0; info, read, write, resize, discard, zero_range, disconnect, read_at, write_at);
+///     fn flush(&self) -> qcow::Result<()> {
+///         Ok(())
+///     }
+/// }
+///
+/// let dev = NoFlush(MemoryDevice::new(4096));
+/// dev.write_at(512, &[7u8; 512]).unwrap();
+/// dev.flush().unwrap();
+/// ```
+#[macro_export]
+macro_rules! forward_block_device_methods {
+    ($field:tt; $($method:ident),+ $(,)?) => {
+        $($crate::forward_block_device_methods!(@one $field $method);)+
+    };
+    (@one $field:tt info) => {
+        fn info(&self) -> $crate::block::Info {
+            self.$field.info()
+        }
+    };
+    (@one $field:tt read) => {
+        fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> $crate::Result<()> {
+            self.$field.read(sector, bufs)
+        }
+    };
+    (@one $field:tt write) => {
+        fn write(&self, sector: u64, bufs: &[&[u8]]) -> $crate::Result<()> {
+            self.$field.write(sector, bufs)
+        }
+    };
+    (@one $field:tt flush) => {
+        fn flush(&self) -> $crate::Result<()> {
+            self.$field.flush()
+        }
+    };
+    (@one $field:tt resize) => {
+        fn resize(&self, sectors: u64) -> $crate::Result<()> {
+            self.$field.resize(sectors)
+        }
+    };
+    (@one $field:tt discard) => {
+        fn discard(&self, sector: u64, count: u64) -> $crate::Result<()> {
+            self.$field.discard(sector, count)
+        }
+    };
+    (@one $field:tt zero_range) => {
+        fn zero_range(&self, sector: u64, count: u64) -> $crate::Result<bool> {
+            self.$field.zero_range(sector, count)
+        }
+    };
+    (@one $field:tt disconnect) => {
+        fn disconnect(&self) {
+            self.$field.disconnect()
+        }
+    };
+    (@one $field:tt read_at) => {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> $crate::Result<()> {
+            self.$field.read_at(offset, buf)
+        }
+    };
+    (@one $field:tt write_at) => {
+        fn write_at(&self, offset: u64, buf: &[u8]) -> $crate::Result<()> {
+            self.$field.write_at(offset, buf)
+        }
+    };
+}
+
 /// Devices behind a pointer are devices: shared (`Arc`), boxed, or borrowed (an image opened on a device someone
 /// else owns, as a check's repair does). A borrower's `disconnect` only stops using the device: the owner
 /// disconnects it.

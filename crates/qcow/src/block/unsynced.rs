@@ -1,7 +1,7 @@
 //! [`Unsynced`]: a device whose flushes return at once, for output nobody needs durable before the process ends
 //! (qemu-img convert's default `cache=unsafe` for its target). Everything else is the inner device's answer.
 
-use super::{BlockDevice, Info};
+use super::BlockDevice;
 use crate::error::Result;
 
 /// Wraps a device and makes [`BlockDevice::flush`] a no-op; the data still reaches the inner device (and the
@@ -27,35 +27,9 @@ impl<D: BlockDevice> Unsynced<D> {
 }
 
 impl<D: BlockDevice> BlockDevice for Unsynced<D> {
-    fn info(&self) -> Info {
-        self.0.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        self.0.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
-        self.0.write(sector, bufs)
-    }
+    crate::forward_block_device_methods!(0; info, read, write, resize, discard, zero_range, disconnect, read_at, write_at);
     fn flush(&self) -> Result<()> {
         Ok(())
-    }
-    fn resize(&self, sectors: u64) -> Result<()> {
-        self.0.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> Result<()> {
-        self.0.discard(sector, count)
-    }
-    fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
-        self.0.zero_range(sector, count)
-    }
-    fn disconnect(&self) {
-        self.0.disconnect()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.0.write_at(offset, buf)
     }
 }
 
