@@ -56,9 +56,15 @@ last=$((len / 512 - 1))
 truncate -s $((len + 512)) "$tmp/v3-512-leak"
 printf '\000\002\000\001' | dd of="$tmp/v3-512-leak" bs=1 seek=$((blk + 2 * last)) conv=notrunc status=none
 
+# For compaction: holes below data to move into, and a refcount table entry zeroed (compaction must refuse it).
+mk v3-512-holes cluster_size=512 64k "write -P 0x31 0 8k" "write -P 0x32 32k 4k" "discard 1k 4k"
+cp "$tmp/v3-512-holes" "$tmp/v3-512-reftable-zeroed"
+rt=$((0x$(be64 "$tmp/v3-512-reftable-zeroed" 48)))
+printf '\000\000\000\000\000\000\000\000' | dd of="$tmp/v3-512-reftable-zeroed" bs=1 seek="$rt" conv=notrunc status=none
+
 for f in "$tmp"/*; do
     n=$(basename "$f")
-    for t in open_read check; do cp "$f" "$out/$t/$n"; done
+    for t in open_read check compact; do cp "$f" "$out/$t/$n"; done
     # The header target only ever looks at cluster 0.
     head -c 4096 "$f" >"$out/header/$n"
 done

@@ -91,6 +91,11 @@ pub fn image_with(path: &Path, config: Config) -> Result<Image<FileDevice>> {
 
 /// A failure while working on an open image, naming the file.
 pub fn io_error(path: &Path, e: qcow::Error) -> Error {
+    if matches!(e, qcow::Error::Untrusted { .. }) {
+        // The library names what is wrong; the way out is a command of ours.
+        let shown = path.display();
+        return Error::wrap(format!("'{shown}' needs a repair first (qcow-tool check -r all '{shown}')"), e);
+    }
     Error::wrap(format!("'{}'", path.display()), e)
 }
 

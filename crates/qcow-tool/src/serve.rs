@@ -97,7 +97,7 @@ pub fn run(args: &Args) -> Result<()> {
             if args.reclaim {
                 image
                     .start_reclaimer(ReclaimerOptions::default())
-                    .map_err(|e| Error::wrap("could not start the reclaimer", e))?;
+                    .map_err(|e| Error::wrap("could not start the reclaimer", open::io_error(&args.file, e)))?;
             }
             serve(image, args)
         }

@@ -153,3 +153,93 @@ fn long_commands_refuse_bad_progress_descriptors_in_one_line() {
     let out = tool().args(["discard"]).arg(dir.path().join("missing.qcow2")).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, offset).unwrap();
+}
+
+fn be64_at(path: &Path, offset: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut b, offset).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// The two images of the issue's reproductions: a refcount table entry zeroed (4 KiB clusters), and the
+/// refcount table offset moved far past the end of the file (64 KiB clusters).
+fn damaged_images(dir: &Path) -> Vec<std::path::PathBuf> {
+    let hr = dir.join("hr.qcow2");
+    ok(qemu("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"]).arg(&hr).arg("4M"));
+    ok(qemu("qemu-io").args(["-f", "qcow2", "-c", "write -P 1 0 100k"]).arg(&hr));
+    poke(&hr, be64_at(&hr, 48), &[0; 8]);
+    let hh = dir.join("hh.qcow2");
+    ok(qemu("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&hh).arg("4M"));
+    ok(qemu("qemu-io").args(["-f", "qcow2", "-c", "write -P 1 0 100k"]).arg(&hh));
+    poke(&hh, 48, &[0, 0, 0xfe, 0, 0, 1, 0, 0]);
+    vec![hr, hh]
+}
+
+fn qemu_raw(path: &Path, raw: &Path) {
+    ok(qemu("qemu-img").args(["convert", "-U", "-f", "qcow2", "-O", "raw"]).arg(path).arg(raw));
+}
+
+/// Regression (issue: compaction and the reclaimer must never discard data on a damaged image): `compact` on the
+/// issue's two images used to truncate the file to its header and exit 0. It must refuse, say why and what to do,
+/// and leave the file as it was.
+#[test]
+fn compact_refuses_images_whose_refcounts_are_damaged_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in damaged_images(dir.path()) {
+        let before = std::fs::read(&path).unwrap();
+        let started = std::time::Instant::now();
+        let out = tool().arg("compact").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", path.display());
+        assert!(stderr.contains("compact refused, the refcounts cannot be trusted"), "{stderr}");
+        assert!(stderr.contains("qcow-tool check -r all"), "names the way out: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+        assert!(std::fs::read(&path).unwrap() == before, "{}: the file changed", path.display());
+    }
+}
+
+/// Regression (same issue): `serve --reclaim` on the damaged image used to fail a discard and then compact and
+/// truncate the file anyway. It must refuse to start, and leave the file as it was.
+#[test]
+fn serve_with_the_reclaimer_refuses_an_image_whose_refcounts_are_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = damaged_images(dir.path()).remove(0);
+    let before = std::fs::read(&path).unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let out = tool()
+        .args(["serve", "--reclaim", "--keep-erased", "64", "--compact-after", "4k", "--socket"])
+        .arg(&socket)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not start the reclaimer"), "{stderr}");
+    assert!(stderr.contains("refcount table entry 0 (at 0x1000), which names no refcount block"), "{stderr}");
+    assert!(!socket.exists(), "nothing was served");
+    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+}
+
+/// The way out, as a user takes it: `compare` the damaged image with what QEMU reads from it, `check -r all`,
+/// then `compact`. The data survives each step, and QEMU checks the result clean.
+#[test]
+fn compare_repair_then_compact_keeps_the_data_of_a_damaged_image() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in damaged_images(dir.path()) {
+        let raw = path.with_extension("raw");
+        qemu_raw(&path, &raw);
+        ok(tool().args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&path).arg(&raw));
+        let out = tool().args(["check", "-r", "all"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "check -r all: {}", String::from_utf8_lossy(&out.stdout));
+        ok(tool().arg("compact").arg(&path));
+        assert_clean(&path);
+        let out = qemu("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&path).arg(&raw).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), String::from_utf8_lossy(&out.stdout));
+    }
+}

@@ -63,6 +63,19 @@ pub enum Error {
         /// The byte offset in the image file of the bad structure or entry.
         offset: u64,
     },
+    /// Work that gives space back where a refcount reads zero (compaction, truncating a free tail, erasing
+    /// free clusters) was refused before it changed anything: the refcounts could not all be read, or they
+    /// disagree with the metadata, so a zero might belong to a cluster in use. A repair makes them trustworthy.
+    #[error("corrupt image: {op} refused, the refcounts cannot be trusted: {why}")]
+    Untrusted {
+        /// The operation that was refused.
+        op: &'static str,
+        /// The first finding that refuses trust, with where it is.
+        why: Box<crate::check::Distrust>,
+    },
+    /// A backing file failed; the error is the backing file's own, not the overlay's.
+    #[error("backing file: {0}")]
+    Backing(Box<Error>),
     /// The on-disk header or one of its structures failed validation.
     #[error(transparent)]
     Format(#[from] FormatError),
@@ -90,7 +103,8 @@ impl Error {
             Error::Unimplemented { .. } => ErrorKind::Unimplemented,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::Io { .. } => ErrorKind::Io,
-            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Corrupt { .. } | Error::Untrusted { .. } => ErrorKind::Corrupt,
+            Error::Backing(inner) => inner.kind(),
             Error::Format(e) if e.is_unsupported() => ErrorKind::Unsupported,
             Error::Format(_) => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
@@ -106,6 +120,16 @@ impl Error {
     /// Builds an [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { op, reason: reason.into() }
+    }
+
+    /// Whether this error says the image's own metadata is corrupt, as met while working on it (not a refusal
+    /// made before any change, and not a backing file's error).
+    pub fn is_met_corruption(&self) -> bool {
+        match self {
+            Error::Corrupt { .. } => true,
+            Error::Format(e) => !e.is_unsupported(),
+            _ => false,
+        }
     }
 
     /// Builds an [`Error::Corrupt`].

@@ -71,6 +71,31 @@ fn check_regressions_and_seeds_pass_the_check_target() {
     replay(files, fuzz_bodies::check);
 }
 
+#[test]
+fn compact_regressions_and_seeds_pass_the_compact_target() {
+    let mut files = regressions("compact");
+    files.extend(seeds("compact"));
+    replay(files, |data| {
+        fuzz_bodies::compact(data);
+    });
+}
+
+/// The compaction seeds are compacted where their refcounts can be trusted and refused where not: the target is
+/// not a campaign that refuses everything.
+#[test]
+fn the_compact_seeds_compact_unless_their_refcounts_are_damaged() {
+    use fuzz_bodies::CompactOutcome;
+    for path in seeds("compact") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let outcome = fuzz_bodies::compact(&std::fs::read(&path).unwrap());
+        let expected = match name.as_str() {
+            "v3-512-reftable-zeroed" | "v3-512-leak" => CompactOutcome::Refused,
+            _ => CompactOutcome::Compacted,
+        };
+        assert_eq!(outcome, expected, "{name}");
+    }
+}
+
 /// The check seeds include deliberate leaks and corruptions; our findings must be qemu-img's.
 #[test]
 fn the_check_seeds_check_as_qemu_checks_them() {

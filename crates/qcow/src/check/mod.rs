@@ -38,10 +38,12 @@ mod metadata;
 mod problem;
 mod refcounts;
 mod repair;
+mod trust;
 mod walk;
 
 pub use metadata::{metadata_ranges, MetadataRange};
 pub use problem::{Problem, Referrer, Severity, Structure};
+pub use trust::{distrust, Distrust, RefcountSlot};
 
 use crate::block::BlockDevice;
 use crate::error::Result;

@@ -54,11 +54,13 @@ impl Backing {
         // The backing's last sector may be partial; read whole sectors and keep what was asked.
         let start = offset & !511;
         let end = (offset + inside.len() as u64).next_multiple_of(512);
+        // Its errors are its own: corruption met there must not mark the overlay corrupt.
+        let own = |e| Error::Backing(Box::new(e));
         if start == offset && end == offset + inside.len() as u64 {
-            return self.device.read_at(offset, inside);
+            return self.device.read_at(offset, inside).map_err(own);
         }
         let mut bounce = vec![0u8; (end - start) as usize];
-        self.device.read_at(start, &mut bounce)?;
+        self.device.read_at(start, &mut bounce).map_err(own)?;
         let skip = (offset - start) as usize;
         if let Some(src) = bounce.get(skip..skip + inside.len()) {
             inside.copy_from_slice(src);

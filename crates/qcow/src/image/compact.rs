@@ -7,6 +7,9 @@
 //! compressed clusters, bitmaps, anything shared) stays where it is. Refcount blocks that describe nothing
 //! but free clusters (and themselves) are dropped instead of moved.
 //!
+//! Free space is found by refcount, so nothing here runs before the refcounts are trusted (`super::trust`): a
+//! damaged image is refused before its first write, never compacted into the space of clusters still in use.
+//!
 //! Each batch of moves keeps the durability rules: the destinations' refcounts are durable first, then the
 //! copies, then the rewritten pointers, and only then are the sources freed. A crash (or a cancel) between any
 //! two steps leaves a consistent image that at worst leaks the clusters of the batch in flight.
@@ -14,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::meta::{write_meta, Meta};
+use super::trust::Trusted;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -113,7 +117,7 @@ impl Meta {
 
     /// Drops refcount blocks that describe only free clusters (and themselves): unlinked from the table first,
     /// their own cluster freed after, when another block counts it.
-    fn drop_empty_refblocks(&mut self, dev: &dyn BlockDevice) -> Result<u64> {
+    fn drop_empty_refblocks(&mut self, dev: &dyn BlockDevice, _trusted: Trusted) -> Result<u64> {
         let cs = self.geo.cluster_size();
         let per_block = self.geo.refcount_block_entries();
         let mut dropped = 0;
@@ -137,9 +141,12 @@ impl Meta {
         Ok(dropped)
     }
 
-    /// The lowest run of `n` free clusters that ends at or below `limit`, each with an existing refcount block.
-    fn lowest_free_run(&mut self, dev: &dyn BlockDevice, n: u64, limit: u64) -> Result<Option<u64>> {
+    /// The lowest run of `n` free clusters that ends at or below `limit` (and inside the file), each with an
+    /// existing refcount block.
+    fn lowest_free_run(&mut self, dev: &dyn BlockDevice, n: u64, limit: u64, _trusted: Trusted) -> Result<Option<u64>> {
         let per_block = self.geo.refcount_block_entries();
+        // A table the header places far past the end must not make this a scan of its offset's length.
+        let limit = limit.min(self.end_cluster);
         let (mut start, mut c) = (1, 1);
         while c < limit {
             if start + n > limit {
@@ -162,8 +169,15 @@ impl Meta {
     /// cluster `at`) into the lowest free run below it, as growing moves it: the new clusters' refcounts are
     /// durable, then the copy, then the header names it, then the old clusters are freed. Returns the new
     /// cluster, or `None` when no run below it is free.
-    fn lower_table(&mut self, dev: &dyn BlockDevice, bytes: &[u8], at: u64, clusters: u64) -> Result<Option<u64>> {
-        let Some(start) = self.lowest_free_run(dev, clusters, at)? else { return Ok(None) };
+    fn lower_table(
+        &mut self,
+        dev: &dyn BlockDevice,
+        bytes: &[u8],
+        at: u64,
+        clusters: u64,
+        trusted: Trusted,
+    ) -> Result<Option<u64>> {
+        let Some(start) = self.lowest_free_run(dev, clusters, at, trusted)? else { return Ok(None) };
         for cluster in start..start + clusters {
             self.set_refcount(dev, cluster, 1)?;
         }
@@ -175,7 +189,7 @@ impl Meta {
 
     /// Moves the L1 table and the refcount table down into free runs below them, where there are any.
     /// Returns how many tables moved.
-    fn lower_tables(&mut self, dev: &dyn BlockDevice) -> Result<u64> {
+    fn lower_tables(&mut self, dev: &dyn BlockDevice, trusted: Trusted) -> Result<u64> {
         let cs = self.geo.cluster_size();
         let mut moved = 0;
         let l1_clusters = self.geo.clusters_for(self.l1_size() * 8);
@@ -185,7 +199,7 @@ impl Meta {
                 slot.copy_from_slice(&self.l1_entry(dev, index)?.0.to_be_bytes());
             }
             let old = self.header.l1_table_offset;
-            if let Some(start) = self.lower_table(dev, &bytes, old / cs, l1_clusters)? {
+            if let Some(start) = self.lower_table(dev, &bytes, old / cs, l1_clusters, trusted)? {
                 for c in 0..l1_clusters {
                     self.cache.remove(old + c * cs);
                 }
@@ -206,7 +220,7 @@ impl Meta {
         // The table's bytes are taken after the run's refcounts are set, which may create nothing (the run's
         // blocks exist) but may change what a block holds, never the table itself.
         let table = bytes(&self.reftable);
-        if let Some(start) = self.lower_table(dev, &table, old / cs, rt_clusters)? {
+        if let Some(start) = self.lower_table(dev, &table, old / cs, rt_clusters, trusted)? {
             if bytes(&self.reftable) != table {
                 return Err(Error::corrupt("refcount table changed while it was moved", old));
             }
@@ -223,7 +237,12 @@ impl Meta {
 
     /// Pairs the highest movable clusters with the lowest free clusters below them, creating the refcount blocks
     /// of free ranges that have none (inside the current table, so the table never grows).
-    fn plan_moves(&mut self, dev: &dyn BlockDevice, movable: &BTreeMap<u64, Referrer>) -> Result<Vec<(u64, u64)>> {
+    fn plan_moves(
+        &mut self,
+        dev: &dyn BlockDevice,
+        movable: &BTreeMap<u64, Referrer>,
+        _trusted: Trusted,
+    ) -> Result<Vec<(u64, u64)>> {
         let per_block = self.geo.refcount_block_entries();
         let mut moves = Vec::new();
         let mut low = 1;
@@ -301,23 +320,33 @@ impl<D: BlockDevice> Image<D> {
     /// waits while it runs. `progress` is called after every batch; returning `false` stops early, leaving a
     /// consistent (and already partly compacted) image.
     ///
+    /// Free space is found by refcount, so the refcounts are judged first (a check of the whole metadata, unless
+    /// this session has shown them trustworthy already): an image whose refcounts cannot be trusted is refused
+    /// before anything is written.
+    ///
     /// # Errors
-    /// `ReadOnly`, `Disconnected`, `Corrupt` for metadata that cannot be followed, `Io`.
+    /// `ReadOnly`, `Disconnected`, `Untrusted` (nothing was changed: repair the image first), `Corrupt` for
+    /// metadata that cannot be followed, `Io`.
     pub fn compact(&self, progress: &mut dyn FnMut(CompactProgress) -> bool) -> Result<CompactSummary> {
+        self.observe(self.compact_offline(progress))
+    }
+
+    fn compact_offline(&self, progress: &mut dyn FnMut(CompactProgress) -> bool) -> Result<CompactSummary> {
         self.check_writable("compact")?;
         let _offline = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let cs = self.geo.cluster_size();
         let mut summary = CompactSummary { old_size: self.dev.info().size_bytes(), ..CompactSummary::default() };
         let mut m = self.meta();
+        let trusted = m.establish_trust(&self.dev, "compact")?;
         m.mark_dirty(&self.dev)?;
         m.writeback(&self.dev)?;
-        summary.refcount_blocks_dropped = m.drop_empty_refblocks(&self.dev)?;
+        summary.refcount_blocks_dropped = m.drop_empty_refblocks(&self.dev, trusted)?;
         m.writeback(&self.dev)?;
         // The tables the header names take the lowest runs that fit them, before data fills the holes.
-        summary.tables_moved = m.lower_tables(&self.dev)?;
+        summary.tables_moved = m.lower_tables(&self.dev, trusted)?;
         m.writeback(&self.dev)?;
         let movable = m.movable_clusters(&self.dev)?;
-        let moves = m.plan_moves(&self.dev, &movable)?;
+        let moves = m.plan_moves(&self.dev, &movable, trusted)?;
         let planned = moves.len() as u64;
         for batch in moves.chunks(BATCH) {
             let referrer = |from: u64| {
@@ -356,9 +385,9 @@ impl<D: BlockDevice> Image<D> {
                 break;
             }
         }
-        summary.refcount_blocks_dropped += m.drop_empty_refblocks(&self.dev)?;
+        summary.refcount_blocks_dropped += m.drop_empty_refblocks(&self.dev, trusted)?;
         m.writeback(&self.dev)?;
-        m.trim_file(&self.dev)?;
+        m.trim_file(&self.dev, trusted)?;
         // The L1 table is written only up to its last sector, so a file that ends with it may end there too,
         // as a fresh image does.
         let l1_end = (m.header.l1_table_offset + m.l1_size() * 8).next_multiple_of(512);

@@ -13,6 +13,10 @@ impl<D: BlockDevice> Image<D> {
     /// # Errors
     /// `InvalidArgument` when the range is not a whole cluster, plus everything [`Image::write_at`] returns.
     pub fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.observe(self.write_compressed_cluster(offset, buf))
+    }
+
+    fn write_compressed_cluster(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("write compressed")?;
         if self.data_file.is_some() {
             return Err(Error::Unsupported {

@@ -18,7 +18,9 @@ pub struct Config {
     /// The background reclaimer compacts the file online once this many sectors have been discarded since its
     /// last compaction and no discard came in for a tick (0: never).
     pub compact_after_unmaps: u64,
-    /// Check the image's refcounts when it is opened, and refuse a read-write open of an inconsistent one.
+    /// Check the image's refcounts when it is opened, and refuse a read-write open of an inconsistent one. A
+    /// writable image that passes may truncate a free tail at once on discard, and compact or start the reclaimer
+    /// without another check.
     pub check_on_connect: bool,
     /// Verify the allocator's invariants after every change (slow; for tests).
     pub runtime_asserts: bool,

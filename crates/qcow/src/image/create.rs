@@ -109,6 +109,8 @@ impl<D: BlockDevice> Image<D> {
         device.flush()?;
 
         let image = Image::open_with(device, config, resolver)?;
+        // Every structure in it is ours: its refcounts say exactly what is in use.
+        image.meta().trust_own_refcounts();
         if options.preallocation == Preallocation::Metadata {
             image.preallocate_metadata(!blank)?;
         }

@@ -151,12 +151,18 @@ impl Meta {
 
 impl<D: BlockDevice> Image<D> {
     /// Discards `count` sectors from `sector`: afterwards they read as zeros, and whole clusters give their host
-    /// space back (punched out of the file where the device supports it).
+    /// space back (punched out of the file where the device supports it). A free tail of the file is truncated at
+    /// once when the refcounts are trusted (an image created here, rebuilt, or verified by
+    /// [`verify_refcounts`](Self::verify_refcounts), `check_on_connect`, a compaction or the reclaimer).
     ///
     /// # Errors
     /// `ReadOnly` for a read-only image and `Unimplemented` when the configuration does not enable discard (both
     /// change nothing); `InvalidArgument` for a range past the end; `Corrupt`, `Io`, `Disconnected`.
     pub fn discard(&self, sector: u64, count: u64) -> Result<()> {
+        self.observe(self.discard_guest(sector, count))
+    }
+
+    fn discard_guest(&self, sector: u64, count: u64) -> Result<()> {
         self.check_writable("discard")?;
         if !self.config.discard {
             return Err(Error::Unimplemented { op: "discard" });
@@ -268,8 +274,11 @@ impl<D: BlockDevice> Image<D> {
             // Make the new entries durable and drop the refcounts now, so the space can be punched out at once.
             m.writeback(&self.dev)?;
             self.punch_free(&mut m, &released)?;
-            // A free tail is given back at once, as the reclaimer of the reference package does.
-            m.trim_file(&self.dev)?;
+            // A free tail is given back at once, as the reclaimer of the reference package does, where the
+            // refcounts are known to say what is free.
+            if let Some(trusted) = m.trusted()? {
+                m.trim_file(&self.dev, trusted)?;
+            }
         }
         Ok(result)
     }

@@ -218,6 +218,10 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` for a misaligned or out-of-range request, `Corrupt` for bad metadata on the way,
     /// `Unsupported` for clusters this version cannot decode, `Io`, `Disconnected`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.observe(self.read_guest(offset, buf))
+    }
+
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_connected()?;
         check_aligned("read", offset, buf.len())?;
         let limit = self.virtual_size().next_multiple_of(512);
@@ -299,6 +303,10 @@ impl<D: BlockDevice> Image<D> {
     /// `ReadOnly`, `InvalidArgument`, `Corrupt`, `Unsupported`, `Io`, `Disconnected`. On `Io` part of the data
     /// may have been written, and clusters may leak; no mapping ever points at unwritten data.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.observe(self.write_guest(offset, buf))
+    }
+
+    fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("write")?;
         check_aligned("write", offset, buf.len())?;
         let limit = self.virtual_size().next_multiple_of(512);

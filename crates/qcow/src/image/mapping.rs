@@ -189,6 +189,10 @@ impl<D: BlockDevice> Image<D> {
     /// # Errors
     /// `Corrupt` when a table on the way is malformed; `Io` when reading one fails.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.observe(self.map_guest(offset, len))
+    }
+
+    fn map_guest(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_connected()?;
         let end = offset.saturating_add(len).min(self.virtual_size());
         if offset >= end {

@@ -51,6 +51,8 @@ pub struct Meta {
     pub reclaim: super::reclaim::ClusterStates,
     /// Reads in flight: deferred decrements wait for the ones that may read what they free.
     pub read_grace: Arc<super::reclaim::ReadGrace>,
+    /// Evidence that the refcounts can be trusted to say what is free ([`super::trust`]), once there is some.
+    pub(super) trust: Option<super::trust::Trusted>,
 }
 
 fn read_piece(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Box<[u8]>> {
@@ -155,7 +157,8 @@ impl Meta {
         let entry = L1Entry(raw.ok_or_else(|| Error::corrupt("L1 entry outside its cluster", cluster))?);
         if entry.is_malformed(&self.geo) {
             let at = cluster + at as u64;
-            // QEMU marks the image corrupt for a misaligned L2 table offset; reserved bits only fail the request.
+            // QEMU marks the image corrupt for a misaligned L2 table offset at once; reserved bits fail the
+            // request here, and `Image::observe` records them as it records any corruption met.
             if entry.l2_offset().is_some_and(|l2| !self.geo.is_aligned(l2.0)) {
                 return Err(self.signal_corruption(dev, "L1 entry offset is not cluster aligned", at));
             }
@@ -368,6 +371,15 @@ impl Meta {
             let mut run = 0;
             let mut c = start;
             while run < n {
+                // Nothing in use lies past the end of the file, so a scan that gets there finds its run within
+                // `n` clusters; one that does not is reading refcount blocks that claim space the file lacks, and
+                // must not turn into a scan as long as the refcount table can describe.
+                if c >= self.end_cluster.saturating_add(n) {
+                    return Err(Error::corrupt(
+                        "refcount blocks claim clusters past the end of the file are in use",
+                        self.header.refcount_table_offset.saturating_add(c / rbe * 8),
+                    ));
+                }
                 if self.refcount(dev, c)? == 0 && !self.reclaim.is_busy(c) {
                     first_free.get_or_insert(c);
                     if run == 0 {

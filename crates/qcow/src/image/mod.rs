@@ -19,7 +19,12 @@
 //! A write that would land on metadata (a guest write through an L2 entry naming it, a table written back over
 //! another), a table loaded on top of other metadata, and a misaligned L1 or L2 offset are refused with
 //! `Corrupt`; a writable image gets the corrupt bit on disk and refuses every later write, flush included, while
-//! sane reads go on (see [`overlap`]).
+//! sane reads go on (see [`overlap`]). Any other corruption a read, write, discard or flush meets is recorded the
+//! same way where the operation returns, and halts the background reclaimer (see [`trust`]).
+//!
+//! # Giving space back
+//! Truncation, junk erasing and compaction act on a refcount of zero only once the refcounts are known to agree
+//! with the metadata (see [`trust`]): an image whose refcounts are damaged is refused before anything changes.
 
 mod backing;
 mod cache;
@@ -45,6 +50,7 @@ mod resize;
 mod seek;
 mod snapshot;
 mod subcluster;
+mod trust;
 mod writeback;
 
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
@@ -221,6 +227,10 @@ impl<D: BlockDevice> Image<D> {
     /// # Errors
     /// `Disconnected`, or `Io` when the device fails.
     pub fn flush(&self) -> Result<()> {
+        self.observe(self.flush_all())
+    }
+
+    fn flush_all(&self) -> Result<()> {
         self.check_connected()?;
         if self.read_only {
             return Ok(());

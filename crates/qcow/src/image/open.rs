@@ -102,6 +102,7 @@ impl<D: BlockDevice> Image<D> {
             writable: !read_only,
             reclaim: Default::default(),
             read_grace: Arc::clone(&read_grace),
+            trust: None,
             header,
             geo,
             reftable,

@@ -245,7 +245,8 @@ impl Meta {
     }
 
     /// Decodes the L2 entry stored at byte `at`. A normal or preallocated-zero entry whose offset is not cluster
-    /// aligned is corruption QEMU signals (it marks a writable image corrupt); reserved bits only fail the request.
+    /// aligned is corruption QEMU signals (it marks a writable image corrupt) at once; reserved bits fail the
+    /// request here, and `Image::observe` records them where the operation returns.
     pub fn decode_l2(&mut self, dev: &dyn BlockDevice, entry: L2Entry, at: u64) -> Result<L2Kind> {
         match entry.kind(&self.geo) {
             Ok(kind) => Ok(kind),

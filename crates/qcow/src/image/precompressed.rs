@@ -17,6 +17,10 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` when `offset` is not a cluster inside the disk or `data` is empty or not shorter than a
     /// cluster; `Unsupported` for an image with an external data file; otherwise as [`Image::write_at`].
     pub fn write_precompressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.observe(self.write_precompressed_cluster(offset, data))
+    }
+
+    fn write_precompressed_cluster(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable("write compressed")?;
         if self.data_file.is_some() {
             return Err(Error::Unsupported {

@@ -1,13 +1,12 @@
 //! Refcounts recomputed from the metadata and written as new refcount structures, for dirty images (lazy
-//! refcounts after a crash). Comparing stored refcounts with the metadata (`check_on_connect`, runtime asserts)
-//! is the checker's job (`crate::check`).
+//! refcounts after a crash). Comparing stored refcounts with the metadata (`check_on_connect`, runtime asserts,
+//! trust before space is given back) is the checker's job (`crate::check`).
 //!
 //! The count array has one entry per host cluster of the file as it exists, so memory follows the file's real
 //! size; a reference past the end of the file is an error, not an allocation.
 
 use super::meta::be64;
 use super::meta::Meta;
-use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -207,33 +206,7 @@ impl Meta {
         self.cache.clear_clean();
         self.free_hint = 0;
         self.lazy_dirty = false;
+        self.trust_own_refcounts();
         Ok(())
-    }
-}
-
-impl<D: BlockDevice> Image<D> {
-    /// Compares every stored refcount with what the metadata implies (used by `check_on_connect`), with the same
-    /// checker and the same tolerance as `qemu-img check` (a table may end inside the file's partial last
-    /// cluster).
-    ///
-    /// # Errors
-    /// `Corrupt` naming the first cluster whose refcount is lower than its references, or the first other
-    /// corruption; leaks (higher refcounts) are tolerated, as QEMU tolerates them.
-    pub fn verify_refcounts(&self) -> Result<()> {
-        if self.meta().header.incompatible_features & feature::DIRTY != 0 {
-            return Ok(());
-        }
-        let report = self.check()?;
-        if report.corruptions == 0 && report.check_errors == 0 {
-            return Ok(());
-        }
-        let cs = self.geo.cluster_size();
-        let first = report.problems.iter().find_map(|p| match *p {
-            crate::check::Problem::RefcountMismatch { cluster, stored, references } if stored < references => {
-                Some(Error::corrupt("refcount lower than the number of references", cluster * cs))
-            }
-            _ => None,
-        });
-        Err(first.unwrap_or_else(|| Error::corrupt("metadata inconsistent (qcow-tool check lists what)", 0)))
     }
 }

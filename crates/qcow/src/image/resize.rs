@@ -2,6 +2,7 @@
 //! everything past the new end, and only when the caller accepts the data loss.
 
 use super::meta::{write_meta, Meta};
+use super::trust::Trusted;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -110,8 +111,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Truncates the device after the last cluster with a nonzero refcount.
-    pub(super) fn trim_file(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+    /// Truncates the device after the last cluster with a nonzero refcount. With the refcounts trusted, nothing
+    /// past it is referenced by any table, snapshot, bitmap or the header.
+    pub(super) fn trim_file(&mut self, dev: &dyn BlockDevice, _trusted: Trusted) -> Result<()> {
         let mut end = self.end_cluster;
         // A cluster the reclaimer is erasing is written without the lock: the file must keep it.
         while end > 1 && self.refcount(dev, end - 1)? == 0 && !self.reclaim.is_busy(end - 1) {
@@ -134,6 +136,10 @@ impl<D: BlockDevice> Image<D> {
     /// # Errors
     /// `InvalidArgument` for a refused shrink or a size the L1 table cannot map, `ReadOnly`, `Io`, `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.observe(self.resize_guest(new_size, allow_shrink))
+    }
+
+    fn resize_guest(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.check_writable("resize")?;
         let new_size =
             new_size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("resize", "size overflows"))?;
@@ -152,12 +158,14 @@ impl<D: BlockDevice> Image<D> {
                 ));
             }
             let mut m = self.meta();
+            // The file is cut after its last cluster in use, by refcount: judged before anything changes.
+            let trusted = m.establish_trust(&self.dev, "resize")?;
             m.mark_dirty(&self.dev)?;
             m.unmap_tail(&self.dev, new_size.next_multiple_of(cs))?;
             m.header.size = new_size;
             m.header_dirty = true;
             m.writeback(&self.dev)?;
-            m.trim_file(&self.dev)?;
+            m.trim_file(&self.dev, trusted)?;
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
         } else {
             // A shrink to a size inside a cluster keeps that cluster; its tail must read as zeros once visible.

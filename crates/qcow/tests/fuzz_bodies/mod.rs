@@ -242,3 +242,144 @@ pub fn check(data: &[u8]) {
         assert_eq!(e.kind(), qcow::ErrorKind::Unsupported, "a repaired, clean image is refused read-write: {e}");
     }
 }
+
+/// Guest bytes the compaction body compares before and after, across every range.
+const COMPARE_BUDGET: u64 = 2 << 20;
+
+/// How [`compact`] ended, so that a campaign can tell a run that compacts from one that refuses everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactOutcome {
+    /// The image did not open read-write.
+    NotOpened,
+    /// Offline compaction refused it for want of trustworthy refcounts (the file unchanged).
+    Refused,
+    /// Offline compaction failed some other way.
+    Failed,
+    /// Offline compaction succeeded.
+    Compacted,
+}
+
+/// The guest ranges worth comparing: the start of the disk and what `map` says is not plain zeros, in pieces of
+/// at most [`CHUNK`] bytes, [`COMPARE_BUDGET`] bytes in all.
+fn compared_ranges<D: BlockDevice>(image: &Image<D>) -> Vec<(u64, u64)> {
+    let size = image.virtual_size();
+    let mut ranges = vec![(0, size.min(64 << 10))];
+    if let Ok(extents) = image.map(0, size.min(WINDOW)) {
+        for e in extents.iter().filter(|e| !e.kind.reads_zero()) {
+            let mut at = e.guest.0 & !511;
+            let end = e.guest.0.saturating_add(e.len).min(size);
+            while at < end {
+                let len = (end - at).min(CHUNK);
+                ranges.push((at, len));
+                at += len;
+            }
+        }
+    }
+    let mut budget = COMPARE_BUDGET;
+    ranges.retain(|&(_, len)| {
+        let keep = len <= budget;
+        budget = budget.saturating_sub(len);
+        keep
+    });
+    ranges
+}
+
+/// What the guest reads in each range (`None` where the read fails).
+fn guest_reads<D: BlockDevice>(image: &Image<D>, ranges: &[(u64, u64)]) -> Vec<Option<Vec<u8>>> {
+    ranges
+        .iter()
+        .map(|&(at, len)| {
+            let mut buf = vec![0u8; len.next_multiple_of(512) as usize];
+            let len = buf.len().min(image.virtual_size().saturating_sub(at).next_multiple_of(512) as usize);
+            image.read_at(at, &mut buf[..len]).ok().map(|()| buf)
+        })
+        .collect()
+}
+
+/// Every range that read before and reads now must read the same; with `strict`, every range that read before
+/// must still read.
+fn same_reads(before: &[Option<Vec<u8>>], now: &[Option<Vec<u8>>], ranges: &[(u64, u64)], strict: bool, step: &str) {
+    for ((b, n), (at, _)) in before.iter().zip(now).zip(ranges) {
+        match (b, n) {
+            (Some(b), Some(n)) => assert!(b == n, "{step}: guest bytes at {at:#x} changed"),
+            (Some(_), None) if strict => panic!("{step}: guest bytes at {at:#x} read before and fail now"),
+            _ => {}
+        }
+    }
+}
+
+/// Runs one step of space reclaiming and judges it: a refusal for want of trust changes nothing on the device;
+/// any other outcome leaves every guest byte that read before reading the same (success also leaves every one
+/// readable). Returns whether the step succeeded and whether it was a refusal.
+fn judged_step<D: BlockDevice>(
+    image: &Image<D>,
+    ranges: &[(u64, u64)],
+    before: &[Option<Vec<u8>>],
+    step: &str,
+    snapshot: impl Fn() -> Vec<u8>,
+    run: impl FnOnce() -> qcow::Result<()>,
+) -> (bool, bool) {
+    let file = snapshot();
+    let result = run();
+    let refused = matches!(result, Err(qcow::Error::Untrusted { .. }));
+    if refused {
+        assert!(snapshot() == file, "{step} refused for want of trust but changed the file");
+    }
+    same_reads(before, &guest_reads(image, ranges), ranges, result.is_ok(), step);
+    (result.is_ok(), refused)
+}
+
+/// Offline compaction, junk erasing, online compaction and a reclaimer pass on an arbitrary byte string as an
+/// image file, opened read-write. Nothing may panic or hang; each step either refuses before changing anything or
+/// keeps every guest byte that read before; an image whose refcounts checked trustworthy before still checks
+/// without corruption after; and what was compacted reads the same once closed and opened again.
+pub fn compact(data: &[u8]) -> CompactOutcome {
+    let config = Config { discard: true, keep_erased: 16, compact_after_unmaps: 1, ..Config::default() };
+    let dev = MemoryDevice::from_bytes(data.to_vec());
+    let Ok(image) = Image::open_with(&dev, config, &SideFiles) else {
+        return CompactOutcome::NotOpened;
+    };
+    let snapshot = || dev.snapshot();
+    let trusted_before = check_image(&MemoryDevice::from_bytes(snapshot()), Repair::None)
+        .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0);
+    let ranges = compared_ranges(&image);
+    let before = guest_reads(&image, &ranges);
+
+    let (compacted, refused) =
+        judged_step(&image, &ranges, &before, "compact", snapshot, || image.compact(&mut |_| true).map(|_| ()));
+    judged_step(&image, &ranges, &before, "erase_junk", snapshot, || image.erase_junk(64).map(|_| ()));
+    judged_step(&image, &ranges, &before, "compact_online", snapshot, || {
+        for _ in 0..4 {
+            if image.compact_online(16, &|| false)?.moved == 0 {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let options = qcow::ReclaimerOptions::default();
+    judged_step(&image, &ranges, &before, "reclaim_pass", snapshot, || {
+        image.reclaim_pass(&options, &|| false).map(|_| ())
+    });
+    let closed = image.close().is_ok();
+
+    // Closed means written back and flushed: a fresh open reads the same bytes.
+    if closed {
+        let settled = dev.snapshot();
+        if let Ok(again) = Image::open_with(MemoryDevice::from_bytes(settled.clone()), Config::read_only(), &SideFiles)
+        {
+            same_reads(&before, &guest_reads(&again, &ranges), &ranges, compacted, "reopen");
+        } else {
+            assert!(!compacted, "the compacted image no longer opens");
+        }
+        if compacted && trusted_before {
+            let report = check_image(&MemoryDevice::from_bytes(settled), Repair::None)
+                .unwrap_or_else(|e| panic!("the compacted image no longer checks: {e}"));
+            assert!(report.corruptions == 0 && report.check_errors == 0, "compaction corrupted the image: {report:?}");
+        }
+    }
+    match (compacted, refused) {
+        (true, _) => CompactOutcome::Compacted,
+        (false, true) => CompactOutcome::Refused,
+        (false, false) => CompactOutcome::Failed,
+    }
+}

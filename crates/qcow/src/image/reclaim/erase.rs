@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::super::meta::Meta;
+use super::super::trust::Trusted;
 use super::super::Image;
 use crate::block::BlockDevice;
 use crate::error::{ErrorKind, Result};
@@ -15,7 +16,7 @@ const SEARCH_BUDGET: u64 = 1 << 16;
 impl Meta {
     /// Up to `want` junk clusters among the first `whole` clusters of the file, searched from the junk cursor
     /// (wrapping once), looking at no more than [`SEARCH_BUDGET`] clusters.
-    fn find_junk(&mut self, dev: &dyn BlockDevice, want: u64, whole: u64) -> Result<Vec<u64>> {
+    fn find_junk(&mut self, dev: &dyn BlockDevice, want: u64, whole: u64, _trusted: Trusted) -> Result<Vec<u64>> {
         let mut found = Vec::new();
         if whole <= 1 {
             return Ok(found);
@@ -49,18 +50,28 @@ impl<D: BlockDevice> Image<D> {
     /// elsewhere. Guest I/O goes on meanwhile. Returns how many were erased; they become available at the next
     /// completed flush.
     ///
+    /// Junk is found by refcount, so the first call of a session judges the refcounts (a check of the whole
+    /// metadata) unless something showed them trustworthy already.
+    ///
     /// # Errors
-    /// `ReadOnly`, `Disconnected`, `Corrupt`, `Io`. Clusters that could not be erased stay junk.
+    /// `ReadOnly`, `Disconnected`, `Untrusted` (nothing was changed), `Corrupt`, `Io`. Clusters that could not
+    /// be erased stay junk.
     pub fn erase_junk(&self, max: u64) -> Result<u64> {
+        self.observe(self.erase_some(max))
+    }
+
+    fn erase_some(&self, max: u64) -> Result<u64> {
         self.check_writable("erase")?;
         if max == 0 {
             return Ok(0);
         }
+        let trusted = self.trust_refcounts("erase")?;
         let cs = self.geo.cluster_size();
         let claimed = {
             let mut m = self.meta();
             let whole = (self.dev.info().size_bytes() / cs).min(m.end_cluster);
-            let junk = m.find_junk(&self.dev, max, whole)?;
+            let trusted = m.still_trusted(trusted)?;
+            let junk = m.find_junk(&self.dev, max, whole, trusted)?;
             m.reclaim.claim_for_erasing(&junk);
             junk
         };

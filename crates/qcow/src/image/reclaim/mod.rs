@@ -8,6 +8,10 @@
 //! before anything else. A cluster chosen as the destination of a move is allocated but not linked until its copy
 //! is durable and its pointer rewritten.
 //!
+//! Everything here that treats a refcount of zero as free (erasing junk, choosing move destinations, trimming a
+//! free tail) runs only with the refcounts trusted (`super::trust`); a damaged image is refused before the first
+//! change, and corruption met by any I/O path halts the background worker.
+//!
 //! Online compaction ([`Image::compact_online`]) moves the highest movable clusters into the lowest free ones
 //! while guest I/O goes on:
 //! - refcount blocks and L2 tables are moved under the metadata lock, by rekeying their cached copy: writeback

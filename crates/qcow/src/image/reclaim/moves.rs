@@ -11,6 +11,7 @@ use std::collections::BinaryHeap;
 
 use super::super::compact::Referrer;
 use super::super::meta::Meta;
+use super::super::trust::Trusted;
 use super::super::Image;
 use super::{Move, MoveStage};
 use crate::block::BlockDevice;
@@ -41,7 +42,7 @@ struct Planned {
 impl Meta {
     /// The lowest `want` free clusters below `below` that allocation could take now (their refcount block exists
     /// and the worker is not erasing them).
-    fn free_targets(&mut self, dev: &dyn BlockDevice, want: u64, below: u64) -> Result<Vec<u64>> {
+    fn free_targets(&mut self, dev: &dyn BlockDevice, want: u64, below: u64, _trusted: Trusted) -> Result<Vec<u64>> {
         let per_block = self.geo.refcount_block_entries();
         let mut targets = Vec::new();
         let mut c = self.free_hint.max(1);
@@ -156,13 +157,22 @@ impl<D: BlockDevice> Image<D> {
     /// free ones, then gives a free tail of the file back. Guest reads and writes go on meanwhile and never wait
     /// for it; `stop` is polled between steps.
     ///
+    /// The first round of a session judges the refcounts (a check of the whole metadata, guest I/O waiting
+    /// meanwhile) unless something showed them trustworthy already.
+    ///
     /// # Errors
-    /// `ReadOnly`, `Disconnected`, `Corrupt` for metadata that cannot be followed, `Io`. A failure leaves a
-    /// consistent image that at worst leaks the clusters of the moves in flight.
+    /// `ReadOnly`, `Disconnected`, `Untrusted` (nothing was changed), `Corrupt` for metadata that cannot be
+    /// followed, `Io`. A failure leaves a consistent image that at worst leaks the clusters of the moves in
+    /// flight.
     pub fn compact_online(&self, max_moves: u64, stop: &dyn Fn() -> bool) -> Result<OnlineCompaction> {
+        self.observe(self.compact_round(max_moves, stop))
+    }
+
+    fn compact_round(&self, max_moves: u64, stop: &dyn Fn() -> bool) -> Result<OnlineCompaction> {
         self.check_writable("compact")?;
+        let trusted = self.trust_refcounts("compact")?;
         let mut report = OnlineCompaction { old_size: self.dev.info().size_bytes(), ..Default::default() };
-        let plan = self.plan_online(max_moves.max(1))?;
+        let plan = self.plan_online(max_moves.max(1), trusted)?;
         let (tables, data): (Vec<Planned>, Vec<Planned>) =
             plan.into_iter().partition(|p| !matches!(p.referrer, Referrer::Data { .. }));
         if !tables.is_empty() {
@@ -184,7 +194,8 @@ impl<D: BlockDevice> Image<D> {
             let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
             let mut m = self.meta();
             m.writeback(&self.dev)?;
-            m.trim_file(&self.dev)?;
+            let trusted = m.still_trusted(trusted)?;
+            m.trim_file(&self.dev, trusted)?;
         }
         report.new_size = self.dev.info().size_bytes();
         let c = &self.counters;
@@ -194,11 +205,12 @@ impl<D: BlockDevice> Image<D> {
     }
 
     /// Pairs the highest movable clusters with the lowest free clusters below them.
-    fn plan_online(&self, max_moves: u64) -> Result<Vec<Planned>> {
+    fn plan_online(&self, max_moves: u64, trusted: Trusted) -> Result<Vec<Planned>> {
         let (targets, l1_size, refblocks) = {
             let mut m = self.meta();
             let end = m.end_cluster;
-            let targets = m.free_targets(&self.dev, max_moves, end)?;
+            let trusted = m.still_trusted(trusted)?;
+            let targets = m.free_targets(&self.dev, max_moves, end, trusted)?;
             let refblocks: Vec<(u64, u64)> = m
                 .reftable
                 .iter()

@@ -85,9 +85,15 @@ impl<D: BlockDevice> Image<D> {
     /// want no thread may call it themselves. `stop` is polled between steps of a compaction.
     ///
     /// # Errors
-    /// `ReadOnly`, `Disconnected`, `Corrupt`, `Io`.
+    /// `ReadOnly`, `Disconnected`, `Untrusted` when the refcounts cannot be trusted to say what is free (nothing
+    /// was changed), `Corrupt`, `Io`.
     pub fn reclaim_pass(&self, options: &ReclaimerOptions, stop: &dyn Fn() -> bool) -> Result<ReclaimPass> {
+        self.observe(self.pass(options, stop))
+    }
+
+    fn pass(&self, options: &ReclaimerOptions, stop: &dyn Fn() -> bool) -> Result<ReclaimPass> {
         self.check_writable("reclaim")?;
+        let trusted = self.trust_refcounts("reclaim")?;
         let mut pass = ReclaimPass::default();
         let (erasing, erased, available, _) = self.meta().reclaim.counts();
         let ready = erasing + erased + available;
@@ -117,7 +123,9 @@ impl<D: BlockDevice> Image<D> {
             pass.compaction = Some(total);
         } else {
             let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-            self.meta().trim_file(&self.dev)?;
+            let mut m = self.meta();
+            let trusted = m.still_trusted(trusted)?;
+            m.trim_file(&self.dev, trusted)?;
         }
         let since = self.unflushed_since.load(Ordering::Acquire);
         if since != 0 && self.clock_ms().saturating_sub(since) >= options.flush_delay.as_millis() as u64 {
@@ -136,6 +144,20 @@ impl<D: BlockDevice> Image<D> {
     pub(in crate::image) fn note_unflushed(&self) {
         if self.unflushed_since.load(Ordering::Relaxed) == 0 {
             let _ = self.unflushed_since.compare_exchange(0, self.clock_ms(), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops the background worker without waiting for it, keeping `why` as the reason it stopped: its current
+    /// step ends, and every step that would give space back refuses from now on anyway.
+    pub(in crate::image) fn halt_reclaimer(&self, why: &Error) {
+        let slot = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(worker) = slot.as_ref() else { return };
+        let mut stop = worker.control.flag();
+        if !*stop {
+            let mut error = self.reclaimer_error.lock().unwrap_or_else(|e| e.into_inner());
+            error.get_or_insert_with(|| why.to_string());
+            *stop = true;
+            worker.control.wake.notify_all();
         }
     }
 
@@ -169,11 +191,16 @@ impl<D: BlockDevice + 'static> Image<D> {
     /// Starts the background reclaimer. It runs until [`stop_reclaimer`](Self::stop_reclaimer), a disconnect,
     /// the image being dropped, or an error (see [`reclaimer_error`](Self::reclaimer_error)).
     ///
+    /// The reclaimer gives space back by refcount, so unless something showed them trustworthy already this
+    /// session, the refcounts are judged first (a check of the whole metadata, guest I/O waiting meanwhile), and
+    /// an image whose refcounts cannot be trusted is refused before anything changes.
+    ///
     /// # Errors
-    /// `ReadOnly`, `Disconnected`, `Corrupt` (the image refuses writes), `InvalidArgument` when one already runs,
-    /// `Io` when the thread cannot be started.
+    /// `ReadOnly`, `Disconnected`, `Corrupt` (the image refuses writes), `Untrusted` (repair the image first),
+    /// `InvalidArgument` when one already runs, `Io` when the thread cannot be started.
     pub fn start_reclaimer(self: &Arc<Self>, options: ReclaimerOptions) -> Result<()> {
         self.check_writable("reclaim")?;
+        self.trust_refcounts("reclaim")?;
         let mut slot = self.reclaimer.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
             return Err(Error::invalid("reclaim", "the background reclaimer is already running"));
