@@ -205,25 +205,51 @@ fn compact_refuses_images_whose_refcounts_are_damaged_and_changes_nothing() {
 }
 
 /// Regression (same issue): `serve --reclaim` on the damaged image used to fail a discard and then compact and
-/// truncate the file anyway. It must refuse to start, and leave the file as it was.
+/// truncate the file anyway. It must refuse to start, and leave the file as it was; so for damage to each kind
+/// of metadata the reclaimer gives space back by.
 #[test]
 fn serve_with_the_reclaimer_refuses_an_image_whose_refcounts_are_damaged() {
     let dir = tempfile::tempdir().unwrap();
-    let path = damaged_images(dir.path()).remove(0);
-    let before = std::fs::read(&path).unwrap();
-    let socket = dir.path().join("nbd.sock");
-    let out = tool()
-        .args(["serve", "--reclaim", "--keep-erased", "64", "--compact-after", "4k", "--socket"])
-        .arg(&socket)
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("could not start the reclaimer"), "{stderr}");
-    assert!(stderr.contains("refcount table entry 0 (at 0x1000), which names no refcount block"), "{stderr}");
-    assert!(!socket.exists(), "nothing was served");
-    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+    let mut images = damaged_images(dir.path());
+    // More kinds of damage, to an image with holes and a snapshot: a refcount block zeroed, an L2 entry naming
+    // another entry's cluster (refcount 1, two references), the snapshot table overwritten.
+    let base = dir.path().join("base.qcow2");
+    ok(qemu("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"]).arg(&base).arg("4M"));
+    ok(qemu("qemu-io").args(["-f", "qcow2", "-c", "write -P 1 0 100k", "-c", "discard 16k 48k"]).arg(&base));
+    ok(qemu("qemu-img").args(["snapshot", "-c", "s1"]).arg(&base));
+    let (reftable, l1, snapshots) = (be64_at(&base, 48), be64_at(&base, 40), be64_at(&base, 64));
+    let refblock = be64_at(&base, reftable);
+    let l2 = be64_at(&base, l1) & 0x00ff_ffff_ffff_fe00;
+    let pokes: [(&str, u64, Vec<u8>); 3] = [
+        ("refblock-zeroed", refblock, vec![0; 4096]),
+        ("l2-shared", l2 + 8 * 20, be64_at(&base, l2).to_be_bytes().to_vec()),
+        ("snapshot-table", snapshots, vec![0xff; 64]),
+    ];
+    for (name, at, bytes) in pokes {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        std::fs::copy(&base, &path).unwrap();
+        poke(&path, at, &bytes);
+        images.push(path);
+    }
+    for path in images {
+        let before = std::fs::read(&path).unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let out = tool()
+            .args(["serve", "--reclaim", "--keep-erased", "64", "--compact-after", "4k", "--socket"])
+            .arg(&socket)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", path.display());
+        assert!(stderr.contains("could not start the reclaimer"), "{stderr}");
+        assert!(stderr.contains("reclaim refused, the refcounts cannot be trusted"), "{stderr}");
+        if path.ends_with("hr.qcow2") {
+            assert!(stderr.contains("refcount table entry 0 (at 0x1000), which names no refcount block"), "{stderr}");
+        }
+        assert!(!socket.exists(), "nothing was served");
+        assert!(std::fs::read(&path).unwrap() == before, "{}: the file changed", path.display());
+    }
 }
 
 /// The way out, as a user takes it: `compare` the damaged image with what QEMU reads from it, `check -r all`,

@@ -89,7 +89,9 @@ fn read_snapshots(
         // not hide the others.
         match parse_snapshot_table_for_check(&bytes, header.nb_snapshots, header.version, repairing) {
             Err(SnapshotError::Truncated { needed, .. }) if needed > len && needed <= MAX_SNAPSHOT_TABLE_BYTES => {
-                len = needed;
+                // At least doubled: growing by one entry at a time re-reads the table once per entry, which for
+                // 65536 entries near the end of the file is a quadratic spin.
+                len = needed.max(len.saturating_mul(2)).min(MAX_SNAPSHOT_TABLE_BYTES);
             }
             result => return result.map_err(|e| e.to_string()),
         }
