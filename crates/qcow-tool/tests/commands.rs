@@ -206,6 +206,74 @@ fn map_prints_what_qemu_img_map_prints_byte_for_byte() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("compressed clusters"), "{}", show(&err));
 }
 
+/// Extended L2 entries: unallocated subclusters of a cluster that has a host cluster keep their host offset in
+/// QEMU's block status, zero where nothing below answers, and from the backing file where it reaches.
+#[test]
+fn map_lists_unallocated_subclusters_inside_an_allocated_cluster_as_qemu_img_does() {
+    let dir = Dir::new();
+    let plain = qemu_create(&dir, "plain.qcow2", "extended_l2=on,cluster_size=64k", "1M");
+    qemu_io(&plain, &["write -P 1 4k 4k", "write -P 2 64k 64k", "write -P 3 200k 2k"]);
+    // Zero subclusters inside an allocated cluster and in one without a host cluster, and a discarded one.
+    let small = qemu_create(&dir, "c16k.qcow2", "extended_l2=on,cluster_size=16k", "4M");
+    qemu_io(
+        &small,
+        &["write -P 1 512 1k", "write -z 1536 512", "write -P 2 16k 16k", "write -z 100k 2k", "write -P 3 1M 3k"],
+    );
+    qemu_io(&small, &["discard 1M 512"]);
+    let big = qemu_create(&dir, "c2m.qcow2", "extended_l2=on,cluster_size=2M", "16M");
+    qemu_io(&big, &["write -P 1 64k 64k", "write -z 128k 64k", "write -P 2 4M 4M", "write -P 3 9M 100k"]);
+    qemu_io(&big, &["discard 4M 64k"]);
+    // A backing file shorter than the overlay: it answers below its end, the overlay's zeros past it.
+    let base = qemu_create(&dir, "base.qcow2", "", "1M");
+    qemu_io(&base, &["write -P 7 0 1M"]);
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.qcow2"]).args([
+        "-F",
+        "qcow2",
+        "over.qcow2",
+        "2M",
+    ])));
+    qemu_io(
+        &dir.path("over.qcow2"),
+        &["write -P 1 4k 4k", "write -P 2 1020k 8k", "write -P 3 1600k 4k", "write -z 1604k 4k", "write -z 1800k 4k"],
+    );
+    // Three layers with extended L2 entries in the middle one, and a raw backing file.
+    let mid = qemu_create(&dir, "mid.qcow2", "extended_l2=on", "1M");
+    qemu_io(&mid, &["write -P 5 4k 4k"]);
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2"]).args([
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "1M",
+    ])));
+    qemu_io(&dir.path("top.qcow2"), &["write -P 6 8k 4k"]);
+    let mut raw = vec![0u8; 512 << 10];
+    raw[..128 << 10].fill(1);
+    std::fs::write(dir.path("base.raw"), &raw).unwrap();
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"]).args([
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "rawover.qcow2",
+        "1M",
+    ])));
+    qemu_io(&dir.path("rawover.qcow2"), &["write -P 6 500k 20k", "write -z 8k 1k"]);
+    for image in ["plain.qcow2", "c16k.qcow2", "c2m.qcow2", "over.qcow2", "top.qcow2", "rawover.qcow2"] {
+        same_output(&dir, &["map", "--output=json", image], &["map", "--output=json", image]);
+        same_output(&dir, &["map", image], &["map", image]);
+        let json = stdout(dir.here(tool().args(["map", "--output=json", image])));
+        assert!(
+            json.contains("\"present\": false, \"zero\": true, \"data\": false, \"compressed\": false, \"offset\""),
+            "{image} lists no unallocated subcluster with a host offset:\n{json}"
+        );
+    }
+    same_output(
+        &dir,
+        &["map", "--output=json", "--start-offset", "6k", "--max-length", "200k", "plain.qcow2"],
+        &["map", "--output=json", "--start-offset", "6k", "--max-length", "200k", "plain.qcow2"],
+    );
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // measure
 // ------------------------------------------------------------------------------------------------------------
