@@ -428,6 +428,43 @@ fn resize_grows_and_shrinks_images_that_qemu_img_accepts() {
     assert!(err.contains("missing.qcow2") && err.contains("No such file"), "{err}");
 }
 
+/// qemu-img's qcow2 driver takes only whole sectors: a size that is not a multiple of 512, absolute or relative,
+/// growing or shrinking, is refused in its words and the image is left as it was. A raw file takes any size.
+#[test]
+fn resize_refuses_a_size_that_is_not_a_multiple_of_512_as_qemu_img_does() {
+    let dir = Dir::new();
+    let img = varied_image(&dir, "odd.qcow2");
+    let before = std::fs::read(&img).unwrap();
+    for (shrink, size) in [(false, "20000001"), (false, "+1001"), (true, "999999"), (true, "-1001")] {
+        let flags: &[&str] = if shrink { &["--shrink"] } else { &[] };
+        let theirs = run(qemu_img().arg("resize").args(flags).arg(&img).arg(size));
+        assert_eq!(theirs.status.code(), Some(1), "qemu-img resize {flags:?} {size}: {}", show(&theirs));
+        assert_eq!(String::from_utf8_lossy(&theirs.stderr), "qemu-img: The new size must be a multiple of 512\n");
+        assert_eq!(std::fs::read(&img).unwrap(), before, "qemu-img resize {size} changed the image");
+        let ours = fails(tool().arg("resize").args(flags).arg(&img).arg(size));
+        assert_eq!(ours, "qcow-tool: The new size must be a multiple of 512\n", "{flags:?} {size}");
+        assert_eq!(std::fs::read(&img).unwrap(), before, "resize {flags:?} {size} changed the image");
+    }
+    // Without --shrink, both ask for it first.
+    let theirs = run(qemu_img().arg("resize").arg(&img).arg("999999"));
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("--shrink"), "{}", show(&theirs));
+    assert!(fails(tool().arg("resize").arg(&img).arg("999999")).contains("--shrink"));
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    assert_eq!(virtual_size(&img), 10 << 20);
+    assert_clean(&img);
+    // A size in whole sectors is still taken.
+    assert_eq!(stdout(tool().arg("resize").arg(&img).arg("+1536")), "Image resized.\n");
+    assert_eq!(virtual_size(&img), (10 << 20) + 1536);
+    assert_clean(&img);
+
+    let raw = dir.path("odd.raw");
+    std::fs::write(&raw, vec![1u8; 4096]).unwrap();
+    ok(tool().args(["resize", "-f", "raw"]).arg(&raw).arg("2000001"));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2000001);
+    ok(qemu_img().args(["resize", "-q", "-f", "raw"]).arg(&raw).arg("2001002"));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2001002);
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // sha, encode, decode
 // ------------------------------------------------------------------------------------------------------------
