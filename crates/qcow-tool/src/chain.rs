@@ -277,21 +277,55 @@ impl Chain {
                         ExtentKind::Compressed { .. } => {
                             push(out, Status { present: true, data: true, compressed: true, ..entry(at, len) });
                         }
-                        ExtentKind::Unallocated => match self.layers.get(depth + 1) {
-                            // The backing file answers as far as it reaches; past its end the image reads zeros.
-                            Some(below) => {
-                                let reach = (at + len).min(below.size.max(at));
-                                if reach > at {
-                                    self.layer_status(depth + 1, at, reach, out)?;
-                                }
-                                push(out, Status { zero: true, ..entry(reach, at + len - reach) });
+                        ExtentKind::Unallocated => {
+                            let mut pos = at;
+                            while pos < at + len {
+                                let (stop, offset) = lookup.unallocated_run(pos, at + len);
+                                self.unallocated_status(depth, pos, stop, offset, out)?;
+                                pos = stop;
                             }
-                            None => push(out, Status { zero: true, ..entry(at, len) }),
-                        },
+                        }
                     }
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Chain {
+    /// The block status of `start..end`, unallocated in the layer at `depth`, whose host offset for `start` is
+    /// `offset` (an extended L2 entry keeps its host cluster under unallocated subclusters).
+    fn unallocated_status(
+        &self,
+        depth: usize,
+        start: u64,
+        end: u64,
+        offset: Option<u64>,
+        out: &mut Vec<Status>,
+    ) -> Result<()> {
+        // The backing file answers as far as it reaches; past its end the image reads zeros, and QEMU still
+        // reports the host offset there.
+        let reach = match self.layers.get(depth + 1) {
+            Some(below) => end.min(below.size.max(start)),
+            None => start,
+        };
+        if reach > start {
+            self.layer_status(depth + 1, start, reach, out)?;
+        }
+        push(
+            out,
+            Status {
+                start: reach,
+                length: end - reach,
+                depth,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: offset.map(|o| o + (reach - start)),
+            },
+        );
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! What QEMU's block status learns from a qcow2 file beyond the library's guest mapping, so that `map` prints
 //! what `qemu-img map` prints:
 //! - the host cluster still allocated under a zero cluster ("zero" with an "offset");
+//! - the host cluster of an extended L2 entry under its unallocated subclusters (not "present", "zero" where
+//!   nothing below answers, with an "offset");
 //! - whether the image looks metadata-preallocated (QEMU's test: more clusters with a nonzero refcount than the
 //!   file really allocates, by a tenth and at least two), in which case QEMU asks the file system about each
 //!   data range and reports file holes as zeros.
@@ -37,43 +39,79 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
     bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
 }
 
-/// Looks up host clusters behind guest offsets, keeping the last L2 table read.
+/// Looks up host clusters behind guest offsets, keeping the last L1 entry and L2 table read.
 pub struct HostLookup<'a> {
     image: &'a Image<FileDevice>,
+    /// The last L1 entry read: its index and the offset of its L2 table (0 for none).
+    l1: Option<(u64, u64)>,
     l2: Option<(u64, Vec<u8>)>,
 }
 
 impl<'a> HostLookup<'a> {
     /// Lookups in `image`'s active L1 table.
     pub fn new(image: &'a Image<FileDevice>) -> Self {
-        HostLookup { image, l2: None }
+        HostLookup { image, l1: None, l2: None }
+    }
+
+    /// Bytes of one L2 entry (the first eight hold the offset in both forms).
+    fn entry_bytes(&self) -> u64 {
+        if self.image.header().has_extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// The offset of the L2 table behind L1 entry `l1_index`; `None` when it has none.
+    fn l2_offset(&mut self, l1_index: u64) -> Option<u64> {
+        let header = self.image.header();
+        if l1_index >= u64::from(header.l1_size) {
+            return None;
+        }
+        let l2_offset = match self.l1 {
+            Some((index, offset)) if index == l1_index => offset,
+            _ => {
+                let at = header.l1_table_offset.checked_add(l1_index * 8)?;
+                let offset = be64(&read(self.image.device(), at, 8)?, 0) & OFFSET_MASK;
+                self.l1 = Some((l1_index, offset));
+                offset
+            }
+        };
+        (l2_offset != 0).then_some(l2_offset)
     }
 
     /// The host offset of guest byte `guest`, if its L2 entry points to an uncompressed host cluster.
     pub fn host(&mut self, guest: u64) -> Option<u64> {
-        let header = self.image.header();
-        let geo = self.image.geometry();
-        let cs = geo.cluster_size();
-        let entry_bytes: u64 = if header.has_extended_l2() { 16 } else { 8 };
+        let cs = self.image.geometry().cluster_size();
+        let entry_bytes = self.entry_bytes();
         let per_l2 = cs / entry_bytes;
         let cluster = guest / cs;
-        let l1_index = cluster / per_l2;
-        if l1_index >= u64::from(header.l1_size) {
-            return None;
-        }
-        let dev = self.image.device();
-        let l1_entry = be64(&read(dev, header.l1_table_offset.checked_add(l1_index * 8)?, 8)?, 0);
-        let l2_offset = l1_entry & OFFSET_MASK;
-        if l2_offset == 0 {
-            return None;
-        }
+        let l2_offset = self.l2_offset(cluster / per_l2)?;
         if self.l2.as_ref().is_none_or(|(at, _)| *at != l2_offset) {
-            self.l2 = Some((l2_offset, read(dev, l2_offset, cs)?));
+            self.l2 = Some((l2_offset, read(self.image.device(), l2_offset, cs)?));
         }
         let table = &self.l2.as_ref()?.1;
         let entry = be64(table, usize::try_from((cluster % per_l2) * entry_bytes).ok()?);
         let host = entry & OFFSET_MASK;
         (entry & COMPRESSED == 0 && host != 0).then(|| host + guest % cs)
+    }
+
+    /// For an unallocated range `guest..end` (`guest < end`): where its first run QEMU reports alike stops (after
+    /// `guest`), and the host offset of `guest` that QEMU reports for it. Only an extended L2 entry keeps a host
+    /// cluster under unallocated subclusters, so the run is one cluster there, the whole range otherwise; an
+    /// L2 table that does not exist is skipped whole.
+    pub fn unallocated_run(&mut self, guest: u64, end: u64) -> (u64, Option<u64>) {
+        if !self.image.header().has_extended_l2() {
+            return (end, None);
+        }
+        let cs = self.image.geometry().cluster_size();
+        let span = cs.saturating_mul(cs / self.entry_bytes());
+        let cluster_end = (guest / cs).saturating_add(1).saturating_mul(cs);
+        if self.l2_offset(guest / span).is_none() {
+            let span_end = (guest / span).saturating_add(1).saturating_mul(span);
+            return (span_end.min(end), None);
+        }
+        (cluster_end.min(end), self.host(guest))
     }
 }
 

@@ -1,7 +1,7 @@
 //! `qcow-tool resize`: change an image's virtual size, as `qemu-img resize FILE [+|-]SIZE [--shrink]` does.
 //!
 //! Growing needs nothing; shrinking drops everything past the new end and is refused without `--shrink`, with
-//! qemu-img's words.
+//! qemu-img's words. A qcow2 image only takes sizes in whole sectors, a raw file any size, as with qemu-img.
 
 use std::path::PathBuf;
 
@@ -68,6 +68,10 @@ pub fn run(args: &Args) -> Result<()> {
             let size = new_size(&args.size, current)?;
             if size < current && !args.shrink {
                 return Err(shrink_refused());
+            }
+            if size % 512 != 0 {
+                // qemu-img's words; its qcow2 driver refuses the size after the shrink question, as here.
+                return Err(Error::msg("The new size must be a multiple of 512"));
             }
             if size < current && !image.snapshots().map_err(|e| open::io_error(path, e))?.is_empty() {
                 return Err(Error::msg(format!("'{}': can't shrink an image which has snapshots", path.display())));

@@ -206,6 +206,74 @@ fn map_prints_what_qemu_img_map_prints_byte_for_byte() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("compressed clusters"), "{}", show(&err));
 }
 
+/// Extended L2 entries: unallocated subclusters of a cluster that has a host cluster keep their host offset in
+/// QEMU's block status, zero where nothing below answers, and from the backing file where it reaches.
+#[test]
+fn map_lists_unallocated_subclusters_inside_an_allocated_cluster_as_qemu_img_does() {
+    let dir = Dir::new();
+    let plain = qemu_create(&dir, "plain.qcow2", "extended_l2=on,cluster_size=64k", "1M");
+    qemu_io(&plain, &["write -P 1 4k 4k", "write -P 2 64k 64k", "write -P 3 200k 2k"]);
+    // Zero subclusters inside an allocated cluster and in one without a host cluster, and a discarded one.
+    let small = qemu_create(&dir, "c16k.qcow2", "extended_l2=on,cluster_size=16k", "4M");
+    qemu_io(
+        &small,
+        &["write -P 1 512 1k", "write -z 1536 512", "write -P 2 16k 16k", "write -z 100k 2k", "write -P 3 1M 3k"],
+    );
+    qemu_io(&small, &["discard 1M 512"]);
+    let big = qemu_create(&dir, "c2m.qcow2", "extended_l2=on,cluster_size=2M", "16M");
+    qemu_io(&big, &["write -P 1 64k 64k", "write -z 128k 64k", "write -P 2 4M 4M", "write -P 3 9M 100k"]);
+    qemu_io(&big, &["discard 4M 64k"]);
+    // A backing file shorter than the overlay: it answers below its end, the overlay's zeros past it.
+    let base = qemu_create(&dir, "base.qcow2", "", "1M");
+    qemu_io(&base, &["write -P 7 0 1M"]);
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.qcow2"]).args([
+        "-F",
+        "qcow2",
+        "over.qcow2",
+        "2M",
+    ])));
+    qemu_io(
+        &dir.path("over.qcow2"),
+        &["write -P 1 4k 4k", "write -P 2 1020k 8k", "write -P 3 1600k 4k", "write -z 1604k 4k", "write -z 1800k 4k"],
+    );
+    // Three layers with extended L2 entries in the middle one, and a raw backing file.
+    let mid = qemu_create(&dir, "mid.qcow2", "extended_l2=on", "1M");
+    qemu_io(&mid, &["write -P 5 4k 4k"]);
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2"]).args([
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "1M",
+    ])));
+    qemu_io(&dir.path("top.qcow2"), &["write -P 6 8k 4k"]);
+    let mut raw = vec![0u8; 512 << 10];
+    raw[..128 << 10].fill(1);
+    std::fs::write(dir.path("base.raw"), &raw).unwrap();
+    ok(dir.here(qemu_img().args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"]).args([
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "rawover.qcow2",
+        "1M",
+    ])));
+    qemu_io(&dir.path("rawover.qcow2"), &["write -P 6 500k 20k", "write -z 8k 1k"]);
+    for image in ["plain.qcow2", "c16k.qcow2", "c2m.qcow2", "over.qcow2", "top.qcow2", "rawover.qcow2"] {
+        same_output(&dir, &["map", "--output=json", image], &["map", "--output=json", image]);
+        same_output(&dir, &["map", image], &["map", image]);
+        let json = stdout(dir.here(tool().args(["map", "--output=json", image])));
+        assert!(
+            json.contains("\"present\": false, \"zero\": true, \"data\": false, \"compressed\": false, \"offset\""),
+            "{image} lists no unallocated subcluster with a host offset:\n{json}"
+        );
+    }
+    same_output(
+        &dir,
+        &["map", "--output=json", "--start-offset", "6k", "--max-length", "200k", "plain.qcow2"],
+        &["map", "--output=json", "--start-offset", "6k", "--max-length", "200k", "plain.qcow2"],
+    );
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // measure
 // ------------------------------------------------------------------------------------------------------------
@@ -358,6 +426,43 @@ fn resize_grows_and_shrinks_images_that_qemu_img_accepts() {
     assert!(err.contains("positive"), "{err}");
     let err = fails(tool().arg("resize").arg(dir.path("missing.qcow2")).arg("1M"));
     assert!(err.contains("missing.qcow2") && err.contains("No such file"), "{err}");
+}
+
+/// qemu-img's qcow2 driver takes only whole sectors: a size that is not a multiple of 512, absolute or relative,
+/// growing or shrinking, is refused in its words and the image is left as it was. A raw file takes any size.
+#[test]
+fn resize_refuses_a_size_that_is_not_a_multiple_of_512_as_qemu_img_does() {
+    let dir = Dir::new();
+    let img = varied_image(&dir, "odd.qcow2");
+    let before = std::fs::read(&img).unwrap();
+    for (shrink, size) in [(false, "20000001"), (false, "+1001"), (true, "999999"), (true, "-1001")] {
+        let flags: &[&str] = if shrink { &["--shrink"] } else { &[] };
+        let theirs = run(qemu_img().arg("resize").args(flags).arg(&img).arg(size));
+        assert_eq!(theirs.status.code(), Some(1), "qemu-img resize {flags:?} {size}: {}", show(&theirs));
+        assert_eq!(String::from_utf8_lossy(&theirs.stderr), "qemu-img: The new size must be a multiple of 512\n");
+        assert_eq!(std::fs::read(&img).unwrap(), before, "qemu-img resize {size} changed the image");
+        let ours = fails(tool().arg("resize").args(flags).arg(&img).arg(size));
+        assert_eq!(ours, "qcow-tool: The new size must be a multiple of 512\n", "{flags:?} {size}");
+        assert_eq!(std::fs::read(&img).unwrap(), before, "resize {flags:?} {size} changed the image");
+    }
+    // Without --shrink, both ask for it first.
+    let theirs = run(qemu_img().arg("resize").arg(&img).arg("999999"));
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("--shrink"), "{}", show(&theirs));
+    assert!(fails(tool().arg("resize").arg(&img).arg("999999")).contains("--shrink"));
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    assert_eq!(virtual_size(&img), 10 << 20);
+    assert_clean(&img);
+    // A size in whole sectors is still taken.
+    assert_eq!(stdout(tool().arg("resize").arg(&img).arg("+1536")), "Image resized.\n");
+    assert_eq!(virtual_size(&img), (10 << 20) + 1536);
+    assert_clean(&img);
+
+    let raw = dir.path("odd.raw");
+    std::fs::write(&raw, vec![1u8; 4096]).unwrap();
+    ok(tool().args(["resize", "-f", "raw"]).arg(&raw).arg("2000001"));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2000001);
+    ok(qemu_img().args(["resize", "-q", "-f", "raw"]).arg(&raw).arg("2001002"));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2001002);
 }
 
 // ------------------------------------------------------------------------------------------------------------

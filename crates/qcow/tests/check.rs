@@ -345,6 +345,83 @@ fn image_check_on_an_open_image_agrees_with_qemu() {
 /// Repairs cut by power loss after every write, keeping random subsets of what was not yet flushed: the image
 /// is never worse than before the repair (no more corruptions, same guest data), and a second repair finishes
 /// the job.
+/// Runs `qemu-img check -r MODE --output=json`.
+fn qemu_repair_report(path: &Path, mode: &str) -> Check {
+    let out = qemu("qemu-img").args(["check", "-r", mode, "--output=json", "-f", "qcow2"]).arg(path).output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("qemu-img check -r {mode}: {e}"));
+    Check { code: out.status.code().unwrap_or(-1), json }
+}
+
+/// Whether the header of the image in `bytes` still has a bitmaps extension.
+fn has_bitmaps_extension(bytes: &[u8]) -> bool {
+    let header = qcow::format::Header::parse(bytes).unwrap();
+    header.extension(qcow::format::Extension::BITMAPS).is_some()
+}
+
+/// Bitmaps our writer left stale (autoclear bit 0 cleared): a repair first removes the bitmaps extension, as
+/// QEMU's read-write open does, then frees the bitmap clusters as leaks. The counts and the header cluster equal
+/// QEMU's repair's; a repair cut by power loss at any write leaves at worst leaks, and a second repair finishes.
+#[test]
+fn a_repair_removes_stale_bitmaps_from_the_header_then_frees_their_clusters_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "stale", "cluster_size=16k", "16M", &["write -P 1 0 1M"]);
+    run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&path).arg("b0"));
+    run_ok(qemu("qemu-img").args(["bitmap", "--add", "-g", "4096"]).arg(&path).arg("b1"));
+    qemu_io(&path, &["write -P 2 4M 1M"]);
+    let image = qcow::Image::open(FileDevice::open(&path, &FileOptions::default()).unwrap(), qcow::Config::default());
+    let image = image.unwrap();
+    image.write_at(8 << 20, &[3; 4096]).unwrap();
+    image.close().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(has_bitmaps_extension(&bytes) && be64(&bytes, 88) & 1 == 0, "our writer left the bitmaps stale");
+    let before = qemu_check(&path);
+    assert!(before.leaks() > 0 && before.corruptions() == 0, "{:#}", before.json);
+    let report = ours(&path, Repair::None);
+    assert_same_counts("stale", &report, &before);
+    assert!(report.problems.contains(&Problem::StaleBitmaps { removed: false }), "{report:#?}");
+    assert!(std::fs::read(&path).unwrap() == bytes, "a check without repair wrote");
+    let original = support::qemu_to_raw(&path, dir.path());
+    let cs = 16 << 10;
+
+    let theirs = copy(&path, "qemu-leaks");
+    let q = qemu_repair_report(&theirs, "leaks");
+    let qemu_header = std::fs::read(&theirs).unwrap()[..cs].to_vec();
+    for (mode, repair) in [("leaks", Repair::Leaks), ("all", Repair::All)] {
+        let mine = copy(&path, &format!("ours-{mode}"));
+        let fixed = ours(&mine, repair);
+        assert_same_counts(&format!("stale -r {mode}"), &fixed, &q);
+        assert!(fixed.problems.contains(&Problem::StaleBitmaps { removed: true }), "{fixed:#?}");
+        assert!(std::fs::read(&mine).unwrap()[..cs] == qemu_header[..], "-r {mode}: header differs from QEMU's");
+        support::assert_clean(&mine);
+        assert!(support::qemu_to_raw(&mine, dir.path()) == original, "-r {mode}: guest data changed");
+    }
+
+    let probe = FaultyDevice::new(MemoryDevice::from_bytes(bytes.clone()));
+    check(&probe, Repair::Leaks).unwrap();
+    let writes = probe.write_count();
+    assert!(writes >= 2, "the repair writes the header and a refcount block ({writes} writes)");
+    let mut rng = support::Rng(0xb17);
+    for cut in 0..=writes {
+        for trial in 0..3 {
+            let dev = FaultyDevice::new(MemoryDevice::from_bytes(bytes.clone()));
+            dev.crash_after_writes(cut);
+            let _ = check(&dev, Repair::Leaks);
+            let mask = rng.next();
+            dev.power_loss(&|i| trial == 1 || (trial == 2 && mask >> (i % 64) & 1 == 1)).unwrap();
+            let crashed = dir.path().join(format!("cut{cut}-{trial}.qcow2"));
+            std::fs::write(&crashed, dev.inner().snapshot()).unwrap();
+            let _why = support::OnFailure(format!("repair cut after {cut} writes, trial {trial}"));
+            support::assert_not_corrupt(&crashed);
+            assert!(support::qemu_to_raw(&crashed, dir.path()) == original, "cut {cut}/{trial}: guest data changed");
+            let fixed = ours(&crashed, Repair::Leaks);
+            assert!(fixed.is_clean(), "cut {cut}/{trial}: second repair: {fixed:#?}");
+            support::assert_clean(&crashed);
+            assert!(std::fs::read(&crashed).unwrap()[..cs] == qemu_header[..], "cut {cut}/{trial}: header");
+            std::fs::remove_file(&crashed).unwrap();
+        }
+    }
+}
+
 #[test]
 fn a_repair_cut_by_power_loss_never_makes_the_image_worse() {
     let dir = tempfile::tempdir().unwrap();

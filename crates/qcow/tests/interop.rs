@@ -11,7 +11,7 @@ mod support;
 use std::path::Path;
 
 use qcow::block::{FileDevice, FileOptions};
-use qcow::{Compat, Config, CreateOptions, ExtentKind, Image, Preallocation};
+use qcow::{Compat, Config, CreateOptions, ErrorKind, ExtentKind, Image, Preallocation};
 use support::{assert_clean, assert_matches_model, qemu, qemu_check, qemu_create, qemu_io, qemu_to_raw, run_ok, Rng};
 
 const KIB: u64 = 1 << 10;
@@ -755,6 +755,33 @@ fn our_images_of_size_0_and_1000001_match_qemu_img_info() {
         assert_eq!(qemu_virtual_size(&path), 1000448, "{name}: qemu-img info virtual-size");
         our_writes_case(dir.path(), &name, &opts, 0x5002 + i as u64, 30, 64 * KIB);
     }
+}
+
+/// QEMU's qcow2 driver refuses a new size that is not a multiple of 512 ("The new size must be a multiple of
+/// 512"); so does the library, growing or shrinking, and the image QEMU wrote is left as it was.
+#[test]
+fn resizing_to_a_size_that_is_not_a_multiple_of_512_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.qcow2");
+    qemu_create(&path, "", "4M");
+    qemu_io(&path, &["write -P 0x51 0 64k", "write -P 0x52 4032k 64k"]);
+    let raw = qemu_to_raw(&path, dir.path());
+    let file = std::fs::read(&path).unwrap();
+    let out = qemu("qemu-img").args(["resize", "--shrink"]).arg(&path).arg("1000001").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("multiple of 512"), "qemu-img resize to 1000001 bytes: {said}");
+    assert_eq!(std::fs::read(&path).unwrap(), file, "qemu-img's refused resize changed the file");
+    let img = open_ours_read_write(&path);
+    for (size, shrink) in [(2000001, false), (4 * MIB + 1, false), (MIB + 511, true), (4 * MIB - 1, true)] {
+        let e = img.resize(size, shrink).expect_err(&format!("resize to {size} bytes was taken"));
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "resize to {size}: {e}");
+        assert_eq!(img.virtual_size(), 4 * MIB, "resize to {size}");
+    }
+    img.close().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), file, "a refused resize changed the file");
+    assert_clean(&path);
+    assert_eq!(qemu_virtual_size(&path), 4 * MIB);
+    assert_eq!(qemu_to_raw(&path, dir.path()), raw);
 }
 
 #[test]

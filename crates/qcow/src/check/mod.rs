@@ -31,7 +31,9 @@
 //! - a rebuild writes the new refcount blocks and table past the end of the file, flushes, and only then
 //!   switches the header (one sector) to them; the old structures become leaks, freed afterwards;
 //! - COPIED flags are corrected only once the refcounts they describe are right;
-//! - the dirty and corrupt bits are cleared last, and only when nothing is left to repair.
+//! - the dirty and corrupt bits are cleared last, and only when nothing is left to repair;
+//! - before anything else, the header is rewritten as QEMU's read-write open rewrites it (unknown autoclear bits
+//!   cleared, a stale bitmaps extension removed), flushed before the clusters that leaves leaked are freed.
 
 mod layout;
 mod metadata;
@@ -58,7 +60,9 @@ pub enum Repair {
     /// Only look; never write.
     #[default]
     None,
-    /// Lower refcounts that are higher than the references (`-r leaks`).
+    /// Lower refcounts that are higher than the references (`-r leaks`). First, as QEMU's read-write open does,
+    /// clear unknown autoclear bits and remove a bitmaps extension whose autoclear bit is clear (its clusters are
+    /// then leaks, freed too).
     Leaks,
     /// Also raise refcounts that are too low, rebuild broken refcount structures, correct COPIED flags, and
     /// clear the dirty and corrupt bits (`-r all`).
@@ -276,10 +280,16 @@ fn name_referrers(dev: &dyn BlockDevice, layout: &Layout, implied: &Implied, rep
 
 fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
     let mut layout = Layout::read(dev, requested.all())?;
+    let stale_bitmaps = repair::has_stale_bitmaps(&layout.header);
+    // A repair opens the image read-write, and QEMU's read-write open rewrites the header before its check.
+    let rewritten = requested.leaks() && repair::rewrite_header_as_qemu_opens_it(dev, &mut layout)?;
     let mut report = CheckReport {
         total_clusters: layout.header.size.div_ceil(layout.geo.cluster_size()),
         ..CheckReport::default()
     };
+    if stale_bitmaps {
+        report.note(Problem::StaleBitmaps { removed: rewritten });
+    }
     let pass = count(dev, &layout)?;
     // With part of the metadata unread, the implied counts are too low: any refcount repair could free clusters
     // still in use. Only the dirty and corrupt bits stay as they are, too.

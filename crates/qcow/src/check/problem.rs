@@ -232,6 +232,12 @@ pub enum Problem {
     RepairRefused,
     /// A finding that the repair fixed (counted in `corruptions_fixed` or `leaks_fixed`, not as found).
     Repaired(Box<Problem>),
+    /// The header has a bitmaps extension but autoclear bit 0 is clear: a program without bitmap support wrote
+    /// the image, so the bitmaps are not trusted and their clusters count as leaks. Not counted itself.
+    StaleBitmaps {
+        /// Whether a repair removed the extension from the header, as QEMU's read-write open does.
+        removed: bool,
+    },
 }
 
 impl Problem {
@@ -249,7 +255,8 @@ impl Problem {
             | Problem::L1TableShared { .. }
             | Problem::L2TableRepeated { .. }
             | Problem::Repaired(_)
-            | Problem::RepairRefused => Severity::Detail,
+            | Problem::RepairRefused
+            | Problem::StaleBitmaps { .. } => Severity::Detail,
             _ => Severity::Corruption,
         }
     }
@@ -333,6 +340,17 @@ impl fmt::Display for Problem {
                 "ERROR refcounts not repaired: part of the metadata could not be read, and what only it references \
                  would have been freed"
             ),
+            Problem::StaleBitmaps { removed } => {
+                // QEMU's warning, then what the repair did about it.
+                f.write_str(
+                    "a program lacking bitmap support modified this file, so all bitmaps are now considered \
+                     inconsistent",
+                )?;
+                if *removed {
+                    f.write_str("; the bitmaps extension is removed from the header")?;
+                }
+                Ok(())
+            }
             Problem::Repaired(inner) => {
                 let text = inner.to_string();
                 let rest = text.strip_prefix("ERROR ").or_else(|| text.strip_prefix("Leaked ")).unwrap_or(&text);

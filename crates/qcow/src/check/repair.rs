@@ -10,7 +10,7 @@ use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::be64;
-use crate::format::{feature, RefcountBlock};
+use crate::format::{feature, Extension, Header, RefcountBlock};
 
 /// QEMU's cap on the refcount table.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -41,6 +41,60 @@ fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
     if let Some(dst) = bytes.get_mut(at..at + value.len()) {
         dst.copy_from_slice(value);
     }
+}
+
+/// Whether `header` has a bitmaps extension that QEMU no longer trusts: autoclear bit 0 is clear (always so in
+/// version 2), so a program without bitmap support has written the image since the bitmaps were saved.
+pub fn has_stale_bitmaps(header: &Header) -> bool {
+    header.autoclear_features & feature::BITMAPS == 0 && header.extension(Extension::BITMAPS).is_some()
+}
+
+/// The bytes `header` uses in cluster 0 as it lies on disk: fixed fields, extensions, end marker, and the
+/// backing file name wherever it is.
+fn header_extent(header: &Header) -> u64 {
+    let fixed = if header.version == 2 { 72 } else { u64::from(header.header_length) };
+    let extensions = header
+        .extensions
+        .iter()
+        .fold(8u64, |acc, e| acc.saturating_add(8).saturating_add((e.data.len() as u64).next_multiple_of(8)));
+    let name_end = match header.backing_file_offset {
+        0 => 0,
+        at => at.saturating_add(u64::from(header.backing_file_size)),
+    };
+    fixed.saturating_add(extensions).max(name_end)
+}
+
+/// Rewrites the header as QEMU's read-write open does before its check repairs anything: autoclear bits it does
+/// not know are cleared, and a stale bitmaps extension (see [`has_stale_bitmaps`]) is removed, which leaves the
+/// bitmap clusters as leaks for the repair to free. Every other extension is kept byte for byte.
+///
+/// The new header goes out in one write from offset 0 that also covers what the old one used, so that the bytes
+/// it no longer uses read as zeros, as after QEMU's rewrite; it is flushed before the caller frees anything, so a
+/// crash on either side of it leaves at worst leaks (the extension it drops is one QEMU ignores already). Like
+/// every header write, it is atomic only where the device writes it whole. Returns whether the header changed.
+pub fn rewrite_header_as_qemu_opens_it(dev: &dyn BlockDevice, layout: &mut Layout) -> Result<bool> {
+    let old = &layout.header;
+    let stale = has_stale_bitmaps(old);
+    if old.autoclear_features & !feature::KNOWN_AUTOCLEAR == 0 && !stale {
+        return Ok(false);
+    }
+    let mut new = old.clone();
+    new.autoclear_features &= feature::KNOWN_AUTOCLEAR;
+    if stale {
+        new.remove_extension(Extension::BITMAPS);
+    }
+    // A header that does not serialise again (a version 2 header holding version 3 values) is left as it is:
+    // QEMU ignores what would have been dropped, so the image is no worse, its bitmap clusters stay leaks.
+    if new.layout().is_err() {
+        return Ok(false);
+    }
+    let Ok(mut bytes) = new.serialize() else { return Ok(false) };
+    let used = usize::try_from(header_extent(old).min(layout.geo.cluster_size())).unwrap_or(0);
+    bytes.resize(bytes.len().max(used).next_multiple_of(512), 0);
+    write_grow(dev, 0, &bytes)?;
+    dev.flush()?;
+    layout.header = new;
+    Ok(true)
 }
 
 /// Replaces the refcount table and blocks with new ones holding `implied` counts, written past everything the

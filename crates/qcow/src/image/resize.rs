@@ -130,19 +130,24 @@ impl Meta {
 }
 
 impl<D: BlockDevice> Image<D> {
-    /// Changes the virtual size to `new_size` bytes (rounded up to whole sectors). Shrinking discards the data
-    /// past the new end and is refused unless `allow_shrink` is set.
+    /// Changes the virtual size to `new_size` bytes, a multiple of 512. Shrinking discards the data past the new
+    /// end and is refused unless `allow_shrink` is set.
     ///
     /// # Errors
-    /// `InvalidArgument` for a refused shrink or a size the L1 table cannot map, `ReadOnly`, `Io`, `Corrupt`.
+    /// `InvalidArgument`, changing nothing, for a size that is not a multiple of 512 (QEMU's qcow2 driver
+    /// refuses those too), a refused shrink or a size the L1 table cannot map; `Untrusted`, changing nothing, for
+    /// a shrink of an image whose refcounts cannot be trusted to say where the file may end; `ReadOnly`, `Io`,
+    /// `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.observe(self.resize_guest(new_size, allow_shrink))
     }
 
     fn resize_guest(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.check_writable("resize")?;
-        let new_size =
-            new_size.checked_next_multiple_of(512).ok_or_else(|| Error::invalid("resize", "size overflows"))?;
+        if new_size % 512 != 0 {
+            // Rounding would leave the image at a size the caller did not ask for.
+            return Err(Error::invalid("resize", format!("{new_size} bytes is not a multiple of 512")));
+        }
         let _exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let old_size = self.virtual_size();
         if new_size == old_size {
