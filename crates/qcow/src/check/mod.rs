@@ -51,7 +51,7 @@ use crate::block::BlockDevice;
 use crate::error::Result;
 use crate::image::Image;
 use layout::Layout;
-use refcounts::{Implied, Referrers, Stored};
+use refcounts::{Implied, Stored};
 use walk::Walk;
 
 /// What a check may repair, as `qemu-img check -r`.
@@ -260,14 +260,7 @@ fn name_referrers(dev: &dyn BlockDevice, layout: &Layout, implied: &Implied, rep
     if wanted.is_empty() {
         return Ok(());
     }
-    let mut sink = Referrers {
-        wanted: &wanted,
-        found: Default::default(),
-        cluster_bits: layout.geo.cluster_bits,
-        clusters: implied.len(),
-    };
-    Walk::new(dev, layout, false).run(&mut sink)?;
-    let mut found = sink.found;
+    let mut found = refcounts::referrers(dev, layout, &wanted)?;
     for cluster in wanted {
         if let Some(referrers) = found.remove(&cluster) {
             if referrers.len() > 1 {

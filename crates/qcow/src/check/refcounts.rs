@@ -125,7 +125,7 @@ impl Sink for Implied {
 }
 
 /// A sink for the second walk: collects every pointer to a chosen set of clusters.
-pub struct Referrers<'a> {
+struct Referrers<'a> {
     pub wanted: &'a BTreeSet<u64>,
     pub found: HashMap<u64, Vec<Referrer>>,
     pub cluster_bits: u32,
@@ -148,6 +148,22 @@ impl Sink for Referrers<'_> {
     fn clusters(&self) -> u64 {
         self.clusters
     }
+}
+
+/// Every pointer to each cluster of `wanted`, found by walking the metadata once more.
+pub fn referrers(
+    dev: &dyn BlockDevice,
+    layout: &Layout,
+    wanted: &BTreeSet<u64>,
+) -> Result<HashMap<u64, Vec<Referrer>>> {
+    let mut sink = Referrers {
+        wanted,
+        found: HashMap::new(),
+        cluster_bits: layout.geo.cluster_bits,
+        clusters: layout.file_clusters(),
+    };
+    super::walk::Walk::new(dev, layout, false).run(&mut sink)?;
+    Ok(sink.found)
 }
 
 /// Why a stored refcount could not be read.

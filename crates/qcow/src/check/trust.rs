@@ -6,12 +6,10 @@
 //! (`qemu-img check`'s) verdict with leaks tolerated: refcounts higher than the references waste space but free
 //! nothing that is in use, while any corruption or any structure the walk could not read refuses.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use super::layout::Layout;
-use super::refcounts::Referrers;
-use super::walk::Walk;
 use super::{run, Problem, Referrer, Repair, Severity, Structure};
 use crate::block::BlockDevice;
 use crate::error::Result;
@@ -133,17 +131,10 @@ pub fn distrust(dev: &dyn BlockDevice) -> Result<Option<Distrust>> {
 /// Pointers to one cluster a [`Distrust`] names.
 const REFERRERS_NAMED: usize = 4;
 
-/// The pointers to `cluster`, found by walking the metadata once more.
+/// The pointers to `cluster`, at most [`REFERRERS_NAMED`] of them.
 fn referrers_of(dev: &dyn BlockDevice, layout: &Layout, cluster: u64) -> Result<Vec<Referrer>> {
-    let wanted = BTreeSet::from([cluster]);
-    let mut sink = Referrers {
-        wanted: &wanted,
-        found: HashMap::new(),
-        cluster_bits: layout.geo.cluster_bits,
-        clusters: layout.file_clusters(),
-    };
-    Walk::new(dev, layout, false).run(&mut sink)?;
-    let mut found = sink.found.remove(&cluster).unwrap_or_default();
+    let mut found =
+        super::refcounts::referrers(dev, layout, &BTreeSet::from([cluster]))?.remove(&cluster).unwrap_or_default();
     found.truncate(REFERRERS_NAMED);
     Ok(found)
 }
