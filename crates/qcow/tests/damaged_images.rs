@@ -441,6 +441,7 @@ fn repair_then_compaction_keeps_the_data_of_every_damaged_image_qemu_can_read() 
         assert_not_corrupt(&path);
         compacted += 1;
     }
+    eprintln!("{compacted} of {} damaged images repaired and compacted with their data", damages().len());
     assert!(compacted >= 8, "only {compacted} damaged images were repaired and compacted");
 }
 
