@@ -85,6 +85,14 @@ pub enum Error {
         /// The feature's name, taken from the image's feature-name table where it has one.
         feature: String,
     },
+    /// An internal snapshot could not be created, applied or deleted; nothing was changed.
+    #[error("{op} refused: {why}")]
+    Snapshot {
+        /// The operation that was refused.
+        op: &'static str,
+        /// Why.
+        why: crate::image::SnapshotRefusal,
+    },
     /// An argument the caller passed cannot be honoured.
     #[error("invalid argument to {op}: {reason}")]
     InvalidArgument {
@@ -109,6 +117,7 @@ impl Error {
             Error::Format(_) => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::Snapshot { why, .. } => why.kind(),
         }
     }
 

@@ -32,5 +32,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use image::{
     parse_size, Backing, BackingPolicy, BackingResolver, ClusterState, CompactProgress, CompactSummary, Compat, Config,
     CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
-    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions,
+    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions, SnapshotRefusal, MAX_SNAPSHOTS,
+    MAX_SNAPSHOT_NAME,
 };

@@ -41,6 +41,12 @@ impl L1Entry {
         self.0 & COPIED != 0
     }
 
+    /// The same entry with the COPIED flag set or cleared.
+    #[must_use]
+    pub fn with_copied(self, copied: bool) -> Self {
+        L1Entry(if copied { self.0 | COPIED } else { self.0 & !COPIED })
+    }
+
     /// Whether reserved bits are set, or the offset is not cluster aligned.
     pub fn is_malformed(self, geometry: &Geometry) -> bool {
         self.0 & L1_RESERVED != 0 || !geometry.is_aligned(self.0 & OFFSET_MASK)
@@ -115,6 +121,15 @@ impl L2Entry {
     /// Whether the COPIED flag is set.
     pub fn is_copied(self) -> bool {
         self.0 & COPIED != 0
+    }
+
+    /// The same entry with the COPIED flag set or cleared (compressed entries have no such flag: unchanged).
+    #[must_use]
+    pub fn with_copied(self, copied: bool) -> Self {
+        if self.is_compressed() {
+            return self;
+        }
+        L2Entry(if copied { self.0 | COPIED } else { self.0 & !COPIED })
     }
 
     /// Decodes the entry, or returns what is wrong with it.

@@ -49,6 +49,7 @@ mod reclaim;
 mod resize;
 mod seek;
 mod snapshot;
+mod snapshots;
 mod subcluster;
 mod trust;
 mod writeback;
@@ -62,6 +63,7 @@ pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 pub use reclaim::{ClusterState, OnlineCompaction, ReclaimPass, ReclaimerOptions};
 pub use seek::{MappedExtent, MappedKind};
+pub use snapshots::{SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};

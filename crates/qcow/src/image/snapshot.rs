@@ -122,25 +122,35 @@ impl Meta {
     /// Writes `snapshots` as a new snapshot table in newly allocated clusters and switches the header to it,
     /// then frees the old table (`old_len` bytes at the current offset). The new table and its refcounts are
     /// durable before the header points at it.
-    fn replace_snapshot_table(&mut self, dev: &dyn BlockDevice, snapshots: &[Snapshot], old_len: u64) -> Result<()> {
+    ///
+    /// An empty list is no table at all: offset 0, nothing allocated (a cluster nothing counts would leak).
+    pub(super) fn replace_snapshot_table(
+        &mut self,
+        dev: &dyn BlockDevice,
+        snapshots: &[Snapshot],
+        old_len: u64,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let mut bytes = crate::format::serialize_snapshot_table(snapshots);
         bytes.resize(bytes.len().next_multiple_of(512), 0);
         self.writeback(dev)?;
-        let clusters = self.geo.clusters_for(bytes.len() as u64).max(1);
-        let first = self.alloc_clusters(dev, clusters)?;
-        self.writeback(dev)?;
-        super::meta::write_meta(dev, first * cs, &bytes)?;
-        dev.flush()?;
+        let mut new_offset = 0;
+        if !snapshots.is_empty() {
+            let clusters = self.geo.clusters_for(bytes.len() as u64).max(1);
+            new_offset = self.alloc_clusters(dev, clusters)? * cs;
+            self.writeback(dev)?;
+            super::meta::write_meta(dev, new_offset, &bytes)?;
+            dev.flush()?;
+        }
         let old = self.header.snapshots_offset;
         let count =
             u32::try_from(snapshots.len()).map_err(|_| Error::invalid("snapshot table", "too many snapshots"))?;
-        self.header.snapshots_offset = first * cs;
+        self.header.snapshots_offset = new_offset;
         self.header.nb_snapshots = count;
         self.overlap.snapshot_table_replaced();
         self.write_header(dev)?;
         dev.flush()?;
-        if old_len > 0 {
+        if old_len > 0 && old != 0 {
             for cluster in old / cs..=(old + old_len - 1) / cs {
                 self.free_later(cluster);
             }

@@ -162,6 +162,14 @@ impl ClusterStates {
         }
     }
 
+    /// Every copy in flight is stale: the tables are about to change wholesale (a snapshot is created, applied or
+    /// deleted), so no move may relink what it copied.
+    pub fn cancel_all_moves(&mut self) {
+        for m in self.moves.values_mut() {
+            m.stage = MoveStage::Cancelled;
+        }
+    }
+
     /// Whether any data move is in flight (the write path's fast check).
     pub fn moving(&self) -> bool {
         !self.moves.is_empty()
