@@ -69,6 +69,8 @@ struct Qcow2Facts {
     /// The external data file's name, and whether it is a valid raw image on its own.
     data_file: Option<(String, bool)>,
     snapshots: Vec<SnapshotFacts>,
+    /// The snapshot table as read, for the human listing.
+    table: Vec<qcow::format::Snapshot>,
     bitmaps: Vec<BitmapFacts>,
 }
 
@@ -99,9 +101,9 @@ pub fn run(args: &Args) -> Result<()> {
 
 fn gather(image: &Image<FileDevice>, name: &str) -> Result<Qcow2Facts> {
     let header = image.header();
-    let snapshots = image
-        .snapshots()
-        .map_err(|e| Error::wrap(format!("could not read the snapshot table of '{name}'"), e))?
+    let table =
+        image.snapshots().map_err(|e| Error::wrap(format!("could not read the snapshot table of '{name}'"), e))?;
+    let snapshots = table
         .iter()
         .map(|s| SnapshotFacts {
             id: s.id.clone(),
@@ -139,6 +141,7 @@ fn gather(image: &Image<FileDevice>, name: &str) -> Result<Qcow2Facts> {
             .has_external_data_file()
             .then(|| (header.external_data_file().unwrap_or_default(), header.is_data_file_raw())),
         snapshots,
+        table,
         bitmaps,
     })
 }
@@ -255,29 +258,7 @@ fn to_human(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> String 
         if let Some(format) = &q.backing_format {
             out.push(format!("backing file format: {format}"));
         }
-        if !q.snapshots.is_empty() {
-            out.push("Snapshot list:".into());
-            out.push(snapshot_line("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"));
-            for s in &q.snapshots {
-                let secs = s.vm_clock_nsec / 1_000_000_000;
-                let clock = format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    (secs / 60) % 60,
-                    secs % 60,
-                    (s.vm_clock_nsec / 1_000_000) % 1000
-                );
-                let icount = s.icount.map_or_else(|| "--".to_string(), |n| n.to_string());
-                out.push(snapshot_line(
-                    &s.id,
-                    &s.name,
-                    &size_to_str(s.vm_state_size),
-                    &utc_date(s.date_sec),
-                    &clock,
-                    &icount,
-                ));
-            }
-        }
+        out.extend(crate::snapshot::table(&q.table));
         out.push("Format specific information:".into());
         out.push(format!("    compat: {}", i.compat));
         out.push(format!("    compression type: {}", i.compression_type));
@@ -312,29 +293,6 @@ fn to_human(name: &str, file: &FileFacts, qcow2: Option<&Qcow2Facts>) -> String 
     out.push(format!("    file length: {} ({} bytes)", size_to_str(file.length), file.length));
     out.push(format!("    disk size: {}", size_to_str(file.allocated)));
     out.join("\n")
-}
-
-/// One row of the snapshot table, laid out as qemu-img lays it out.
-fn snapshot_line(id: &str, tag: &str, size: &str, date: &str, clock: &str, icount: &str) -> String {
-    format!("{id:<7} {tag:<16} {size:>8} {date:>19} {clock:>15} {icount:>10}")
-}
-
-/// A snapshot date as "YYYY-MM-DD HH:MM:SS". qemu-img prints local time; this tool prints UTC, which is the
-/// same wherever the local time zone is UTC.
-fn utc_date(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rest = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, (rest / 60) % 60, rest % 60)
 }
 
 /// A size as qemu's `size_to_str` writes it: three significant digits and a binary unit ("1 GiB", "196 KiB",
@@ -382,24 +340,5 @@ mod tests {
         assert_eq!(size_to_str(3 << 29), "1.5 GiB");
         assert_eq!(size_to_str(10 << 20), "10 MiB");
         assert_eq!(size_to_str(1_000_000), "977 KiB");
-    }
-
-    #[test]
-    fn dates_print_in_utc() {
-        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_date(1_795_631_564), "2026-11-25 18:32:44");
-        assert_eq!(utc_date(951_825_600), "2000-02-29 12:00:00");
-    }
-
-    #[test]
-    fn snapshot_rows_line_up_like_qemu_img() {
-        assert_eq!(
-            snapshot_line("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"),
-            "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT"
-        );
-        assert_eq!(
-            snapshot_line("1", "snap1", "0 B", "2026-11-25 18:32:44", "0000:00:00.000", "0"),
-            "1       snap1                 0 B 2026-11-25 18:32:44  0000:00:00.000          0"
-        );
     }
 }

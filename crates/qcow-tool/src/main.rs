@@ -21,6 +21,7 @@ mod encode;
 mod error;
 mod hostmap;
 mod info;
+mod localtime;
 mod map;
 mod mapped;
 mod measure;
@@ -33,6 +34,7 @@ mod resize;
 mod rw;
 mod serve;
 mod sha;
+mod snapshot;
 mod stream_decode;
 
 use std::process::ExitCode;
@@ -101,6 +103,8 @@ enum Command {
     Rehydrate(rehydrate::Args),
     /// Serve an image over NBD (Network Block Device) until SIGINT or SIGTERM.
     Serve(serve::Args),
+    /// List, create, apply or delete internal snapshots, as `qemu-img snapshot (-l | -c NAME | -a NAME | -d NAME)`.
+    Snapshot(snapshot::Args),
     /// Decode a qcow2 image read from standard input (a pipe: no seeking) into a sparse raw file.
     StreamDecode(stream_decode::Args),
 }
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Dehydrate(args) => dehydrate::run(&args).map(|()| 0),
         Command::Rehydrate(args) => rehydrate::run(&args).map(|()| 0),
         Command::Serve(args) => serve::run(&args).map(|()| 0),
+        Command::Snapshot(args) => snapshot::run(&args).map(|()| 0),
         Command::StreamDecode(args) => stream_decode::run(&args).map(|()| 0),
     }
 }
@@ -138,7 +143,7 @@ fn run(cli: Cli) -> Result<u8> {
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, pattern, dehydrate, rehydrate, stream-decode, serve (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, snapshot, pattern, dehydrate, rehydrate, stream-decode, serve (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
