@@ -640,7 +640,7 @@ fn create_with_a_backing_file_agrees_with_qemu_img() {
             assert_eq!(ours[key], q[key], "{name}, field {key}:\nours {ours}\nqemu {q}");
         }
         let theirs = String::from_utf8(ok(qemu_img().arg("info").arg(&img)).stdout).unwrap();
-        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().env("TZ", "UTC").arg("info").arg(&img)).stdout).unwrap();
         assert_eq!(own_lines(&human), own_lines(&theirs), "{name}");
         if !same_as.is_empty() {
             let fmt = if same_as.ends_with("raw") { "raw" } else { "qcow2" };
@@ -811,7 +811,7 @@ fn convert_reads_an_overlay_through_its_chain() {
     assert_eq!(cmp.status.code(), Some(0), "{}", show(&cmp));
 }
 
-/// `qemu-img` with the time zone fixed to UTC, the zone the tool prints snapshot dates in.
+/// `qemu-img` with the time zone fixed to UTC (the tool is run with it too: both print dates in local time).
 fn qemu_img_utc() -> Command {
     let mut cmd = qemu_img();
     cmd.env("TZ", "UTC");
@@ -836,7 +836,7 @@ fn info_lists_snapshots_like_qemu_img() {
             assert_eq!(ours[key], q[key], "case {i}, {key}");
         }
         let theirs = String::from_utf8(ok(qemu_img_utc().arg("info").arg(&img)).stdout).unwrap();
-        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().env("TZ", "UTC").arg("info").arg(&img)).stdout).unwrap();
         assert!(human.contains("Snapshot list:"), "{human}");
         assert_eq!(own_lines(&human), own_lines(&theirs), "case {i}");
     }
@@ -858,7 +858,7 @@ fn info_lists_bitmaps_like_qemu_img() {
             assert_eq!(ours[key], q[key], "{label}, {key}:\nours {ours}\nqemu {q}");
         }
         let theirs = String::from_utf8(ok(qemu_img_utc().arg("info").arg(&img)).stdout).unwrap();
-        let human = String::from_utf8(ok(tool().arg("info").arg(&img)).stdout).unwrap();
+        let human = String::from_utf8(ok(tool().env("TZ", "UTC").arg("info").arg(&img)).stdout).unwrap();
         assert_eq!(own_lines(&human), own_lines(&theirs), "{label}");
         q
     };
