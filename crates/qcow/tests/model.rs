@@ -2,9 +2,10 @@
 //!
 //! Every sequence mixes allocating writes of random ranges and sizes (partial clusters, whole clusters and
 //! multi-cluster spans), overwrites of earlier data, zero writes, resizes (growing, and shrinking once allowed),
-//! flushes, and close + reopen. After every step the touched clusters are read back and compared with a
+//! flushes, close + reopen, and internal snapshots created, applied and deleted, with a model kept per snapshot. After every step the touched clusters are read back and compared with a
 //! `Vec<u8>` model; every few steps the whole disk is. At the end of each deterministic sequence QEMU judges the
-//! image: `qemu-img check` must be clean and `qemu-img compare` must match the model.
+//! image: `qemu-img check` must be clean, `qemu-img compare` must match the model, and `qemu-img convert -l
+//! snapshot.name=` of every snapshot left must match that snapshot's model.
 //!
 //! A failure prints the seed and the layout that reproduce it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -219,14 +220,17 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
     let mut image = Image::create(store.fresh(), &layout.create_options(initial), layout.config()).unwrap();
     let mut model = vec![0u8; initial as usize];
     let mut earlier: Vec<(u64, u64)> = Vec::new();
-    let mut counts = [0usize; 5];
+    let mut counts = [0usize; 6];
+    // The snapshots the image holds, each with the model as it was taken.
+    let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut taken = 0;
     // QCOW_MODEL_TRACE=1 prints every operation, to turn a failure into a reproduction.
     let trace = std::env::var_os("QCOW_MODEL_TRACE").is_some();
     for step in 0..steps {
         let size = model.len() as u64;
         match rng.below(100) {
             // Writes of fresh random data, or of zeros.
-            0..=74 => {
+            0..=70 => {
                 counts[0] += 1;
                 let (offset, len) = pick_write(&mut rng, cs, size, &earlier);
                 let mut data = vec![0u8; len as usize];
@@ -243,6 +247,54 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                 earlier.push((offset, len));
                 let (start, span) = cluster_span(offset, len, cs, size);
                 verify_range(&image, &model, start, span, &format!("step {step}: after write {offset:#x}+{len:#x}"));
+            }
+            // Snapshots: created (at most four kept), applied, deleted.
+            71..=74 => {
+                counts[5] += 1;
+                let pick = rng.below(snapshots.len().max(1) as u64) as usize;
+                match rng.below(3) {
+                    0 if snapshots.len() < 4 => {
+                        taken += 1;
+                        let name = format!("s{taken}");
+                        if trace {
+                            eprintln!("step {step}: snapshot_create({name})");
+                        }
+                        match image.snapshot_create(&name) {
+                            Ok(s) => {
+                                assert_eq!((s.name.as_str(), s.disk_size()), (name.as_str(), Some(size)));
+                                snapshots.push((name, model.clone()));
+                            }
+                            // One-bit refcounts cannot count a second reference: refused, nothing changed.
+                            Err(qcow::Error::Snapshot {
+                                why: qcow::SnapshotRefusal::RefcountOverflow { .. }, ..
+                            }) if layout.refcount_bits == 1 => {}
+                            Err(e) => panic!("step {step}: snapshot_create({name}): {e}"),
+                        }
+                        verify_all(&image, &model, &format!("step {step}: after snapshot_create"));
+                    }
+                    1 if !snapshots.is_empty() => {
+                        let (name, kept) = &snapshots[pick];
+                        if trace {
+                            eprintln!("step {step}: snapshot_apply({name})");
+                        }
+                        image.snapshot_apply(name).unwrap_or_else(|e| panic!("step {step}: apply {name}: {e}"));
+                        model.clone_from(kept);
+                        assert_eq!(image.virtual_size(), model.len() as u64, "step {step}: size after apply");
+                        earlier.retain(|&(o, l)| o + l <= model.len() as u64);
+                        verify_all(&image, &model, &format!("step {step}: after snapshot_apply({name})"));
+                    }
+                    _ if !snapshots.is_empty() => {
+                        let (name, _) = snapshots.remove(pick);
+                        if trace {
+                            eprintln!("step {step}: snapshot_delete({name})");
+                        }
+                        image.snapshot_delete(&name).unwrap_or_else(|e| panic!("step {step}: delete {name}: {e}"));
+                        verify_all(&image, &model, &format!("step {step}: after snapshot_delete({name})"));
+                    }
+                    _ => {}
+                }
+                let names: Vec<String> = image.snapshots().unwrap().into_iter().map(|s| s.name).collect();
+                assert_eq!(names, snapshots.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), "step {step}");
             }
             // Resizes: grow, or shrink once a refused shrink has changed nothing.
             75..=84 => {
@@ -294,6 +346,26 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
     let path = store.image_file();
     assert_clean(&path);
     assert_matches_model(&path, &model);
+    for (name, kept) in &snapshots {
+        let raw = path.with_extension(format!("{name}.raw"));
+        let opt = format!("snapshot.name={name}");
+        support::run_ok(
+            support::qemu("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", "-l", &opt]).arg(&path).arg(&raw),
+        );
+        // QEMU reads a snapshot at the image's current size: past the snapshot's own size it shows what the
+        // snapshot's last cluster holds there, then zeros.
+        let got = std::fs::read(&raw).unwrap();
+        let first = got.iter().zip(kept.iter()).position(|(a, b)| a != b);
+        let end = (kept.len() as u64).next_multiple_of(layout.cluster_size) as usize;
+        assert!(
+            first.is_none() && got.len() == model.len() && got.iter().skip(end).all(|&b| b == 0),
+            "snapshot {name} differs from its model ({layout:?}, seed {seed:#x}): {} bytes, the model {}, first \
+             difference at {first:?}",
+            got.len(),
+            kept.len()
+        );
+        std::fs::remove_file(&raw).ok();
+    }
 }
 
 /// A sequence normally takes about a second; this leaves room for a slow, loaded machine.

@@ -46,6 +46,7 @@ impl Meta {
         self.clear_copied_below(dev, &snapshot_l1)?;
         let cs = self.geo.cluster_size();
         let offset = if entries > 0 { self.alloc_clusters(dev, self.geo.clusters_for(entries * 8))? * cs } else { 0 };
+        self.forget_cached(offset, entries);
         self.writeback(dev)?;
         if entries > 0 {
             write_meta(dev, offset, &l1_bytes(&snapshot_l1, entries))?;
@@ -54,11 +55,7 @@ impl Meta {
 
         // The commit: L1 offset, L1 size and virtual size change in one header sector.
         let (old_offset, old_entries) = (self.header.l1_table_offset, self.l1_size());
-        if old_entries > 0 {
-            for cluster in old_offset / cs..(old_offset + old_entries * 8).div_ceil(cs) {
-                self.cache.remove(cluster * cs);
-            }
-        }
+        self.forget_cached(old_offset, old_entries);
         self.header.l1_table_offset = offset;
         self.header.l1_size = entries as u32;
         self.header.size = size;

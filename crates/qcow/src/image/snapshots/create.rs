@@ -83,6 +83,7 @@ impl Meta {
         if entries > 0 {
             let cs = self.geo.cluster_size();
             snapshot.l1_table_offset = self.alloc_clusters(dev, self.geo.clusters_for(entries * 8))? * cs;
+            self.forget_cached(snapshot.l1_table_offset, entries);
         }
         // Refcounts, then the cleared flags, are durable before the copy and long before the table names it.
         self.writeback(dev)?;

@@ -55,8 +55,8 @@ impl Meta {
         Ok(entries)
     }
 
-    /// Calls `visit` for the first `limit` host clusters the tree references, in a fixed order (L1 order; each
-    /// L2 table, then what its entries name), and answers how many it visited.
+    /// Calls `visit` for the first `limit` host clusters the tree references, in a fixed order (L1 order; what
+    /// each L2 table's entries name, then the table), and answers how many it visited.
     fn walk_references(
         &mut self,
         dev: &dyn BlockDevice,
@@ -68,12 +68,7 @@ impl Meta {
         let cb = geo.cluster_bits;
         let mut done = 0u64;
         for l2 in l1.iter().filter_map(|e| e.l2_offset()) {
-            if done >= limit {
-                return Ok(done);
-            }
             self.check_reference(l2.0, l2.0)?;
-            visit(self, dev, l2.0 >> cb)?;
-            done += 1;
             for index in 0..geo.l2_entries() {
                 let at = l2.0 + index * geo.l2_entry_size();
                 let entry = self.l2_entry(dev, l2, index)?;
@@ -93,6 +88,13 @@ impl Meta {
                     cluster += 1;
                 }
             }
+            // The table itself last, as QEMU does: lowered to zero it is freed and dropped from the cache, and
+            // must not be read (and cached again) after that.
+            if done >= limit {
+                return Ok(done);
+            }
+            visit(self, dev, l2.0 >> cb)?;
+            done += 1;
         }
         Ok(done)
     }
@@ -141,6 +143,17 @@ impl Meta {
             Ok(())
         })
         .map(|_| ())
+    }
+
+    /// Clusters just allocated for a table written straight to the device: no stale cached copy of what they
+    /// held before may pass for it.
+    pub(super) fn forget_cached(&mut self, offset: u64, entries: u64) {
+        let cs = self.geo.cluster_size();
+        if entries > 0 {
+            for cluster in offset / cs..(offset + entries * 8).div_ceil(cs) {
+                self.cache.remove(cluster * cs);
+            }
+        }
     }
 
     /// Lowers the refcount of every cluster of an L1 table of `entries` entries at `offset`.
