@@ -150,3 +150,146 @@ fn snapshots_qemu_creates_are_applied_and_deleted_by_us_as_qemu_does_it() {
     assert!(same_guest_data(&ours, &theirs));
     assert!(qemu_list(&ours).is_empty());
 }
+
+#[test]
+fn applying_a_snapshot_of_another_size_resizes_as_qemu_does() {
+    let dir = tempdir();
+    let ours = dir.path().join("sizes.qcow2");
+    let theirs = dir.path().join("sizes-qemu.qcow2");
+    qemu_create(&ours, "", "1M");
+    qemu_io(&ours, &["write -P 5 0 64k"]);
+    qemu_snapshot(&ours, &["-c", "small"]);
+    run_ok(qemu("qemu-img").args(["resize", "-q"]).arg(&ours).arg("3M"));
+    qemu_io(&ours, &["write -P 6 2M 64k"]);
+    qemu_snapshot(&ours, &["-c", "big"]);
+    std::fs::copy(&ours, &theirs).unwrap();
+    for name in ["small", "big", "small"] {
+        let image = open_rw(&ours);
+        image.snapshot_apply(name).unwrap();
+        assert_eq!(image.virtual_size(), if name == "small" { 1 << 20 } else { 3 << 20 });
+        image.close().unwrap();
+        qemu_snapshot(&theirs, &["-a", name]);
+        assert_clean(&ours);
+        assert!(same_guest_data(&ours, &theirs), "after applying {name}");
+        let size = |p: &Path| {
+            let out = run_ok(qemu("qemu-img").args(["info", "--output=json"]).arg(p));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["virtual-size"].clone()
+        };
+        assert_eq!(size(&ours), size(&theirs));
+    }
+}
+
+fn refused(result: qcow::Result<qcow::format::Snapshot>) -> SnapshotRefusal {
+    match result {
+        Err(Error::Snapshot { why, .. }) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn snapshot_refusals_change_nothing() {
+    let dir = tempdir();
+    let path = dir.path().join("refuse.qcow2");
+    qemu_create(&path, "", "1M");
+    qemu_io(&path, &["write -P 1 0 64k"]);
+    qemu_snapshot(&path, &["-c", "taken"]);
+    open_rw(&path).close().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let image = open_rw(&path);
+    let long = "n".repeat(256);
+    assert!(matches!(refused(image.snapshot_create("taken")), SnapshotRefusal::NameExists { id, .. } if id == "1"));
+    assert_eq!(refused(image.snapshot_create(&long)), SnapshotRefusal::NameTooLong { len: 256 });
+    assert_eq!(refused(image.snapshot_create("a\0b")), SnapshotRefusal::NameHasNul);
+    assert!(matches!(refused(image.snapshot_apply("nosuch")), SnapshotRefusal::NotFound { .. }));
+    // Delete looks names up only, as qemu-img does: "1" is an ID.
+    assert!(matches!(refused(image.snapshot_delete("1")), SnapshotRefusal::NotFound { .. }));
+    assert!(std::fs::read(&path).unwrap() == before, "a refusal changed the file");
+    image.snapshot_create(&"n".repeat(255)).unwrap();
+    image.snapshot_delete(&"n".repeat(255)).unwrap();
+    image.close().unwrap();
+    assert_clean(&path);
+    let ro = Image::open_path(&path, Config::read_only()).unwrap();
+    assert_eq!(ro.snapshot_create("x").unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(ro.snapshot_delete("taken").unwrap_err().kind(), ErrorKind::ReadOnly);
+    drop(ro);
+    assert_eq!(qemu_list(&path), [("1".into(), "taken".into())]);
+
+    // One-bit refcounts cannot count a second reference: QEMU fails and leaks a cluster; we undo the raises.
+    let one = dir.path().join("one-bit.qcow2");
+    qemu_create(&one, "refcount_bits=1", "1M");
+    qemu_io(&one, &["write -P 1 0 192k"]);
+    open_rw(&one).close().unwrap();
+    let before_one = std::fs::read(&one).unwrap();
+    let image = open_rw(&one);
+    assert!(matches!(refused(image.snapshot_create("s")), SnapshotRefusal::RefcountOverflow { .. }));
+    image.close().unwrap();
+    assert!(std::fs::read(&one).unwrap() == before_one, "a refused snapshot changed the file");
+    assert_clean(&one);
+
+    // An external data file: QEMU's refusal, with its kind.
+    let data = dir.path().join("data.qcow2");
+    run_ok(
+        qemu("qemu-img")
+            .current_dir(dir.path())
+            .args(["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw"])
+            .arg(&data)
+            .arg("1M"),
+    );
+    open_rw(&data).close().unwrap();
+    let before_data = std::fs::read(&data).unwrap();
+    let image = open_rw(&data);
+    for result in [image.snapshot_create("s"), image.snapshot_apply("s"), image.snapshot_delete("s")] {
+        let e = result.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(matches!(e, Error::Snapshot { why: SnapshotRefusal::ExternalDataFile, .. }));
+    }
+    image.close().unwrap();
+    assert!(std::fs::read(&data).unwrap() == before_data);
+}
+
+/// The bitmap's directory, table and data clusters, byte for byte.
+fn bitmap_bytes(path: &Path) -> Vec<u8> {
+    let image = Image::open_path(path, Config::read_only()).unwrap();
+    let file = std::fs::read(path).unwrap();
+    let cs = image.geometry().cluster_size() as usize;
+    let mut out = Vec::new();
+    for b in image.bitmaps().unwrap() {
+        let table = &file[b.table_offset as usize..][..b.table_size as usize * 8];
+        out.extend_from_slice(table);
+        for entry in qcow::format::parse_bitmap_table(table) {
+            if let Some(offset) = entry.data_offset() {
+                out.extend_from_slice(&file[offset as usize..][..cs]);
+            }
+        }
+    }
+    assert!(!out.is_empty());
+    out
+}
+
+#[test]
+fn a_qemu_bitmap_survives_snapshot_create_and_delete() {
+    let dir = tempdir();
+    let path = dir.path().join("bitmap.qcow2");
+    qemu_create(&path, "", "16M");
+    run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&path).arg("b0"));
+    qemu_io(&path, &["write -P 1 0 64k", "write -P 2 8M 1M"]);
+    let before = bitmap_bytes(&path);
+    let image = open_rw(&path);
+    image.snapshot_create("s1").unwrap();
+    image.snapshot_create("s2").unwrap();
+    image.snapshot_delete("s1").unwrap();
+    image.close().unwrap();
+    assert!(bitmap_bytes(&path) == before, "the bitmap's clusters changed");
+    // The guest data did not change either, so the bitmap is still true: set its autoclear bit again (our
+    // read-write open cleared it, as a writer that does not maintain bitmaps must) and QEMU trusts it, finds every
+    // one of its clusters counted, and lists it.
+    let mut file = std::fs::read(&path).unwrap();
+    let autoclear = u64::from_be_bytes(file[88..96].try_into().unwrap()) | 1;
+    file[88..96].copy_from_slice(&autoclear.to_be_bytes());
+    std::fs::write(&path, &file).unwrap();
+    assert_clean(&path);
+    let out = run_ok(qemu("qemu-img").args(["info", "--output=json"]).arg(&path));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["format-specific"]["data"]["bitmaps"][0]["name"], "b0", "{info}");
+    assert_eq!(qemu_list(&path), [("2".into(), "s2".into())]);
+}
