@@ -148,8 +148,8 @@ fn refusals_are_worded_as_qemu_img_words_them() {
     ];
     for (args, file) in cases {
         let before = std::fs::read(file).ok();
-        let theirs = refusal(dir.here(&mut qemu_img("UTC").arg("snapshot").args(&args).arg(file)), "qemu-img");
-        let mine = refusal(dir.here(&mut ours("UTC").arg("snapshot").args(&args).arg(file)), "qcow-tool");
+        let theirs = refusal(dir.here(qemu_img("UTC").arg("snapshot").args(&args).arg(file)), "qemu-img");
+        let mine = refusal(dir.here(ours("UTC").arg("snapshot").args(&args).arg(file)), "qcow-tool");
         assert_eq!(mine, theirs, "{args:?} {}", file.display());
         assert!(std::fs::read(file).ok() == before, "{args:?} changed {}", file.display());
     }
@@ -167,8 +167,8 @@ fn refusals_are_worded_as_qemu_img_words_them() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
     std::fs::set_permissions(&ro, perms).unwrap();
     if std::fs::OpenOptions::new().write(true).open(&ro).is_err() {
-        let theirs = refusal(&mut qemu_img("UTC").args(["snapshot", "-c", "x"]).arg(&ro), "qemu-img");
-        let mine = refusal(&mut ours("UTC").args(["snapshot", "-c", "x"]).arg(&ro), "qcow-tool");
+        let theirs = refusal(qemu_img("UTC").args(["snapshot", "-c", "x"]).arg(&ro), "qemu-img");
+        let mine = refusal(ours("UTC").args(["snapshot", "-c", "x"]).arg(&ro), "qcow-tool");
         assert_eq!(mine, theirs);
     }
 }
