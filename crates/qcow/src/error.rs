@@ -85,6 +85,9 @@ pub enum Error {
         /// The feature's name, taken from the image's feature-name table where it has one.
         feature: String,
     },
+    /// A change to the image (rebase, commit, amend) was refused before anything was written.
+    #[error("refused: {0}")]
+    Refused(#[from] crate::image::Refusal),
     /// An argument the caller passed cannot be honoured.
     #[error("invalid argument to {op}: {reason}")]
     InvalidArgument {
@@ -108,7 +111,7 @@ impl Error {
             Error::Format(e) if e.is_unsupported() => ErrorKind::Unsupported,
             Error::Format(_) => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
-            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::InvalidArgument { .. } | Error::Refused(_) => ErrorKind::InvalidArgument,
         }
     }
 

@@ -65,7 +65,7 @@ impl Meta {
 
     /// Unmaps every guest cluster at or past `from` (a cluster boundary) and frees what they used; L2 tables
     /// left empty are unlinked and freed too.
-    fn unmap_tail(&mut self, dev: &dyn BlockDevice, from: u64) -> Result<()> {
+    pub(super) fn unmap_tail(&mut self, dev: &dyn BlockDevice, from: u64) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let first_l1 = geo.l1_index(GuestOffset(from));
