@@ -227,6 +227,7 @@ fn refusal_words(r: &Refusal) -> String {
         Refusal::BackingFileAmend => "Cannot amend the backing file (use 'qcow-tool rebase' instead)".into(),
         Refusal::ResizeV2WithSnapshots => "Can't resize a v2 image which has snapshots".into(),
         Refusal::SizeNotSectorMultiple { .. } => "The new size must be a multiple of 512".into(),
+        Refusal::GrowV2OverBacking => "Failed to zero out new clusters: Operation not supported".into(),
         Refusal::DowngradeRefcountWidth => "compat=0.10 requires refcount_bits=16".into(),
         Refusal::DowngradeDataFile => "Cannot downgrade an image with a data file".into(),
         Refusal::DowngradeSnapshot { .. } => "Internal snapshots prevent downgrade of image".into(),

@@ -55,7 +55,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let chain = Chain::open(path, Some(Format::Qcow2))?;
     let depth = match &args.base {
-        Some(base) => find_base(path, base)?.ok_or_else(|| not_found(base))?,
+        Some(base) => find_base(&chain, base).ok_or_else(|| not_found(base))?,
         None if chain.name(1).is_empty() => return Err(Error::msg("Image does not have a backing file")),
         None => 1,
     };
@@ -119,22 +119,21 @@ impl Base {
     }
 }
 
-/// Where `base` is in the chain of `top` (1 for the immediate backing file), as qemu-img finds a backing image:
+/// Where `base` is in `chain` (1 for the immediate backing file), as qemu-img finds a backing image:
 /// the name recorded in the image above it, or the same file as that name opens relative to the directory of the
 /// image above (an absolute name as it is).
-fn find_base(top: &Path, base: &str) -> Result<Option<usize>> {
-    let chain = Chain::open(top, Some(Format::Qcow2))?;
+fn find_base(chain: &Chain, base: &str) -> Option<usize> {
     let mut depth = 1;
     while !chain.name(depth).is_empty() {
         let above = chain.name(depth - 1);
         let layer = std::fs::canonicalize(chain.name(depth)).ok();
         let candidate = std::fs::canonicalize(backing_name(above, base)).ok();
         if chain.recorded_name(depth) == Some(base) || (layer.is_some() && candidate == layer) {
-            return Ok(Some(depth));
+            return Some(depth);
         }
         depth += 1;
     }
-    Ok(None)
+    None
 }
 
 /// The ranges of `top` answered by a layer above `base_depth` (allocated there, or reading zeros past the end of

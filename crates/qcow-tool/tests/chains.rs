@@ -411,6 +411,9 @@ fn amend_gives_what_qemu_img_amend_gives_for_every_option() {
                   qemu-io -c 'write -z 0 64k' -c 'write -P 2 64k 4k' -c 'write -z 512k 64k' a.qcow2 >/dev/null";
     let snapshot = "qemu-img snapshot -c s1 a.qcow2 && qemu-io -c 'write -P 9 0 64k' a.qcow2 >/dev/null";
     let backed_snapshot = format!("{backed} && {snapshot} && qemu-io -c 'write -z 640k 64k' a.qcow2 >/dev/null");
+    let longer_backing = "mv a.qcow2 b.qcow2 && qemu-img resize -q b.qcow2 3M && \
+                          qemu-io -c 'write -P 4 1M 2M' b.qcow2 >/dev/null && \
+                          qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 a.qcow2 1000k";
     let killed = "qemu-io -c 'write -P 3 600k 64k' -c 'sigraise 9' a.qcow2 >/dev/null 2>&1 || true";
     let data_file = "rm a.qcow2 && qemu-img create -q -f qcow2 -o data_file=a.raw,data_file_raw=on a.qcow2 1M && \
                      qemu-io -c 'write -P 5 0 128k' a.qcow2 >/dev/null && cp a.raw renamed.raw";
@@ -438,6 +441,9 @@ fn amend_gives_what_qemu_img_amend_gives_for_every_option() {
         ("", backed, "compat=0.10", true),
         ("", backed, "size=4M", true),
         ("", backed, "backing_file=b.qcow2,backing_fmt=qcow2", true),
+        ("", longer_backing, "size=2M", true),
+        ("", longer_backing, "size=4M", true),
+        ("compat=0.10", longer_backing, "compat=1.1,size=2M", true),
         ("", snapshot, "compat=0.10", true),
         ("", &backed_snapshot, "compat=0.10", true),
         ("compat=1.1", &backed_snapshot, "refcount_bits=2", true),
@@ -736,4 +742,120 @@ fn amend_keeps_persistent_bitmaps_or_refuses_and_downgrades_drop_them_as_qemu_do
     assert_eq!(std::fs::read(twins.o("a.qcow2")).unwrap(), std::fs::read(twins.orig("a.qcow2")).unwrap());
     let info = json(qemu("qemu-img").args(["info", "--output=json"]).arg(twins.o("a.qcow2")));
     assert_eq!(info["format-specific"]["data"]["bitmaps"][0]["name"], "b0", "{info}");
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// what every command of the tool does
+// ------------------------------------------------------------------------------------------------------------
+
+/// Runs `qcow-tool ARGS --progress-fd 3` in `dir` and returns the percentages it reported.
+fn progress_of(dir: &Path, args: &[&str]) -> Vec<u64> {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!("'{}' {} --progress-fd 3 3>progress.log", env!("CARGO_BIN_EXE_qcow-tool"), quoted.join(" "));
+    ok(Command::new("sh").arg("-c").arg(&script).current_dir(dir));
+    let lines = std::fs::read_to_string(dir.join("progress.log")).unwrap();
+    let percents: Vec<u64> =
+        lines.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["progress"].as_u64().unwrap()).collect();
+    assert_eq!(percents.last(), Some(&100), "{args:?}: {lines}");
+    assert!(percents.windows(2).all(|w| w[0] < w[1]), "{args:?}: {lines}");
+    percents
+}
+
+#[test]
+fn rebase_commit_and_amend_have_help_report_progress_and_refuse_missing_and_encrypted_images_in_one_line() {
+    let top = String::from_utf8(ok(tool().arg("--help")).stdout).unwrap();
+    for cmd in ["rebase", "commit", "amend"] {
+        assert!(top.contains(cmd), "{cmd} missing from:\n{top}");
+        let text = String::from_utf8(ok(tool().args([cmd, "--help"])).stdout).unwrap();
+        assert!(text.contains("Usage: qcow-tool"), "{cmd}: {text}");
+    }
+    let dir = Dir::new();
+    let root = dir.path("");
+    sh(
+        &root,
+        "qemu-img create -q -f qcow2 -o cluster_size=4k base.qcow2 16M
+         qemu-io -c 'write -P 1 0 8M' base.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2 top.qcow2
+         qemu-io -c 'write -P 2 4M 8M' top.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
+             -o encrypt.format=luks,encrypt.key-secret=sec0 luks.qcow2 1M",
+    );
+    let percents = progress_of(&root, &["rebase", "-b", "", "top.qcow2"]);
+    assert!(percents.len() > 2, "rebase: {percents:?}");
+    sh(&root, "qemu-img rebase -u -b base.qcow2 -F qcow2 top.qcow2");
+    let percents = progress_of(&root, &["commit", "-d", "top.qcow2"]);
+    assert!(percents.len() > 2, "commit: {percents:?}");
+    progress_of(&root, &["amend", "-o", "lazy_refcounts=on,refcount_bits=8", "base.qcow2"]);
+    assert_eq!(check(&dir.path("base.qcow2")), (0, 0, 0, Some(0)));
+    let missing = dir.path("no-such-image.qcow2").display().to_string();
+    let luks = dir.path("luks.qcow2").display().to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2"], "No such file"),
+        (&["commit"], "No such file"),
+        (&["amend", "-o", "size=2M"], "No such file"),
+        (&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2"], "LUKS"),
+        (&["commit"], "LUKS"),
+        (&["amend", "-o", "size=2M"], "LUKS"),
+    ];
+    for (i, (args, phrase)) in cases.iter().enumerate() {
+        let file = if i < 3 { &missing } else { &luks };
+        let out = run(tool().args(*args).arg(file));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(phrase) && err.contains(file.as_str()), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn resize_grows_over_a_longer_backing_file_reading_zeros_as_qemu_img_does() {
+    // The part of a longer backing file past the old end must not show through: zero clusters on version 3,
+    // refused on version 2 (no zero clusters), as qemu-img has it.
+    for (compat, size) in [("1.1", "2M"), ("1.1", "1500k"), ("1.1", "5M"), ("0.10", "2M")] {
+        let twins = Twins::new(&format!(
+            "qemu-img create -q -f qcow2 b.qcow2 3M
+             qemu-io -c 'write -P 3 0 3M' b.qcow2 >/dev/null
+             qemu-img create -q -f qcow2 -o compat={compat} -b b.qcow2 -F qcow2 a.qcow2 1000k"
+        ));
+        let out = twins.both("resize", &["a.qcow2", size]);
+        let what = format!("compat={compat}, resize to {size}");
+        if compat == "0.10" {
+            twins.assert_refused(
+                &what,
+                &out,
+                "Failed to zero out new clusters",
+                "cannot grow over its longer backing file",
+            );
+        } else {
+            twins.assert_same(&what, &out, &["a.qcow2"], true);
+        }
+    }
+}
+
+#[test]
+fn rebase_onto_an_image_further_down_the_chain_gives_what_qemu_img_gives() {
+    let twins = Twins::new(&commit_setup("compat=1.1"));
+    let out = twins.both("rebase", &["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    twins.assert_same("onto base", &out, &["top.qcow2", "mid.qcow2", "base.qcow2"], true);
+    assert!(same_guest(&twins.o("top.qcow2"), &twins.orig("top.qcow2")));
+    assert_eq!(info_fields(&twins.o("top.qcow2"))["backing-filename"], "base.qcow2");
+}
+
+#[test]
+fn rebasing_a_version_2_image_without_a_backing_file_keeps_its_data() {
+    // Where the old chain ends, the new backing file must not show through. qemu-img 10 "writes zeros" there with
+    // a discard on version 2 images without a backing file, which leaves the clusters unallocated, so its result
+    // reads the new backing file's data; ours writes the zeros and keeps the guest data.
+    let twins = Twins::new(
+        "qemu-img create -q -f qcow2 -o compat=0.10 a.qcow2 1M
+         qemu-io -c 'write -P 1 0 64k' a.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 n.qcow2 1M
+         qemu-io -c 'write -P 3 0 1M' n.qcow2 >/dev/null",
+    );
+    let out = run(tool().args(["rebase", "-b", "n.qcow2", "-F", "qcow2", "a.qcow2"]).current_dir(twins.dir.path("o")));
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(same_guest(&twins.o("a.qcow2"), &twins.orig("a.qcow2")), "the guest data changed");
+    assert_eq!(check(&twins.o("a.qcow2")), (0, 0, 0, Some(0)));
+    assert_eq!(info_fields(&twins.o("a.qcow2"))["backing-filename"], "n.qcow2");
 }

@@ -86,7 +86,7 @@ pub enum Error {
         feature: String,
     },
     /// A change to the image (rebase, commit, amend) was refused before anything was written.
-    #[error("refused: {0}")]
+    #[error(transparent)]
     Refused(#[from] crate::image::Refusal),
     /// An argument the caller passed cannot be honoured.
     #[error("invalid argument to {op}: {reason}")]

@@ -198,6 +198,10 @@ impl<D: BlockDevice> Image<D> {
             if new_version.max(old_version) < 3 && header.nb_snapshots > 0 {
                 return Err(Refusal::ResizeV2WithSnapshots.into());
             }
+            let backed_to = self.backing.as_ref().map_or(0, super::Backing::size).min(new_size);
+            if new_version.max(old_version) < 3 && backed_to > size {
+                return Err(Refusal::GrowV2OverBacking.into());
+            }
             if new_size != size {
                 plan.size = Some(new_size);
                 size = new_size;

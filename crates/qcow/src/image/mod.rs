@@ -60,6 +60,7 @@ mod subcluster;
 mod trust;
 mod version;
 mod writeback;
+mod zeroing;
 
 pub use amend::AmendOptions;
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};

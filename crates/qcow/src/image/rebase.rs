@@ -13,7 +13,6 @@ use super::backing::Backing;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{GuestOffset, L2Entry, L2Kind};
 
 /// Bytes compared per read of the two backing files.
 const CHUNK: u64 = 2 << 20;
@@ -127,6 +126,7 @@ impl<D: BlockDevice> Image<D> {
                     read_backing(self.backing.as_ref(), pos, old)?;
                     read_backing(new, pos, new_piece)?;
                     self.copy_runs(pos, old, new_piece, unit, old_size, options, &mut summary)?;
+                    progress(stop, size);
                     pos = stop;
                 }
             }
@@ -168,7 +168,7 @@ impl<D: BlockDevice> Image<D> {
                 let (lo, hi) = (at + offset as u64, at + run_end as u64);
                 if lo >= old_size {
                     // The old backing file had ended: the guest read zeros, which a zero cluster keeps.
-                    self.write_zero_units(lo, hi)?;
+                    self.zero_unallocated(lo, hi)?;
                     summary.zeroed_bytes += hi - lo;
                 } else {
                     let data = old.get(offset..run_end).unwrap_or(&[]);
@@ -200,52 +200,6 @@ impl<D: BlockDevice> Image<D> {
                 self.write_at(guest, piece)?;
             }
             pos += len;
-        }
-        Ok(())
-    }
-
-    /// Makes the unallocated allocation units in `lo..hi` read as zeros whatever backing file is recorded later:
-    /// zero clusters (or zero subclusters) on version 3, zeros written on version 2 and with external data files.
-    fn write_zero_units(&self, lo: u64, hi: u64) -> Result<()> {
-        let v3 = self.meta().header.version >= 3;
-        if !v3 || self.data_file.is_some() {
-            return crate::block::write_zeros(self, lo, hi - lo);
-        }
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let size = self.virtual_size();
-        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        let mut pos = lo;
-        while pos < hi {
-            let cluster = pos / cs;
-            let stop = ((cluster + 1) * cs).min(hi);
-            let _owned = self.ranges.lock(cluster, cluster + 1);
-            let mut m = self.meta();
-            let guest = GuestOffset(cluster * cs);
-            let (l1_index, index) = (geo.l1_index(guest), geo.l2_index(guest));
-            m.mark_dirty(&self.dev)?;
-            let l2 = m.l2_for_write(&self.dev, l1_index)?;
-            let at = l2.0 + index * geo.l2_entry_size();
-            let entry = m.l2_entry(&self.dev, l2, index)?;
-            if geo.extended_l2 {
-                if entry.is_compressed() {
-                    return Err(Error::corrupt("a compressed cluster mapped as unallocated", at));
-                }
-                let sub = cs / 32;
-                let first = (pos - cluster * cs) / sub;
-                // The disk's last subcluster counts whole, as it does for allocation.
-                let end = if stop >= size { 32 } else { (stop - cluster * cs).div_ceil(sub) };
-                let mask = ((1u64 << (end - first)) - 1) << first;
-                let bitmap = m.l2_bitmap(&self.dev, l2, index)?;
-                m.set_l2_bitmap(&self.dev, l2, index, (bitmap & !mask) | (mask << 32))?;
-            } else {
-                match m.decode_l2(&self.dev, entry, at)? {
-                    L2Kind::Unallocated => m.set_l2_entry(&self.dev, l2, index, L2Entry::zero(None))?,
-                    _ => return Err(Error::corrupt("an allocated cluster mapped as unallocated", at)),
-                }
-            }
-            drop(m);
-            pos = stop;
         }
         Ok(())
     }

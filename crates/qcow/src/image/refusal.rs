@@ -63,6 +63,10 @@ pub enum Refusal {
     /// A version 2 image with internal snapshots cannot change its size (its snapshots cannot record theirs).
     #[error("a version 2 image with internal snapshots cannot be resized")]
     ResizeV2WithSnapshots,
+    /// Growing a version 2 image whose backing file reaches past its end: the backing file would show through the
+    /// new part, and version 2 has no zero clusters to hide it.
+    #[error("a version 2 image cannot grow over its longer backing file (it has no zero clusters)")]
+    GrowV2OverBacking,
     /// A virtual size that is not a multiple of 512.
     #[error("virtual size {size} is not a multiple of 512")]
     SizeNotSectorMultiple {
