@@ -103,7 +103,7 @@ impl<D: BlockDevice> Image<D> {
         let old_size = self.backing.as_ref().map_or(0, Backing::size);
         let new_size = new.map_or(0, Backing::size);
         // Past the end of both backing files both read zeros: nothing there can differ.
-        let reach = old_size.max(new_size).next_multiple_of(unit).min(size);
+        let reach = old_size.max(new_size).min(size).next_multiple_of(unit).min(size);
         let mut summary = RebaseSummary::default();
         let mut old_buf = vec![0u8; CHUNK as usize];
         let mut new_buf = vec![0u8; CHUNK as usize];
