@@ -26,9 +26,10 @@ enum Body {
     Raw(FileDevice),
 }
 
-/// One image of the chain, with the name QEMU gives it.
+/// One image of the chain, with the name QEMU gives it and the name the image above records for it.
 struct Layer {
     name: String,
+    recorded: Option<String>,
     size: u64,
     body: Body,
 }
@@ -105,6 +106,7 @@ impl Chain {
     pub fn open(path: &Path, format: Option<Format>) -> Result<Self> {
         let mut layers = Vec::new();
         let mut name = path.display().to_string();
+        let mut recorded = None;
         let mut format = match format {
             Some(f) => f,
             None => open::probe(path)?,
@@ -118,7 +120,7 @@ impl Chain {
                 Format::Raw => {
                     let dev = open::file(&here, true)?;
                     let size = dev.len_bytes();
-                    layers.push(Layer { name, size, body: Body::Raw(dev) });
+                    layers.push(Layer { name, recorded, size, body: Body::Raw(dev) });
                     break;
                 }
                 Format::Qcow2 => {
@@ -133,7 +135,8 @@ impl Chain {
                     let backing = header.backing_file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned());
                     let backing_format = header.backing_format();
                     let preallocated = hostmap::metadata_preallocated(&image);
-                    layers.push(Layer { name: name.clone(), size, body: Body::Qcow2(Box::new(image), preallocated) });
+                    let body = Body::Qcow2(Box::new(image), preallocated);
+                    layers.push(Layer { name: name.clone(), recorded: recorded.take(), size, body });
                     let Some(backing) = backing else { break };
                     if backing.starts_with('/') && !open::policy().allow_absolute {
                         return Err(Error::msg(format!(
@@ -158,6 +161,7 @@ impl Chain {
                         }
                     };
                     name = next;
+                    recorded = Some(backing);
                 }
             }
         }
@@ -172,6 +176,19 @@ impl Chain {
     /// The name of the layer at `depth`, as QEMU names it.
     pub fn name(&self, depth: usize) -> &str {
         self.layers.get(depth).map_or("", |l| l.name.as_str())
+    }
+
+    /// The name the image above records for the layer at `depth` (none for the top).
+    pub fn recorded_name(&self, depth: usize) -> Option<&str> {
+        self.layers.get(depth).and_then(|l| l.recorded.as_deref())
+    }
+
+    /// The format of the layer at `depth`.
+    pub fn layer_format(&self, depth: usize) -> Option<Format> {
+        self.layers.get(depth).map(|l| match l.body {
+            Body::Raw(_) => Format::Raw,
+            Body::Qcow2(..) => Format::Qcow2,
+        })
     }
 
     /// The top image, when it is qcow2.

@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod amend;
 mod bench;
 mod chain;
 mod check;
+mod commit;
 mod compact;
 mod compare;
 mod convert;
@@ -29,6 +31,7 @@ mod metered;
 mod open;
 mod pattern;
 mod progress;
+mod rebase;
 mod rehydrate;
 mod resize;
 mod rw;
@@ -101,6 +104,15 @@ enum Command {
     Dehydrate(dehydrate::Args),
     /// Rebuild an image from PREFIX.meta and PREFIX.map: its metadata, with zeros where data was.
     Rehydrate(rehydrate::Args),
+    /// Move an image onto another backing file (or none) without changing what it reads, as `qemu-img rebase`;
+    /// with -u, only rewrite the backing file name.
+    Rebase(rebase::Args),
+    /// Write what an image holds into its backing file (or -b BASE further down), then empty it, as
+    /// `qemu-img commit`.
+    Commit(commit::Args),
+    /// Change a qcow2 image's options (compat, lazy_refcounts, refcount_bits, data_file, data_file_raw, size),
+    /// as `qemu-img amend`.
+    Amend(amend::Args),
     /// Serve an image over NBD (Network Block Device) until SIGINT or SIGTERM.
     Serve(serve::Args),
     /// List, create, apply or delete internal snapshots, as `qemu-img snapshot (-l | -c NAME | -a NAME | -d NAME)`.
@@ -134,6 +146,9 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Pattern(args) => pattern::run(&args).map(|()| 0),
         Command::Dehydrate(args) => dehydrate::run(&args).map(|()| 0),
         Command::Rehydrate(args) => rehydrate::run(&args).map(|()| 0),
+        Command::Rebase(args) => rebase::run(&args).map(|()| 0),
+        Command::Commit(args) => commit::run(&args).map(|()| 0),
+        Command::Amend(args) => amend::run(&args).map(|()| 0),
         Command::Serve(args) => serve::run(&args).map(|()| 0),
         Command::Snapshot(args) => snapshot::run(&args).map(|()| 0),
         Command::StreamDecode(args) => stream_decode::run(&args).map(|()| 0),
@@ -143,7 +158,7 @@ fn run(cli: Cli) -> Result<u8> {
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, snapshot, pattern, dehydrate, rehydrate, stream-decode, serve (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, snapshot, pattern, dehydrate, rehydrate, rebase, commit, amend, stream-decode, serve (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

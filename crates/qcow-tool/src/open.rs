@@ -120,6 +120,28 @@ pub fn image_metadata(path: &Path) -> Result<Image<FileDevice>> {
     Image::open_with(dev, Config::read_only(), &NotOpened).map_err(|e| open_error(path, e))
 }
 
+/// Opens no backing file, yet opens the external data file for real: for a read-write open that rewrites the
+/// header only.
+struct BackingNotOpened(qcow::FileResolver);
+
+impl BackingResolver for BackingNotOpened {
+    fn open_backing(&self, _name: &str, _format: Option<&str>) -> qcow::Result<Backing> {
+        Ok(Backing::new(Box::new(MemoryDevice::new(0)), 0))
+    }
+
+    fn open_data_file(&self, name: &str, read_only: bool) -> qcow::Result<Box<dyn qcow::block::BlockDevice>> {
+        self.0.open_data_file(name, read_only)
+    }
+}
+
+/// Opens a qcow2 image read-write without its backing file, which need not exist (`rebase -u` repairs a name
+/// that no longer opens): guest data must not be read through this image, only its header rewritten.
+pub fn image_without_backing(path: &Path) -> Result<Image<FileDevice>> {
+    let dev = file(path, false)?;
+    let resolver = BackingNotOpened(qcow::FileResolver::new(path, policy()));
+    Image::open_with(dev, Config::default(), &resolver).map_err(|e| open_error(path, e))
+}
+
 /// The name QEMU gives an encryption method.
 fn crypt_method_name(method: u32) -> String {
     match method {

@@ -93,6 +93,9 @@ pub enum Error {
         /// Why.
         why: crate::image::SnapshotRefusal,
     },
+    /// A change to the image (rebase, commit, amend) was refused before anything was written.
+    #[error(transparent)]
+    Refused(#[from] crate::image::Refusal),
     /// An argument the caller passed cannot be honoured.
     #[error("invalid argument to {op}: {reason}")]
     InvalidArgument {
@@ -116,8 +119,8 @@ impl Error {
             Error::Format(e) if e.is_unsupported() => ErrorKind::Unsupported,
             Error::Format(_) => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
-            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             Error::Snapshot { why, .. } => why.kind(),
+            Error::InvalidArgument { .. } | Error::Refused(_) => ErrorKind::InvalidArgument,
         }
     }
 

@@ -30,8 +30,9 @@ pub mod stream;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, Backing, BackingPolicy, BackingResolver, ClusterState, CompactProgress, CompactSummary, Compat, Config,
-    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
-    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions, SnapshotRefusal, MAX_SNAPSHOTS,
+    parse_size, AmendOptions, Backing, BackingPolicy, BackingResolver, ClusterState, CommitRange, CommitSummary,
+    CompactProgress, CompactSummary, Compat, Config, CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver,
+    Image, ImageInfo, MappedExtent, MappedKind, Metrics, NewBacking, NoBacking, OnlineCompaction, Preallocation,
+    RebaseOptions, RebaseSummary, ReclaimPass, ReclaimerOptions, Refusal, SnapshotRefusal, MAX_SNAPSHOTS,
     MAX_SNAPSHOT_NAME,
 };

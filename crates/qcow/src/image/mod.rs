@@ -26,14 +26,18 @@
 //! Truncation, junk erasing and compaction act on a refcount of zero only once the refcounts are known to agree
 //! with the metadata (see [`trust`]): an image whose refcounts are damaged is refused before anything changes.
 
+mod amend;
 mod backing;
+mod backing_change;
 mod cache;
+mod commit;
 mod compact;
 mod compressed;
 mod config;
 mod create;
 mod device;
 mod discard;
+mod empty;
 mod io;
 mod mapping;
 mod meta;
@@ -44,24 +48,33 @@ mod options;
 mod overlap;
 mod precompressed;
 mod ranges;
+mod rebase;
 mod rebuild;
 mod reclaim;
+mod refcount_width;
+mod refusal;
 mod resize;
 mod seek;
 mod snapshot;
 mod snapshots;
 mod subcluster;
 mod trust;
+mod version;
 mod writeback;
+mod zeroing;
 
+pub use amend::AmendOptions;
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use commit::{CommitRange, CommitSummary};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
 pub use mapping::{Extent, ExtentKind};
 pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
+pub use rebase::{NewBacking, RebaseOptions, RebaseSummary};
 pub use reclaim::{ClusterState, OnlineCompaction, ReclaimPass, ReclaimerOptions};
+pub use refusal::Refusal;
 pub use seek::{MappedExtent, MappedKind};
 pub use snapshots::{SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME};
 

@@ -145,16 +145,36 @@ impl Meta {
     /// Replaces the refcount structures with new ones computed from the metadata, written past the end of the
     /// file; the old table and blocks simply become free space. Clears the dirty bit.
     pub fn rebuild_refcounts(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        let counts = self.counted_references(dev)?;
+        self.write_refcounts(dev, counts, self.geo.refcount_order)
+    }
+
+    /// How many references each host cluster of the file has, counted from the metadata (every structure the
+    /// header, the L1 trees, the snapshots and consistent bitmaps reach), with everything written back first.
+    pub(super) fn counted_references(&mut self, dev: &dyn BlockDevice) -> Result<Vec<u32>> {
         self.writeback(dev)?;
         // The refcount structures about to be replaced may be stale: do not judge other metadata by them.
         self.overlap.enabled = false;
         let counted = self.count_references(dev);
         self.overlap.enabled = true;
-        let mut counts = counted?.counts;
-        let geo = self.geo;
+        Ok(counted?.counts)
+    }
+
+    /// Writes `counts` (one per host cluster) as new refcount structures of `refcount_order` past the end of the
+    /// file, counting themselves, flushes, then switches the header to them in one write (refcount table offset,
+    /// its size, the refcount order and the cleared dirty bit all lie in its first sector) and flushes again. The
+    /// old structures are then free: nothing counted refers to them. The refcounts are this engine's own
+    /// afterwards, hence trusted.
+    pub(super) fn write_refcounts(
+        &mut self,
+        dev: &dyn BlockDevice,
+        mut counts: Vec<u32>,
+        refcount_order: u32,
+    ) -> Result<()> {
+        let geo = crate::format::Geometry { refcount_order, ..self.geo };
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
-        let start = self.end_cluster;
+        let start = self.end_cluster.max(counts.len() as u64);
         let (mut table_clusters, mut blocks) = (1u64, 0u64);
         loop {
             let total = start + table_clusters + blocks;
@@ -177,7 +197,7 @@ impl Meta {
         let mut bytes = vec![0u8; cs as usize];
         for (b, chunk) in counts.chunks(rbe as usize).enumerate() {
             bytes.fill(0);
-            let mut view = RefcountBlock::new(&mut bytes[..], geo.refcount_order);
+            let mut view = RefcountBlock::new(&mut bytes[..], refcount_order);
             for (i, &n) in chunk.iter().enumerate() {
                 if !view.set(i as u64, u64::from(n)) {
                     return Err(Error::corrupt(
@@ -197,9 +217,11 @@ impl Meta {
         dev.flush()?;
         self.header.refcount_table_offset = start * cs;
         self.header.refcount_table_clusters = table_clusters as u32;
+        self.header.refcount_order = refcount_order;
         self.header.incompatible_features &= !feature::DIRTY;
         self.write_header(dev)?;
         dev.flush()?;
+        self.geo = geo;
         self.reftable = table;
         self.overlap.reftable_replaced();
         self.reftable_dirty.clear();

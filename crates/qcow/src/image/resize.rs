@@ -65,7 +65,7 @@ impl Meta {
 
     /// Unmaps every guest cluster at or past `from` (a cluster boundary) and frees what they used; L2 tables
     /// left empty are unlinked and freed too.
-    fn unmap_tail(&mut self, dev: &dyn BlockDevice, from: u64) -> Result<()> {
+    pub(super) fn unmap_tail(&mut self, dev: &dyn BlockDevice, from: u64) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let first_l1 = geo.l1_index(GuestOffset(from));
@@ -131,13 +131,15 @@ impl Meta {
 
 impl<D: BlockDevice> Image<D> {
     /// Changes the virtual size to `new_size` bytes, a multiple of 512. Shrinking discards the data past the new
-    /// end and is refused unless `allow_shrink` is set.
+    /// end and is refused unless `allow_shrink` is set. Growing makes the new part read as zeros, also where a
+    /// longer backing file would show through (zero clusters, as QEMU does).
     ///
     /// # Errors
     /// `InvalidArgument`, changing nothing, for a size that is not a multiple of 512 (QEMU's qcow2 driver
     /// refuses those too), a refused shrink or a size the L1 table cannot map; `Untrusted`, changing nothing, for
-    /// a shrink of an image whose refcounts cannot be trusted to say where the file may end; `ReadOnly`, `Io`,
-    /// `Corrupt`.
+    /// a shrink of an image whose refcounts cannot be trusted to say where the file may end;
+    /// [`Refusal::GrowV2OverBacking`](super::Refusal::GrowV2OverBacking), changing nothing, for growing a version 2
+    /// image over a longer backing file (QEMU refuses it too); `ReadOnly`, `Io`, `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         self.observe(self.resize_guest(new_size, allow_shrink))
     }
@@ -173,7 +175,12 @@ impl<D: BlockDevice> Image<D> {
             m.trim_file(&self.dev, trusted)?;
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
         } else {
-            // A shrink to a size inside a cluster keeps that cluster; its tail must read as zeros once visible.
+            // What grows into view must read as zeros, as QEMU has it: the tail of a cluster a shrink kept, and
+            // whatever part of a longer backing file lies past the old end (zero clusters, which version 2 lacks).
+            let backed_to = self.backing.as_ref().map_or(0, super::Backing::size).min(new_size);
+            if backed_to > old_size && self.meta().header.version < 3 {
+                return Err(super::Refusal::GrowV2OverBacking.into());
+            }
             let tail_end = old_size.next_multiple_of(cs).min(new_size);
             let stale_tail = {
                 let mut m = self.meta();
@@ -181,12 +188,15 @@ impl<D: BlockDevice> Image<D> {
                 m.header.size = new_size;
                 m.header_dirty = true;
                 tail_end > old_size
-                    && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| e.kind.reads_zero())
+                    && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| self.reads_as_zeros(e))
             };
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
             drop(_exclusive);
             if stale_tail {
                 self.write_at(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
+            }
+            if backed_to > tail_end {
+                self.zero_unallocated(tail_end, backed_to.next_multiple_of(cs).min(new_size))?;
             }
         }
         self.flush()
