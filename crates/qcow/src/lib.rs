@@ -31,6 +31,6 @@ pub mod stream;
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     parse_size, Backing, BackingPolicy, BackingResolver, ClusterState, CompactProgress, CompactSummary, Compat, Config,
-    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
-    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions,
+    CreateOptions, DepthRun, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, LayeredDevice,
+    MappedExtent, MappedKind, Metrics, NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions,
 };

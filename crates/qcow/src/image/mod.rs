@@ -53,7 +53,7 @@ mod subcluster;
 mod trust;
 mod writeback;
 
-pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use backing::{Backing, BackingPolicy, BackingResolver, DepthRun, FileResolver, LayeredDevice, NoBacking};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
