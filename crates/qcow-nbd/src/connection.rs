@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::execute::execute;
 use crate::export::Export;
 use crate::handshake::{negotiate, ExportDesc, Outcome, Session};
+use crate::meta::MetaContext;
 use crate::proto::errno::EINVAL;
 use crate::proto::{NBD_CMD_READ, NBD_CMD_WRITE};
 use crate::reply::Replies;
@@ -50,11 +51,11 @@ pub fn serve<E: Export + ?Sized>(
         Outcome::Transmission(session) => session,
         Outcome::Closed => return Ok(()),
     };
-    tracing::debug!(structured = session.structured, base_allocation = session.base_allocation, "transmission");
+    tracing::debug!(structured = session.structured, contexts = session.contexts.len(), "transmission");
     let replies = Replies::new(writer, session.structured);
     let limits =
         Limits { size: config.desc.size, read_only: config.desc.flags & crate::proto::NBD_FLAG_READ_ONLY != 0 };
-    transmission(export, &mut reader, &replies, limits, session, config.workers.max(1))
+    transmission(export, &mut reader, &replies, limits, &session, config.workers.max(1))
 }
 
 /// A request on its way to a worker.
@@ -68,14 +69,15 @@ fn transmission<E: Export + ?Sized>(
     reader: &mut BufReader<Stream>,
     replies: &Replies,
     limits: Limits,
-    session: Session,
+    session: &Session,
     workers: usize,
 ) -> Result<()> {
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         scope.spawn(|| replies.run_writer());
-        let workers: Vec<_> = (0..workers).map(|_| scope.spawn(|| work(export, &rx, replies))).collect();
+        let contexts = session.contexts.as_slice();
+        let workers: Vec<_> = (0..workers).map(|_| scope.spawn(|| work(export, &rx, replies, contexts))).collect();
         let result = read_requests(reader, replies, limits, session, &tx);
         // The workers drain what is queued and stop once the sender is gone; then the writer sends the last
         // replies and stops.
@@ -95,7 +97,7 @@ fn read_requests(
     reader: &mut BufReader<Stream>,
     replies: &Replies,
     limits: Limits,
-    session: Session,
+    session: &Session,
     tx: &SyncSender<Job>,
 ) -> Result<()> {
     while let Some(header) = read_header(reader)? {
@@ -125,13 +127,13 @@ fn read_requests(
     Ok(())
 }
 
-fn work<E: Export + ?Sized>(export: &E, rx: &Mutex<Receiver<Job>>, replies: &Replies) {
+fn work<E: Export + ?Sized>(export: &E, rx: &Mutex<Receiver<Job>>, replies: &Replies, contexts: &[MetaContext]) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
             rx.recv()
         };
         let Ok(job) = job else { return };
-        execute(export, replies, job.cookie, job.command);
+        execute(export, replies, job.cookie, job.command, contexts);
     }
 }

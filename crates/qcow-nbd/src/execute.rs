@@ -3,16 +3,20 @@
 use qcow::ErrorKind;
 
 use crate::export::Export;
-use crate::handshake::BASE_ALLOCATION_ID;
+use crate::meta::MetaContext;
 use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM, ESHUTDOWN};
 use crate::reply::Replies;
 use crate::request::Command;
+use crate::status::block_status;
 
-/// At most this many descriptors go into one block status reply; the client asks again for the rest.
-const MAX_DESCRIPTORS: usize = 1 << 16;
-
-/// Runs `command` and replies to `cookie`.
-pub fn execute<E: Export + ?Sized>(export: &E, replies: &Replies, cookie: u64, command: Command) {
+/// Runs `command` and replies to `cookie`; block status answers for each of `contexts` (the session's).
+pub fn execute<E: Export + ?Sized>(
+    export: &E,
+    replies: &Replies,
+    cookie: u64,
+    command: Command,
+    contexts: &[MetaContext],
+) {
     // What the reader admitted for this request (see `Replies::admit`).
     let admitted = match &command {
         Command::Read { len, .. } => u64::from(*len),
@@ -40,23 +44,14 @@ pub fn execute<E: Export + ?Sized>(export: &E, replies: &Replies, cookie: u64, c
         Command::WriteZeroes { offset, len, no_hole, fua } => {
             write_zeroes(export, offset, len, no_hole).and_then(|()| flush_if(export, fua))
         }
-        Command::BlockStatus { offset, len, req_one } => match export.allocation(offset, len) {
-            Ok(runs) => {
-                let limit = if req_one { 1 } else { MAX_DESCRIPTORS };
-                // Each run lies inside the request, whose length fits 32 bits.
-                let descriptors: Vec<(u32, u32)> = runs
-                    .iter()
-                    .filter(|r| r.len > 0)
-                    .take(limit)
-                    .map(|r| (u32::try_from(r.len).unwrap_or(u32::MAX), r.flags))
-                    .collect();
-                if descriptors.is_empty() {
-                    Err(qcow::Error::invalid("block status", format!("no extents at {offset:#x}")))
-                } else {
-                    replies.block_status(cookie, BASE_ALLOCATION_ID, &descriptors);
-                    return;
-                }
+        // Every context is answered before anything is sent, so an error leaves no chunk behind it: the reply
+        // is either one chunk per context or one error.
+        Command::BlockStatus { offset, len, req_one } => match block_status(export, contexts, offset, len, req_one) {
+            Ok(chunks) if !chunks.is_empty() => {
+                replies.block_status(cookie, &chunks);
+                return;
             }
+            Ok(_) => Err(qcow::Error::invalid("block status", "no metadata context selected")),
             Err(e) => Err(e),
         },
         Command::Disconnect => Ok(()),

@@ -1,8 +1,9 @@
-//! What the server serves: a block device, plus the two things NBD asks that the block-device contract does not
-//! answer (which ranges are holes, and whether discard does anything).
+//! What the server serves: a block device, plus what NBD asks that the block-device contract does not answer:
+//! which ranges are holes, which layer of a backing chain allocates them, which are dirty in a bitmap, and
+//! whether discard does anything.
 
 use qcow::block::{BlockDevice, FileDevice, MemoryDevice};
-use qcow::{ExtentKind, Image};
+use qcow::{DepthRun, ExtentKind, Image};
 
 use crate::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 
@@ -33,6 +34,35 @@ pub trait Export: BlockDevice + 'static {
         Ok(vec![Allocation { len: end.saturating_sub(offset), flags: 0 }])
     }
 
+    /// The `qemu:allocation-depth` of `offset..offset + len` (clipped to the device): which layer of a backing
+    /// chain allocates each part (0 none, 1 the export itself, 2 its backing file, ...), in order and without
+    /// gaps. The default, everything at depth 1, is what QEMU reports for a device with no backing chain (a raw
+    /// file).
+    ///
+    /// # Errors
+    /// Whatever reading the device's metadata fails with.
+    fn allocation_depth(&self, offset: u64, len: u64) -> qcow::Result<Vec<DepthRun>> {
+        let end = offset.saturating_add(len).min(self.info().size_bytes());
+        Ok(vec![DepthRun { len: end.saturating_sub(offset), depth: 1 }])
+    }
+
+    /// Whether the export has the persistent dirty bitmap `name`, which the server may then offer as
+    /// `qemu:dirty-bitmap:NAME`. The default: no bitmaps.
+    fn has_bitmap(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
+
+    /// The dirty bitmap `name` over `offset..offset + len`: runs of (length, dirty) in order and without gaps;
+    /// `None` when there is no such bitmap. The default has none.
+    ///
+    /// # Errors
+    /// Whatever reading the bitmap fails with.
+    fn dirty_bitmap(&self, name: &str, offset: u64, len: u64) -> qcow::Result<Option<Vec<(u64, bool)>>> {
+        let _ = (name, offset, len);
+        Ok(None)
+    }
+
     /// The device's metrics in Prometheus text format, when it keeps any.
     ///
     /// # Errors
@@ -42,8 +72,9 @@ pub trait Export: BlockDevice + 'static {
     }
 }
 
-/// A qcow2 image: holes and zero runs come from its cluster map. Ranges left to a backing file are reported as
-/// data, because the backing device cannot be asked; that is the conservative answer the protocol allows.
+/// A qcow2 image: holes and zero runs come from its cluster map, allocation depths from its backing chain.
+/// `base:allocation` reports ranges left to a backing file as data, the conservative answer the protocol
+/// allows. Bitmaps are not offered yet (the defaults).
 impl<D: BlockDevice + 'static> Export for Image<D> {
     fn can_trim(&self) -> bool {
         self.config().discard && !self.is_read_only()
@@ -61,6 +92,10 @@ impl<D: BlockDevice + 'static> Export for Image<D> {
             push(&mut out, Allocation { len: extent.len, flags });
         }
         Ok(out)
+    }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> qcow::Result<Vec<DepthRun>> {
+        Image::allocation_depth(self, offset, len)
     }
 
     fn prometheus_metrics(&self) -> qcow::Result<Option<String>> {

@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
+use crate::meta::{self, MetaContext};
 use crate::proto::*;
 use crate::wire::Cursor;
 
@@ -20,8 +21,6 @@ pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// The largest option payload read; a longer one is not a real client and closes the connection.
 const MAX_OPTION_LEN: u32 = 64 << 10;
-/// Context id of `base:allocation` once selected.
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the handshake tells clients about the export.
 #[derive(Debug, Clone)]
@@ -32,6 +31,8 @@ pub struct ExportDesc {
     pub size: u64,
     /// Transmission flags, without the ones that depend on the negotiation (`NBD_FLAG_SEND_DF`).
     pub flags: u16,
+    /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts, in the order that fixes their ids.
+    pub bitmaps: Vec<String>,
 }
 
 impl ExportDesc {
@@ -50,12 +51,13 @@ impl ExportDesc {
 }
 
 /// What the client negotiated, for the transmission phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Session {
     /// Replies to reads (and errors) use structured reply chunks.
     pub structured: bool,
-    /// `base:allocation` was selected, so `NBD_CMD_BLOCK_STATUS` is allowed.
-    pub base_allocation: bool,
+    /// The metadata contexts selected, in id order; `NBD_CMD_BLOCK_STATUS` is allowed when there are any, and
+    /// answers one chunk for each.
+    pub contexts: Vec<MetaContext>,
 }
 
 /// How a handshake ended.
@@ -147,7 +149,7 @@ pub fn negotiate(
                 reply(writer, option, NBD_REP_ACK, &[])?;
             }
             NBD_OPT_INFO | NBD_OPT_GO => {
-                if info(writer, option, &data, export, session)? && option == NBD_OPT_GO {
+                if info(writer, option, &data, export, session.structured)? && option == NBD_OPT_GO {
                     return Ok(Outcome::Transmission(session));
                 }
             }
@@ -169,7 +171,7 @@ pub fn negotiate(
 }
 
 /// Answers `NBD_OPT_INFO`/`NBD_OPT_GO`; returns whether the export was described (and so GO may proceed).
-fn info(writer: &mut impl Write, option: u32, data: &[u8], export: &ExportDesc, session: Session) -> Result<bool> {
+fn info(writer: &mut impl Write, option: u32, data: &[u8], export: &ExportDesc, structured: bool) -> Result<bool> {
     let mut cur = Cursor::new(data);
     let name = cur.string();
     let requests: Option<Vec<u16>> = cur.u16().and_then(|n| (0..n).map(|_| cur.u16()).collect());
@@ -184,7 +186,7 @@ fn info(writer: &mut impl Write, option: u32, data: &[u8], export: &ExportDesc, 
     let mut info = Vec::with_capacity(12);
     info.extend_from_slice(&NBD_INFO_EXPORT.to_be_bytes());
     info.extend_from_slice(&export.size.to_be_bytes());
-    info.extend_from_slice(&export.flags_for(session.structured).to_be_bytes());
+    info.extend_from_slice(&export.flags_for(structured).to_be_bytes());
     reply(writer, option, NBD_REP_INFO, &info)?;
     if requests.contains(&NBD_INFO_NAME) {
         let mut info = Vec::with_capacity(2 + export.name.len());
@@ -204,7 +206,11 @@ fn info(writer: &mut impl Write, option: u32, data: &[u8], export: &ExportDesc, 
     Ok(true)
 }
 
-/// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`; the only context is `base:allocation`.
+/// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` (see [`meta`] for what queries select).
+///
+/// A SET replaces the selection whatever its outcome, so one that fails leaves nothing selected (QEMU clears
+/// first too), and needs structured replies. LIST does not change the session and, as in QEMU, works without
+/// structured replies.
 fn meta_context(
     writer: &mut impl Write,
     option: u32,
@@ -212,35 +218,31 @@ fn meta_context(
     export: &ExportDesc,
     session: &mut Session,
 ) -> Result<()> {
-    if !session.structured {
-        return reply(writer, option, NBD_REP_ERR_INVALID, b"negotiate structured replies first");
+    let listing = option == NBD_OPT_LIST_META_CONTEXT;
+    if !listing {
+        session.contexts.clear();
+        if !session.structured {
+            return reply(writer, option, NBD_REP_ERR_INVALID, b"negotiate structured replies first");
+        }
     }
-    let mut cur = Cursor::new(data);
-    let name = cur.string();
-    let queries: Option<Vec<&[u8]>> = cur.u32().and_then(|n| (0..n).map(|_| cur.string()).collect());
-    let (Some(name), Some(queries), true) = (name, queries, cur.is_empty()) else {
+    let Some(request) = meta::parse(data) else {
         return reply(writer, option, NBD_REP_ERR_INVALID, b"malformed meta context data");
     };
-    if !export.matches(name) {
+    if !export.matches(request.export) {
         return reply(writer, option, NBD_REP_ERR_UNKNOWN, b"no such export");
     }
-    let listing = option == NBD_OPT_LIST_META_CONTEXT;
-    // Listing with no query lists everything, and a bare namespace lists the namespace; selecting needs the
-    // full name.
-    let wanted = if listing {
-        queries.is_empty() || queries.iter().any(|q| *q == b"base:" || *q == BASE_ALLOCATION.as_bytes())
-    } else {
-        queries.iter().any(|q| *q == BASE_ALLOCATION.as_bytes())
-    };
-    if !listing {
-        session.base_allocation = wanted;
+    let selected = meta::select(&export.bitmaps, &request.queries, listing);
+    for context in &selected {
+        // List replies carry id 0: the specification reserves the field there.
+        let id = if listing { 0 } else { context.id() };
+        let name = context.name();
+        let mut payload = Vec::with_capacity(4 + name.len());
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(name.as_bytes());
+        reply(writer, option, NBD_REP_META_CONTEXT, &payload)?;
     }
-    if wanted {
-        let id: u32 = if listing { 0 } else { BASE_ALLOCATION_ID };
-        let mut context = Vec::with_capacity(4 + BASE_ALLOCATION.len());
-        context.extend_from_slice(&id.to_be_bytes());
-        context.extend_from_slice(BASE_ALLOCATION.as_bytes());
-        reply(writer, option, NBD_REP_META_CONTEXT, &context)?;
+    if !listing {
+        session.contexts = selected;
     }
     reply(writer, option, NBD_REP_ACK, &[])
 }

@@ -127,8 +127,18 @@ pub const NBD_STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` state: the extent reads as zeros.
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context this server offers.
+/// `qemu:dirty-bitmap:NAME` state: the extent is dirty in the bitmap.
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
+
+/// The allocation context the specification defines.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// QEMU's context for the layer of a backing chain that allocates each extent (0 none, 1 the export, 2 its
+/// backing file, ...); the whole 32-bit flags field is the depth.
+pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// Prefix of QEMU's dirty bitmap contexts, `qemu:dirty-bitmap:NAME`.
+pub const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+/// The longest string the specification allows (export names, context names, queries).
+pub const NBD_MAX_STRING_SIZE: usize = 4096;
 
 /// Error values on the wire (Linux errno numbers, as the specification fixes them).
 pub mod errno {

@@ -7,6 +7,7 @@ use std::sync::{Condvar, Mutex};
 
 use crate::buffers::BufferPool;
 use crate::proto::*;
+use crate::status::StatusChunk;
 use crate::stream::Stream;
 
 /// Bytes before the data of a simple read reply: magic, error, cookie.
@@ -201,16 +202,10 @@ impl Replies {
         self.send(out, admitted);
     }
 
-    /// Sends the block status of one context: (length, flags) descriptors, as one chunk marked done.
-    pub fn block_status(&self, cookie: u64, context: u32, descriptors: &[(u32, u32)]) {
-        let mut out = Vec::with_capacity(24 + 8 * descriptors.len());
-        chunk_header(&mut out, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * descriptors.len());
-        out.extend_from_slice(&context.to_be_bytes());
-        for (len, flags) in descriptors {
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&flags.to_be_bytes());
-        }
-        self.send(out, 0);
+    /// Sends a block status reply: one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk per context, the last marked done,
+    /// queued as one buffer (one reply for the in-flight accounting, and never split by other replies).
+    pub fn block_status(&self, cookie: u64, chunks: &[StatusChunk]) {
+        self.send(encode_block_status(cookie, chunks), 0);
     }
 
     fn send(&self, bytes: Vec<u8>, admitted: u64) {
@@ -233,6 +228,23 @@ impl Replies {
             self.room.notify_all();
         }
     }
+}
+
+/// The chunks of a block status reply: for each context its id and (length, flags) descriptors, in the order
+/// given, `NBD_REPLY_FLAG_DONE` on the last only.
+pub fn encode_block_status(cookie: u64, chunks: &[StatusChunk]) -> Vec<u8> {
+    let size: usize = chunks.iter().map(|c| 24 + 8 * c.descriptors.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() { NBD_REPLY_FLAG_DONE } else { 0 };
+        chunk_header(&mut out, flags, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * chunk.descriptors.len());
+        out.extend_from_slice(&chunk.context.to_be_bytes());
+        for (len, flags) in &chunk.descriptors {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
+    }
+    out
 }
 
 fn simple_header(out: &mut Vec<u8>, errno: u32, cookie: u64) {
@@ -263,4 +275,26 @@ fn write_all_vectored(mut stream: &Stream, bufs: &[Vec<u8>]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_status_is_one_chunk_per_context_and_only_the_last_is_done() {
+        let chunks = [
+            StatusChunk { context: 0, descriptors: vec![(4096, 3), (512, 0)] },
+            StatusChunk { context: 2, descriptors: vec![(4608, 1)] },
+        ];
+        let bytes = encode_block_status(0x0102_0304_0506_0708, &chunks);
+        let mut expected = Vec::new();
+        // Chunk 1: magic, flags 0, type 5, cookie, length 4 + 16, context 0, two descriptors.
+        expected.extend_from_slice(&[0x66, 0x8e, 0x33, 0xef, 0, 0, 0, 5, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 20]);
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0]);
+        // Chunk 2: flags DONE, length 4 + 8, context 2, one descriptor.
+        expected.extend_from_slice(&[0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 12]);
+        expected.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0x12, 0, 0, 0, 0, 1]);
+        assert_eq!(bytes, expected);
+    }
 }

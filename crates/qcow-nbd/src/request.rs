@@ -65,7 +65,7 @@ pub enum Command {
         /// `NBD_CMD_FLAG_FUA`.
         fua: bool,
     },
-    /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`.
+    /// `NBD_CMD_BLOCK_STATUS`, answered for every selected metadata context.
     BlockStatus {
         /// Byte offset.
         offset: u64,
@@ -141,7 +141,7 @@ pub fn read_payload(reader: &mut impl Read, header: &Header, pool: &BufferPool) 
 }
 
 /// Checks a request: the command's result, or the error value the reply must carry.
-pub fn check(header: &Header, data: Vec<u8>, limits: Limits, session: Session) -> std::result::Result<Command, u32> {
+pub fn check(header: &Header, data: Vec<u8>, limits: Limits, session: &Session) -> std::result::Result<Command, u32> {
     let (offset, length) = (header.offset, u64::from(header.length));
     let allowed = match header.kind {
         NBD_CMD_READ => NBD_CMD_FLAG_DF,
@@ -179,7 +179,7 @@ pub fn check(header: &Header, data: Vec<u8>, limits: Limits, session: Session) -
         NBD_CMD_WRITE_ZEROES => {
             Ok(Command::WriteZeroes { offset, len: length, no_hole: header.flags & NBD_CMD_FLAG_NO_HOLE != 0, fua })
         }
-        NBD_CMD_BLOCK_STATUS if !session.base_allocation || length == 0 => Err(EINVAL),
+        NBD_CMD_BLOCK_STATUS if session.contexts.is_empty() || length == 0 => Err(EINVAL),
         NBD_CMD_BLOCK_STATUS => {
             Ok(Command::BlockStatus { offset, len: length, req_one: header.flags & NBD_CMD_FLAG_REQ_ONE != 0 })
         }
@@ -191,6 +191,7 @@ pub fn check(header: &Header, data: Vec<u8>, limits: Limits, session: Session) -
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::meta::MetaContext;
 
     fn header(kind: u16, flags: u16, offset: u64, length: u32) -> Header {
         Header { flags, kind, cookie: 7, offset, length }
@@ -198,30 +199,38 @@ mod tests {
 
     const RW: Limits = Limits { size: 1 << 20, read_only: false };
     const RO: Limits = Limits { size: 1 << 20, read_only: true };
-    const SR: Session = Session { structured: true, base_allocation: true };
+
+    fn sr() -> Session {
+        Session { structured: true, contexts: vec![MetaContext::BaseAllocation] }
+    }
 
     #[test]
     fn errors_follow_the_specification() {
-        assert_eq!(check(&header(NBD_CMD_READ, 0, 1 << 20, 512), vec![], RW, SR), Err(EINVAL));
-        assert_eq!(check(&header(NBD_CMD_WRITE, 0, 1 << 20, 512), vec![0; 512], RW, SR), Err(ENOSPC));
-        assert_eq!(check(&header(NBD_CMD_WRITE, 0, 0, 512), vec![0; 512], RO, SR), Err(EPERM));
-        assert_eq!(check(&header(NBD_CMD_TRIM, 0, 0, 512), vec![], RO, SR), Err(EPERM));
-        assert_eq!(check(&header(NBD_CMD_READ, 0, 1, 512), vec![], RW, SR), Err(EINVAL));
-        assert_eq!(check(&header(NBD_CMD_READ, NBD_CMD_FLAG_FUA, 0, 512), vec![], RW, SR), Err(EINVAL));
-        assert_eq!(check(&header(99, 0, 0, 0), vec![], RW, SR), Err(EINVAL));
-        let no_meta = Session { structured: true, base_allocation: false };
-        assert_eq!(check(&header(NBD_CMD_BLOCK_STATUS, 0, 0, 512), vec![], RW, no_meta), Err(EINVAL));
-        assert_eq!(check(&header(u16::MAX, 0, u64::MAX, u32::MAX), vec![], RW, SR), Err(EINVAL));
+        assert_eq!(check(&header(NBD_CMD_READ, 0, 1 << 20, 512), vec![], RW, &sr()), Err(EINVAL));
+        assert_eq!(check(&header(NBD_CMD_WRITE, 0, 1 << 20, 512), vec![0; 512], RW, &sr()), Err(ENOSPC));
+        assert_eq!(check(&header(NBD_CMD_WRITE, 0, 0, 512), vec![0; 512], RO, &sr()), Err(EPERM));
+        assert_eq!(check(&header(NBD_CMD_TRIM, 0, 0, 512), vec![], RO, &sr()), Err(EPERM));
+        assert_eq!(check(&header(NBD_CMD_READ, 0, 1, 512), vec![], RW, &sr()), Err(EINVAL));
+        assert_eq!(check(&header(NBD_CMD_READ, NBD_CMD_FLAG_FUA, 0, 512), vec![], RW, &sr()), Err(EINVAL));
+        assert_eq!(check(&header(99, 0, 0, 0), vec![], RW, &sr()), Err(EINVAL));
+        let no_meta = Session { structured: true, contexts: Vec::new() };
+        assert_eq!(check(&header(NBD_CMD_BLOCK_STATUS, 0, 0, 512), vec![], RW, &no_meta), Err(EINVAL));
+        assert_eq!(check(&header(NBD_CMD_BLOCK_STATUS, 0, 0, 0), vec![], RW, &sr()), Err(EINVAL));
+        assert_eq!(
+            check(&header(NBD_CMD_BLOCK_STATUS, NBD_CMD_FLAG_REQ_ONE, 512, 100), vec![], RW, &sr()),
+            Ok(Command::BlockStatus { offset: 512, len: 100, req_one: true })
+        );
+        assert_eq!(check(&header(u16::MAX, 0, u64::MAX, u32::MAX), vec![], RW, &sr()), Err(EINVAL));
     }
 
     #[test]
     fn trim_shrinks_to_whole_sectors() {
         assert_eq!(
-            check(&header(NBD_CMD_TRIM, 0, 100, 1000), vec![], RW, SR),
+            check(&header(NBD_CMD_TRIM, 0, 100, 1000), vec![], RW, &sr()),
             Ok(Command::Trim { offset: 512, len: 512, fua: false })
         );
         assert_eq!(
-            check(&header(NBD_CMD_TRIM, 0, 100, 100), vec![], RW, SR),
+            check(&header(NBD_CMD_TRIM, 0, 100, 100), vec![], RW, &sr()),
             Ok(Command::Trim { offset: 512, len: 0, fua: false })
         );
     }

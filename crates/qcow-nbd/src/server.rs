@@ -44,11 +44,20 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests of one connection that run concurrently.
     pub workers: usize,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (qemu-nbd's `-B`), in this order; each must be
+    /// one the export has ([`Export::has_bitmap`]). A name given twice is offered once.
+    pub bitmaps: Vec<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { export_name: String::new(), read_only: false, max_connections: 1, workers: 4 }
+        ServerConfig {
+            export_name: String::new(),
+            read_only: false,
+            max_connections: 1,
+            workers: 4,
+            bitmaps: Vec::new(),
+        }
     }
 }
 
@@ -104,8 +113,11 @@ impl<E: Export> Server<E> {
     /// `NBD_FLAG_CAN_MULTI_CONN` true: a flush on one connection flushes what all of them wrote.
     ///
     /// # Errors
-    /// The address cannot be bound (in use, no permission), or the socket path exists.
-    pub fn bind(export: Arc<E>, bind: &Bind, config: ServerConfig) -> io::Result<Self> {
+    /// `NotFound` for a bitmap of the config the export does not have, in qemu-nbd's words ("Bitmap 'NAME' is not
+    /// found"), `InvalidInput` for one whose context name would be longer than the protocol allows; the address
+    /// cannot be bound (in use, no permission), or the socket path exists.
+    pub fn bind(export: Arc<E>, bind: &Bind, mut config: ServerConfig) -> io::Result<Self> {
+        config.bitmaps = offered_bitmaps(&*export, &config.bitmaps)?;
         let (listener, wake) = match bind {
             Bind::Tcp(addr) => {
                 let l = TcpListener::bind(addr)?;
@@ -156,7 +168,12 @@ impl<E: Export> Server<E> {
         if self.config.max_connections > 1 {
             flags |= NBD_FLAG_CAN_MULTI_CONN;
         }
-        ExportDesc { name: self.config.export_name.clone(), size: info.size_bytes(), flags }
+        ExportDesc {
+            name: self.config.export_name.clone(),
+            size: info.size_bytes(),
+            flags,
+            bitmaps: self.config.bitmaps.clone(),
+        }
     }
 
     /// Accepts and serves clients until [`Handle::shutdown`]; then waits for every connection to finish and
@@ -235,6 +252,26 @@ impl<E: Export> Server<E> {
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
         }
     }
+}
+
+/// The bitmaps to offer: each of `names` once, in order, if the export has them all.
+fn offered_bitmaps<E: Export + ?Sized>(export: &E, names: &[String]) -> io::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        if !export.has_bitmap(name) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("Bitmap '{name}' is not found")));
+        }
+        if QEMU_DIRTY_BITMAP.len() + name.len() > NBD_MAX_STRING_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bitmap name of {} bytes is too long for an NBD context name", name.len()),
+            ));
+        }
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Errors after which accepting can go on: a client that reset before being accepted, or a momentary lack of

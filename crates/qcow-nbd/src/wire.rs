@@ -37,6 +37,11 @@ impl<'a> Cursor<'a> {
         self.take(len)
     }
 
+    /// Bytes not consumed yet.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     /// Whether everything has been consumed.
     pub fn is_empty(&self) -> bool {
         self.rest.is_empty()

@@ -2,6 +2,9 @@
 //! raw file over NBD until SIGINT or SIGTERM, which stop it cleanly: requests in flight are answered and the
 //! image is flushed.
 //!
+//! The metadata contexts offered are `base:allocation`, `qemu:allocation-depth` (always, where qemu-nbd needs
+//! `-A`) and, with `-B NAME`, the image's dirty bitmap NAME; a name the image does not have is refused at start.
+//!
 //! The first line on stdout is `listening on ADDRESS` once the socket is bound, so scripts that pass port 0 learn
 //! the port. Connects, disconnects and errors are logged to stderr.
 
@@ -62,6 +65,10 @@ pub struct Args {
     /// With --reclaim: compact once this much has been discarded (K/M/G/T suffixes).
     #[arg(long, value_name = "SIZE", default_value = "64M", requires = "reclaim")]
     compact_after: String,
+    /// Offer the image's persistent dirty bitmap NAME as the `qemu:dirty-bitmap:NAME` metadata context, as
+    /// qemu-nbd's -B does; may be given several times.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
 }
 
 /// The default listening address, as qemu-nbd's: loopback only, the NBD port.
@@ -105,6 +112,13 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn serve<E: Export>(export: Arc<E>, args: &Args) -> Result<()> {
+    // qemu-nbd offers (and checks) its -B bitmaps last given first, which fixes the order clients see them
+    // listed and the context ids they get: the same here.
+    let bitmaps: Vec<String> = args.bitmaps.iter().rev().cloned().collect();
+    // Refused before anything listens, in qemu-nbd's words.
+    if let Some(name) = bitmaps.iter().find(|name| !export.has_bitmap(name)) {
+        return Err(Error::msg(format!("Bitmap '{name}' is not found")));
+    }
     let bind = match (&args.socket, args.bind) {
         (Some(path), _) => Bind::Unix(path.clone()),
         (None, Some(addr)) => Bind::Tcp(addr),
@@ -115,6 +129,7 @@ fn serve<E: Export>(export: Arc<E>, args: &Args) -> Result<()> {
         read_only: args.read_only,
         max_connections: args.shared as usize,
         workers: args.threads as usize,
+        bitmaps,
     };
     let server = Server::bind(Arc::clone(&export), &bind, config).context(|| format!("could not listen on {bind}"))?;
     let local = server.local_addr().context(|| format!("could not query the address of {bind}"))?;

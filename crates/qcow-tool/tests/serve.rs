@@ -3,6 +3,10 @@
 //! compare`, `qemu-img check`, `qemu-img map`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "../../qcow-nbd/tests/client/mod.rs"]
+mod client;
+#[path = "../../qcow/tests/support/nbd.rs"]
+mod nbd;
 #[path = "../../qcow/tests/support/mod.rs"]
 mod support;
 
@@ -626,5 +630,146 @@ fn a_raw_file_is_served_and_written_as_is() {
         ]));
         served.stop();
         assert!(qemu_compare(&raw, "raw", &expected, "raw"), "the raw file differs from qemu-io's edit of a copy");
+    });
+}
+
+/// A chain as backup tools meet it: a raw base of odd length, a qcow2 over it (data, zero clusters, a discard,
+/// a compressed cluster) twice its size, and an overlay larger still (data, zero clusters, a discard, holes).
+/// Returns the overlay.
+fn overlay_chain(dir: &Dir) -> std::path::PathBuf {
+    std::fs::write(dir.path("base.raw"), vec![0x11u8; (3 << 20) + 1000]).unwrap();
+    let create = |name: &str, backing: &str, format: &str, size: &str| {
+        run_ok(
+            dir.here(
+                qemu("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+                    .args(["-b", backing, "-F", format, name, size]),
+            ),
+        );
+    };
+    create("mid.qcow2", "base.raw", "raw", "6M");
+    qemu_io(&dir.path("mid.qcow2"), &["write -P 2 1M 512k", "write -z 2M 256k", "discard 0 64k", "write -c 2560k 64k"]);
+    create("top.qcow2", "mid.qcow2", "qcow2", "8M");
+    qemu_io(&dir.path("top.qcow2"), &["write -P 3 4M 128k", "write -z 5M 64k", "discard 1M 64k", "write -P 5 7M 512"]);
+    dir.path("top.qcow2")
+}
+
+#[test]
+fn nbdinfo_allocation_depth_maps_equal_qemu_nbds_for_a_chain_a_single_image_and_a_raw_file() {
+    with_deadline(240, "allocation depth through serve", || {
+        let dir = Dir::new();
+        let top = overlay_chain(&dir);
+        let single = dir.path("single.qcow2");
+        qemu_create(&single, "cluster_size=65536", "4M");
+        qemu_io(&single, &["write -P 1 0 256k", "write -z 1M 64k", "write -c -P 2 2M 64k", "discard 128k 64k"]);
+        let raw = dir.path("disk.raw");
+        run_ok(qemu("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&raw).arg("2M"));
+        run_ok(qemu("qemu-io").args(["-f", "raw", "-c", "write -P 7 64k 64k"]).arg(&raw));
+
+        for (image, format) in [(&top, "qcow2"), (&single, "qcow2"), (&raw, "raw")] {
+            let served = Served::start(image, "d", &["--read-only", "-f", format]);
+            let theirs = nbd::QemuNbd::start(image, format, &["-A"]);
+            let what = image.display().to_string();
+            let mut maps = vec![
+                vec!["--map=qemu:allocation-depth"],
+                vec!["--map=qemu:allocation-depth", "--totals"],
+                vec!["--map=qemu:allocation-depth", "--json"],
+            ];
+            if image == &single {
+                // base:allocation equals qemu-nbd's where neither a backing file nor host holes are involved.
+                maps.push(vec!["--map"]);
+                maps.push(vec!["--map", "--totals"]);
+            }
+            for args in maps {
+                let ours = nbd::nbdinfo(&args, &served.uri());
+                assert_eq!(ours, nbd::nbdinfo(&args, &theirs.uri()), "nbdinfo {args:?} of {what}");
+                assert!(!ours.is_empty());
+            }
+            // LIST with no query lists what is offered, as qemu-nbd -A lists it.
+            let contexts = nbd::nbdinfo_contexts(&served.uri());
+            assert_eq!(contexts, ["base:allocation", "qemu:allocation-depth"], "{what}");
+            assert_eq!(contexts, nbd::nbdinfo_contexts(&theirs.uri()), "{what}");
+            served.stop();
+        }
+        // The chain's map holds every depth from 1 to 3 (past the raw base's end: 3, past mid's end: 2).
+        let served = Served::start(&top, "d", &["--read-only"]);
+        let depths: std::collections::BTreeSet<u64> =
+            nbd::nbdinfo_map("qemu:allocation-depth", &served.uri()).iter().map(|e| e.2).collect();
+        assert_eq!(depths.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+        served.stop();
+    });
+}
+
+/// One connection's block status replies for `requests` after selecting `contexts`.
+fn statuses(mut c: client::Client, contexts: &[&str], requests: &[(u64, u32, u16)]) -> Vec<Vec<client::Chunk>> {
+    c.structured();
+    let ids = c.meta(client::OPT_SET_META_CONTEXT, "d", contexts).unwrap();
+    assert_eq!(ids, [(0, contexts[0].to_string()), (1, contexts[1].to_string())]);
+    c.go("d");
+    requests.iter().zip(1..).map(|(&(offset, len, flags), cookie)| c.block_status(cookie, offset, len, flags)).collect()
+}
+
+#[test]
+fn base_allocation_and_allocation_depth_in_one_block_status_request_with_and_without_req_one() {
+    with_deadline(240, "two contexts at once", || {
+        let dir = Dir::new();
+        let top = overlay_chain(&dir);
+        let served = Served::start(&top, "d", &["--read-only"]);
+        let theirs = nbd::QemuNbd::start(&top, "qcow2", &["-A", "-x", "d"]);
+        let contexts = ["base:allocation", "qemu:allocation-depth"];
+        let mut requests = Vec::new();
+        for (offset, len) in [(0, 8 << 20), ((1 << 20) - 4096, 1 << 20), (3 << 20, 2 << 20), ((6 << 20) + 512, 4096)] {
+            requests.push((offset, len, 0));
+            requests.push((offset, len, client::CMD_FLAG_REQ_ONE));
+        }
+        let ours = statuses(client::Client::connect_tcp(&served.addr), &contexts, &requests);
+        let qemus = statuses(client::Client::connect(&theirs.socket()), &contexts, &requests);
+        served.stop();
+        for ((reply, qemu_reply), &(offset, len, flags)) in ours.iter().zip(&qemus).zip(&requests) {
+            let what = format!("{offset:#x}+{len:#x} flags {flags}: ours {reply:?}, qemu-nbd's {qemu_reply:?}");
+            assert_eq!(reply.len(), 2, "{what}");
+            assert_eq!(reply.iter().map(|c| c.flags).collect::<Vec<_>>(), [0, client::REPLY_FLAG_DONE], "{what}");
+            let (base_id, base) = reply[0].block_status();
+            assert_eq!(base_id, 0, "{what}");
+            let total: u64 = base.iter().map(|d| u64::from(d.0)).sum();
+            assert!(!base.is_empty() && total <= u64::from(len), "{what}");
+            // The depth chunk is qemu-nbd's exactly; base:allocation differs over a backing file by design (data
+            // where qemu-nbd looks down the chain), so only its shape is checked.
+            assert_eq!(reply[1], qemu_reply[1], "{what}");
+            if flags != 0 {
+                assert_eq!(base.len(), 1, "{what}");
+                assert_eq!(reply[1].block_status().1.len(), 1, "{what}");
+            }
+        }
+    });
+}
+
+#[test]
+fn serve_refuses_a_bitmap_the_image_does_not_offer_in_qemu_nbds_words() {
+    with_deadline(60, "unknown bitmap", || {
+        let dir = Dir::new();
+        let image = dir.path("b.qcow2");
+        qemu_create(&image, "cluster_size=65536", "4M");
+        for names in [&["nope"][..], &["nope1", "nope2"]] {
+            let mut ours = tool();
+            ours.args(["serve", "--read-only", "--bind", "127.0.0.1:0"]);
+            let mut theirs = qemu("qemu-nbd");
+            theirs.args(["-r", "-f", "qcow2"]);
+            for name in names {
+                ours.args(["-B", name]);
+                theirs.args(["--bitmap", name]);
+            }
+            let ours = output_within(ours.arg(&image), 30);
+            let theirs = output_within(theirs.arg(&image), 30);
+            assert_eq!(ours.status.code(), Some(1), "{}", show(&ours));
+            assert_eq!(theirs.status.code(), Some(1), "{}", show(&theirs));
+            assert!(ours.stdout.is_empty(), "nothing listened: {}", show(&ours));
+            let words = |out: &Output, program: &str| {
+                String::from_utf8_lossy(&out.stderr).trim().strip_prefix(program).map(str::to_string)
+            };
+            let expected = format!("Bitmap '{}' is not found", names.last().unwrap());
+            assert_eq!(words(&ours, "qcow-tool: "), Some(expected.clone()), "{}", show(&ours));
+            assert_eq!(words(&theirs, "qemu-nbd: "), Some(expected), "{}", show(&theirs));
+        }
     });
 }

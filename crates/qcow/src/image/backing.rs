@@ -5,10 +5,14 @@
 //! it is relative (resolved against the overlay's directory), the format is taken from the image's
 //! backing-format extension and never probed, and a chain may be at most [`BackingPolicy::max_depth`] deep and
 //! may not visit a file twice.
+//!
+//! The chain also answers which layer allocates a guest range ([`Image::allocation_depth`], QEMU's
+//! `qemu:allocation-depth`): a qcow2 backing image is kept as a [`LayeredDevice`] so it can say so for its own
+//! chain, while any other backing device (a raw file) counts as allocated everywhere, as QEMU counts it.
 
 use std::path::{Path, PathBuf};
 
-use super::{Config, Image};
+use super::{Config, ExtentKind, Image};
 use crate::block::{BlockDevice, FileDevice, FileOptions, Padded};
 use crate::error::{Error, Result};
 
@@ -31,16 +35,67 @@ impl Default for BackingPolicy {
     }
 }
 
+/// One run of an allocation-depth answer: `len` bytes allocated at `depth` of a backing chain.
+///
+/// Depth 0: allocated nowhere in the chain (reads as zeros); 1: in the image asked; 2: in its backing file; and
+/// so on down the chain, as QEMU's `qemu:allocation-depth` numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthRun {
+    /// Bytes in the run.
+    pub len: u64,
+    /// The layer that allocates them, 1 for the image itself, 0 for none.
+    pub depth: u32,
+}
+
+/// A backing device that knows its own backing chain: it can say which of its layers allocates each range. A
+/// qcow2 [`Image`] is one.
+pub trait LayeredDevice: BlockDevice {
+    /// Depth runs covering `offset..offset + len` (clipped to the device's size), in order and without gaps,
+    /// counted from this device (1 = allocated in it, 0 = nowhere in its chain).
+    ///
+    /// # Errors
+    /// Whatever reading the device's metadata fails with.
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthRun>>;
+}
+
+impl<D: BlockDevice> LayeredDevice for Image<D> {
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthRun>> {
+        Image::allocation_depth(self, offset, len)
+    }
+}
+
+/// What a backing file is, as far as reading it and asking its allocation go.
+enum Layer {
+    /// A device that cannot say what it allocates (a raw file): allocated everywhere.
+    Flat(Box<dyn BlockDevice>),
+    /// An image that answers for its own chain.
+    Layered(Box<dyn LayeredDevice>),
+}
+
 /// The backing image of an open image: any readable device, and the guest size it has.
 pub struct Backing {
-    device: Box<dyn BlockDevice>,
+    layer: Layer,
     size: u64,
 }
 
 impl Backing {
-    /// A backing device whose guest-visible size is `size` bytes.
+    /// A backing device whose guest-visible size is `size` bytes. It cannot say what it allocates, so every byte
+    /// of it counts as allocated there, as QEMU counts a raw backing file.
     pub fn new(device: Box<dyn BlockDevice>, size: u64) -> Self {
-        Backing { device, size }
+        Backing { layer: Layer::Flat(device), size }
+    }
+
+    /// A backing image whose guest-visible size is `size` bytes and that answers the allocation depth of its own
+    /// chain (a qcow2 image with backing files of its own).
+    pub fn layered(device: Box<dyn LayeredDevice>, size: u64) -> Self {
+        Backing { layer: Layer::Layered(device), size }
+    }
+
+    fn read_device(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.layer {
+            Layer::Flat(device) => device.read_at(offset, buf),
+            Layer::Layered(device) => device.read_at(offset, buf),
+        }
     }
 
     /// Fills `buf` with the backing contents at guest offset `offset`; bytes past the backing's end are zeros.
@@ -57,10 +112,10 @@ impl Backing {
         // Its errors are its own: corruption met there must not mark the overlay corrupt.
         let own = |e| Error::Backing(Box::new(e));
         if start == offset && end == offset + inside.len() as u64 {
-            return self.device.read_at(offset, inside).map_err(own);
+            return self.read_device(offset, inside).map_err(own);
         }
         let mut bounce = vec![0u8; (end - start) as usize];
-        self.device.read_at(start, &mut bounce).map_err(own)?;
+        self.read_device(start, &mut bounce).map_err(own)?;
         let skip = (offset - start) as usize;
         if let Some(src) = bounce.get(skip..skip + inside.len()) {
             inside.copy_from_slice(src);
@@ -71,6 +126,77 @@ impl Backing {
     /// Guest size of the backing image in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Which layer allocates each part of `offset..offset + len`, counted from this backing file (1 = the
+    /// backing file itself, 0 = nowhere in its chain), in order and without gaps over the whole range.
+    ///
+    /// Bytes past the backing file's end count as allocated in it: the zeros a shorter backing file shows are
+    /// its own, which is how QEMU's `bdrv_is_allocated_above` treats a short layer. A device that cannot say
+    /// what it allocates (a raw file) is allocated everywhere.
+    ///
+    /// # Errors
+    /// The backing image's own errors, wrapped as [`Error::Backing`].
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthRun>> {
+        let end = offset.saturating_add(len);
+        let inside_end = end.min(self.size).max(offset);
+        let inside = inside_end - offset;
+        let mut out = Vec::new();
+        match &self.layer {
+            Layer::Flat(_) => push_depth(&mut out, inside, 1),
+            Layer::Layered(image) if inside > 0 => {
+                let mut covered = 0u64;
+                for run in image.allocation_depth(offset, inside).map_err(|e| Error::Backing(Box::new(e)))? {
+                    let len = run.len.min(inside - covered);
+                    push_depth(&mut out, len, run.depth);
+                    covered += len;
+                }
+                // An answer short of the range asked: what it left out counts as allocated in the backing
+                // file, the answer that never claims the guest reads zeros where it may not.
+                push_depth(&mut out, inside - covered, 1);
+            }
+            Layer::Layered(_) => {}
+        }
+        push_depth(&mut out, end - inside_end, 1);
+        Ok(out)
+    }
+}
+
+/// Appends `len` bytes at `depth`, merged into the last run when the depth is the same.
+fn push_depth(out: &mut Vec<DepthRun>, len: u64, depth: u32) {
+    if len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.depth == depth => last.len = last.len.saturating_add(len),
+        _ => out.push(DepthRun { len, depth }),
+    }
+}
+
+impl<D: BlockDevice> Image<D> {
+    /// Which layer of the backing chain allocates each part of `offset..offset + len` (clipped to the virtual
+    /// size), merged into runs: QEMU's `qemu:allocation-depth`. 1 where this image allocates the range (data,
+    /// compressed data, or zero clusters, which hide the backing file and so count as allocated here, as QEMU
+    /// counts them); 2 and more where a backing file does ([`Backing::allocation_depth`]); 0 where nothing in
+    /// the chain does.
+    ///
+    /// # Errors
+    /// As [`Image::map`]; a backing image's errors arrive as [`Error::Backing`].
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthRun>> {
+        let mut out = Vec::new();
+        for extent in self.map(offset, len)? {
+            match (extent.kind, &self.backing) {
+                (ExtentKind::Unallocated, Some(backing)) => {
+                    for run in backing.allocation_depth(extent.guest.0, extent.len)? {
+                        let depth = if run.depth == 0 { 0 } else { run.depth.saturating_add(1) };
+                        push_depth(&mut out, run.len, depth);
+                    }
+                }
+                (ExtentKind::Unallocated, None) => push_depth(&mut out, extent.len, 0),
+                _ => push_depth(&mut out, extent.len, 1),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -182,7 +308,7 @@ impl BackingResolver for FileResolver {
                 };
                 let image = Image::open_with(file, Config::read_only(), &child)?;
                 let size = image.virtual_size();
-                Ok(Backing::new(Box::new(image), size))
+                Ok(Backing::layered(Box::new(image), size))
             }
             other => Err(refuse(&format!("backing format {other:?} is not supported (raw and qcow2 are)"))),
         }
@@ -226,8 +352,54 @@ impl Image<FileDevice> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::block::{Info, MemoryDevice};
+    use crate::image::CreateOptions;
+
+    fn runs(r: &[(u64, u32)]) -> Vec<DepthRun> {
+        r.iter().map(|&(len, depth)| DepthRun { len, depth }).collect()
+    }
+
+    #[test]
+    fn a_flat_backing_device_is_allocated_everywhere_and_past_its_end() {
+        let backing = Backing::new(Box::new(MemoryDevice::new(1024)), 1000);
+        assert_eq!(backing.allocation_depth(0, 4096).unwrap(), runs(&[(4096, 1)]));
+        assert_eq!(backing.allocation_depth(8192, 512).unwrap(), runs(&[(512, 1)]));
+    }
+
+    #[test]
+    fn a_layered_backing_image_answers_for_its_chain_and_its_end_counts_as_its_own() {
+        let image = Image::create(MemoryDevice::new(0), &CreateOptions::new(1 << 20), Config::default()).unwrap();
+        image.write_at(0, &[7u8; 65536]).unwrap();
+        let backing = Backing::layered(Box::new(image), 1 << 20);
+        let expected = runs(&[(65536, 1), ((1 << 20) - 65536, 0), (1 << 20, 1)]);
+        assert_eq!(backing.allocation_depth(0, 2 << 20).unwrap(), expected);
+        assert_eq!(backing.allocation_depth(4096, 4096).unwrap(), runs(&[(4096, 1)]));
+    }
+
+    /// A layer whose answers stop short of what was asked.
+    struct Short(MemoryDevice);
+
+    impl BlockDevice for Short {
+        crate::forward_block_device_methods!(0; read, write, flush, resize, disconnect);
+        fn info(&self) -> Info {
+            self.0.info()
+        }
+    }
+
+    impl LayeredDevice for Short {
+        fn allocation_depth(&self, _offset: u64, _len: u64) -> Result<Vec<DepthRun>> {
+            Ok(runs(&[(100, 0), (0, 3)]))
+        }
+    }
+
+    #[test]
+    fn what_a_layer_leaves_out_of_its_answer_counts_as_allocated_in_it() {
+        let backing = Backing::layered(Box::new(Short(MemoryDevice::new(1024))), 1000);
+        assert_eq!(backing.allocation_depth(0, 2000).unwrap(), runs(&[(100, 0), (1900, 1)]));
+    }
 
     #[test]
     fn protocol_names_are_recognised() {

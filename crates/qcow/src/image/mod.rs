@@ -64,7 +64,7 @@ mod writeback;
 mod zeroing;
 
 pub use amend::AmendOptions;
-pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use backing::{Backing, BackingPolicy, BackingResolver, DepthRun, FileResolver, LayeredDevice, NoBacking};
 pub use commit::{CommitRange, CommitSummary};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
