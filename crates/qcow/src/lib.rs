@@ -30,7 +30,8 @@ pub mod stream;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, Backing, BackingPolicy, BackingResolver, ClusterState, CompactProgress, CompactSummary, Compat, Config,
-    CreateOptions, DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, MappedExtent, MappedKind, Metrics,
-    NoBacking, OnlineCompaction, Preallocation, ReclaimPass, ReclaimerOptions,
+    parse_size, Backing, BackingPolicy, BackingResolver, BitmapInfo, BitmapRun, ClusterState, CompactProgress,
+    CompactSummary, Compat, Config, CreateOptions, DirtyRanges, DiscardStats, Extent, ExtentKind, FileResolver, Image,
+    ImageInfo, MappedExtent, MappedKind, Metrics, NoBacking, OnlineCompaction, Preallocation, ReclaimPass,
+    ReclaimerOptions,
 };

@@ -180,6 +180,7 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         super::metrics::Counters::add(&self.counters.discarded_bytes, end - start);
+        self.dirty_bitmaps(start, end - start)?;
         self.note_unflushed();
         let cs = self.geo.cluster_size();
         // Whole clusters inside the range; the virtual disk's last cluster counts as whole up to the disk's end.

@@ -27,6 +27,7 @@
 //! with the metadata (see [`trust`]): an image whose refcounts are damaged is refused before anything changes.
 
 mod backing;
+mod bitmaps;
 mod cache;
 mod compact;
 mod compressed;
@@ -54,6 +55,7 @@ mod trust;
 mod writeback;
 
 pub use backing::{Backing, BackingPolicy, BackingResolver, FileResolver, NoBacking};
+pub use bitmaps::{BitmapInfo, BitmapRun, DirtyRanges};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
@@ -106,6 +108,8 @@ pub struct Image<D: BlockDevice> {
     unflushed_since: AtomicU64,
     /// When the image was opened.
     opened: std::time::Instant,
+    /// The persistent dirty bitmaps, kept in memory while open and stored at close.
+    bitmaps: bitmaps::Bitmaps,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -260,7 +264,8 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    /// Writes everything back, marks a lazy-refcount image clean, and releases the device.
+    /// Stores the persistent bitmaps, writes everything back, marks a lazy-refcount image clean, and releases the
+    /// device.
     ///
     /// # Errors
     /// As [`flush`](Self::flush); the device is released either way.
@@ -277,10 +282,14 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Ok(());
         }
+        // Bitmaps first, as QEMU stores them before it flushes at close; whatever happens to them, the rest of
+        // the metadata is still written back.
+        let stored = self.observe(self.store_bitmaps_now());
         let mut m = self.meta();
         m.writeback(&self.dev)?;
         m.mark_clean(&self.dev)?;
-        self.dev.flush()
+        self.dev.flush()?;
+        stored
     }
 }
 

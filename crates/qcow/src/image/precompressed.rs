@@ -38,6 +38,7 @@ impl<D: BlockDevice> Image<D> {
             ));
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        self.dirty_bitmaps(offset, cs.min(self.virtual_size() - offset))?;
         let guest_cluster = offset / cs;
         let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
         let len = data.len() as u64;

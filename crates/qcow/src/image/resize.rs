@@ -135,7 +135,8 @@ impl<D: BlockDevice> Image<D> {
     ///
     /// # Errors
     /// `InvalidArgument`, changing nothing, for a size that is not a multiple of 512 (QEMU's qcow2 driver
-    /// refuses those too), a refused shrink or a size the L1 table cannot map; `Untrusted`, changing nothing, for
+    /// refuses those too), a refused shrink, a size the L1 table cannot map, or an inconsistent persistent bitmap
+    /// (QEMU refuses to resize an image with one; remove it first); `Untrusted`, changing nothing, for
     /// a shrink of an image whose refcounts cannot be trusted to say where the file may end; `ReadOnly`, `Io`,
     /// `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
@@ -162,6 +163,8 @@ impl<D: BlockDevice> Image<D> {
                     format!("shrinking from {old_size} to {new_size} bytes loses data; allow it explicitly"),
                 ));
             }
+            // Refused while a bitmap is inconsistent, as QEMU refuses it; the others follow the new size.
+            self.bitmaps_before_resize()?;
             let mut m = self.meta();
             // The file is cut after its last cluster in use, by refcount: judged before anything changes.
             let trusted = m.establish_trust(&self.dev, "resize")?;
@@ -172,9 +175,12 @@ impl<D: BlockDevice> Image<D> {
             m.writeback(&self.dev)?;
             m.trim_file(&self.dev, trusted)?;
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
+            drop(m);
+            self.bitmaps_resized(new_size);
         } else {
             // A shrink to a size inside a cluster keeps that cluster; its tail must read as zeros once visible.
             let tail_end = old_size.next_multiple_of(cs).min(new_size);
+            self.bitmaps_before_resize()?;
             let stale_tail = {
                 let mut m = self.meta();
                 m.grow_l1(&self.dev, geo.l1_entries_for(new_size))?;
@@ -184,9 +190,11 @@ impl<D: BlockDevice> Image<D> {
                     && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| e.kind.reads_zero())
             };
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
+            self.bitmaps_resized(new_size);
             drop(_exclusive);
             if stale_tail {
-                self.write_at(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
+                // Not a guest write: the bytes past the old end read as zeros already, and QEMU dirties nothing.
+                self.write_untracked(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
             }
         }
         self.flush()
