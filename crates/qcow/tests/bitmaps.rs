@@ -4,109 +4,17 @@
 //! handles them, and a store cut by power loss at any write never leaves a bitmap that lies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/bitmaps.rs"]
+mod bitmap_support;
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
+use bitmap_support::{as_triples, qemu_bitmap_map, qemu_bitmaps, Model};
 use qcow::block::{BlockDevice, FaultyDevice, FileDevice, FileOptions, MemoryDevice};
 use qcow::{BitmapRun, Config, CreateOptions, ErrorKind, Image};
 use support::{assert_clean, qemu, qemu_check, qemu_create, qemu_io, run_ok, with_deadline, Rng};
-
-/// Which granules of a disk a bitmap should have dirty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Model {
-    granularity: u64,
-    size: u64,
-    dirty: Vec<bool>,
-}
-
-impl Model {
-    fn new(granularity: u64, size: u64) -> Self {
-        Model { granularity, size, dirty: vec![false; size.div_ceil(granularity) as usize] }
-    }
-
-    fn mark(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let end = (offset + len).min(self.size);
-        for g in offset / self.granularity..end.div_ceil(self.granularity) {
-            self.dirty[g as usize] = true;
-        }
-    }
-
-    /// The model as merged `(offset, len, dirty)` runs of the whole disk.
-    fn runs(&self) -> Vec<(u64, u64, bool)> {
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        for (i, &d) in self.dirty.iter().enumerate() {
-            let start = i as u64 * self.granularity;
-            let len = self.granularity.min(self.size - start);
-            match out.last_mut() {
-                Some(last) if last.2 == d => last.1 += len,
-                _ => out.push((start, len, d)),
-            }
-        }
-        out
-    }
-}
-
-/// `runs` of `bitmap_status` as `(offset, len, dirty)` from `offset`.
-fn as_triples(offset: u64, runs: &[BitmapRun]) -> Vec<(u64, u64, bool)> {
-    let mut at = offset;
-    runs.iter()
-        .map(|r| {
-            let t = (at, r.len, r.dirty);
-            at += r.len;
-            t
-        })
-        .collect()
-}
-
-/// What QEMU says the bitmap `name` of `path` holds: `nbdinfo --map=qemu:dirty-bitmap:NAME` of a read-only
-/// `qemu-nbd -B NAME` export, as `(offset, len, dirty)` runs.
-fn qemu_bitmap_map(path: &Path, name: &str) -> Vec<(u64, u64, bool)> {
-    let found = Command::new("nbdinfo").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(found, "nbdinfo not found: install libnbd-bin (apt-get install -y libnbd-bin)");
-    qemu("qemu-nbd");
-    let out = run_ok(
-        Command::new("nbdinfo")
-            .arg("--json")
-            .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-            .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-            .arg(path)
-            .arg("]"),
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    for e in json.as_array().unwrap() {
-        let (offset, len, dirty) =
-            (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap() & 1 == 1);
-        match runs.last_mut() {
-            Some(last) if last.2 == dirty && last.0 + last.1 == offset => last.1 += len,
-            _ => runs.push((offset, len, dirty)),
-        }
-    }
-    runs
-}
-
-/// `qemu-img info --output=json -U`'s bitmaps: `(name, granularity, flags)`.
-fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
-    let out = run_ok(qemu("qemu-img").args(["info", "-U", "--output=json", "-f", "qcow2"]).arg(path));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    json["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .map(|b| {
-                    let flags = b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_owned());
-                    (b["name"].as_str().unwrap().to_owned(), b["granularity"].as_u64().unwrap(), flags.collect())
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn flags(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -642,4 +550,33 @@ fn power_loss_during_a_bitmap_store_never_leaves_a_bitmap_that_lies() {
         eprintln!("{total} writes, outcomes {outcomes:?}");
         assert!(outcomes.iter().all(|&n| n > 0), "every outcome was met: {outcomes:?}");
     });
+}
+
+/// Autoclear bits as QEMU's read-write open leaves them: unknown ones cleared, the bitmaps bit kept (with a
+/// bitmap, and without one, where QEMU keeps it too). QEMU opens its copy read-write only to read: with the bit
+/// set and no bitmaps extension, its overlap check takes an empty directory at offset 0 for one covering every
+/// offset, and refuses any write.
+#[test]
+fn a_read_write_open_leaves_the_autoclear_bits_as_qemu_leaves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for with_bitmap in [false, true] {
+        let img = dir.path().join("bits.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_create(&img, "", "4M");
+        if with_bitmap {
+            run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&img).arg("b"));
+        }
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[95] |= 0x81;
+        std::fs::write(&img, &bytes).unwrap();
+        let theirs = dir.path().join("theirs.qcow2");
+        std::fs::write(&theirs, &bytes).unwrap();
+        qemu_io(&theirs, &["read 0 512"]);
+        let image = open_rw(&img);
+        image.write_at(0, &[0; 512]).unwrap();
+        image.close().unwrap();
+        assert_eq!(autoclear(&img), autoclear(&theirs), "with a bitmap: {with_bitmap}");
+        assert_eq!(autoclear(&img), 1);
+        assert_clean(&img);
+    }
 }

@@ -171,6 +171,11 @@ impl<D: BlockDevice> Image<D> {
     pub(super) fn read_bitmap_table(&self, entry: &BitmapEntry) -> Result<Vec<BitmapCluster>> {
         let cs = self.geo.cluster_size();
         let len = u64::from(entry.table_size) * 8;
+        // QEMU would read zeros past the end of the file; `qemu-img check` calls such a pointer a corruption, and
+        // so does this: the open fails before it writes anything.
+        if !self.inside_file(entry.table_offset, len) {
+            return Err(Error::corrupt("bitmap table outside the file", entry.table_offset));
+        }
         // Bounded by validation: table_size * cluster_size <= 512 MiB, so at most 8 MiB of table.
         let mut bytes = vec![0u8; len.next_multiple_of(512) as usize];
         self.dev.read_at(entry.table_offset, &mut bytes)?;
@@ -207,6 +212,9 @@ impl<D: BlockDevice> Image<D> {
                 BitmapCluster::Zeros => {}
                 BitmapCluster::Ones => bits.set(first, first + bits_per_cluster),
                 BitmapCluster::Data(offset) => {
+                    if !self.inside_file(offset, 1) {
+                        return Err(Error::corrupt("bitmap data cluster outside the file", entry.table_offset));
+                    }
                     self.dev.read_at(offset, &mut buf)?;
                     bits.deserialize(first, &buf);
                     data.push(offset);
@@ -214,6 +222,12 @@ impl<D: BlockDevice> Image<D> {
             }
         }
         Ok((bits, data))
+    }
+
+    /// Whether `len` bytes from `offset` lie in the file's clusters (the file may end inside its last one).
+    fn inside_file(&self, offset: u64, len: u64) -> bool {
+        let end = self.dev.info().size_bytes().next_multiple_of(self.geo.cluster_size());
+        offset.checked_add(len).is_some_and(|e| e <= end)
     }
 
     /// Reads the bitmaps of a read-only image the first time they are needed.
