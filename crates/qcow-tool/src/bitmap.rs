@@ -140,7 +140,7 @@ fn granularity(text: &str) -> Result<u64> {
 
 /// Where a bitmap's actions read and write: a qcow2 image, or a raw file (which holds no bitmaps).
 enum Target {
-    Qcow2(Image<FileDevice>),
+    Qcow2(Box<Image<FileDevice>>),
     Raw,
 }
 
@@ -151,7 +151,7 @@ impl Target {
             None => open::probe(path)?,
         };
         Ok(match format {
-            Format::Qcow2 => Target::Qcow2(open::image(path, read_only)?),
+            Format::Qcow2 => Target::Qcow2(Box::new(open::image(path, read_only)?)),
             Format::Raw => {
                 // Opened only to name a missing file as qemu-img does.
                 open::file(path, read_only)?;

@@ -7,7 +7,9 @@
 //! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
 //! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
 //! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
-//! takes `resize` for writing; every other operation takes it for reading.
+//! takes `resize` for writing; every other operation takes it for reading. The persistent bitmaps have a lock of
+//! their own, taken after those and before `meta`, which writers hold shared only while they set bits (see
+//! [`bitmaps`]).
 //!
 //! # Durability
 //! Metadata changes are write-back: [`Image::flush`] (and a cache running over budget) writes them in the

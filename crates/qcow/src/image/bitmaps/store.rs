@@ -70,7 +70,8 @@ impl Meta {
         dev.flush()?;
         self.overlap.bitmap_directory_replaced(&self.header);
         if let Some(old) = old.filter(|o| o.directory_size > 0) {
-            let (start, end) = (old.directory_offset / cs, (old.directory_offset + old.directory_size - 1) / cs);
+            let last = old.directory_offset.saturating_add(old.directory_size - 1);
+            let (start, end) = (old.directory_offset / cs, last / cs);
             for cluster in start..=end {
                 self.free_later(cluster);
             }
@@ -102,7 +103,9 @@ fn owned_clusters(d: &OnDisk, cs: u64) -> Vec<u64> {
     let table_bytes = u64::from(d.entry.table_size) * 8;
     let mut out: Vec<u64> = d.data.iter().flatten().map(|o| o / cs).collect();
     if table_bytes > 0 && d.entry.table_offset != 0 {
-        out.extend(d.entry.table_offset / cs..=(d.entry.table_offset + table_bytes - 1) / cs);
+        // An inconsistent bitmap's entry was never checked against the file: no arithmetic on it may overflow.
+        let last = d.entry.table_offset.saturating_add(table_bytes - 1);
+        out.extend(d.entry.table_offset / cs..=last / cs);
     }
     out
 }
