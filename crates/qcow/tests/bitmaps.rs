@@ -580,3 +580,36 @@ fn a_read_write_open_leaves_the_autoclear_bits_as_qemu_leaves_them() {
         assert_clean(&img);
     }
 }
+
+/// Compaction (offline and online) and junk erasing move no guest data: they set no bit, and the bitmaps they
+/// leave (whose clusters they must not move or lose) read in QEMU as before.
+#[test]
+fn compaction_and_the_reclaimer_set_no_bits_and_keep_the_bitmaps() {
+    with_deadline(120, "compaction with bitmaps", || {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("compact.qcow2");
+        let size = 32u64 << 20;
+        let dev = FileDevice::create(&img, &FileOptions::default()).unwrap();
+        let config = Config { discard: true, ..Config::default() };
+        let image = Image::create(dev, &CreateOptions::new(size), config.clone()).unwrap();
+        image.add_bitmap("b", 65536, true).unwrap();
+        let mut m = Model::new(65536, size);
+        for i in 0..64u64 {
+            image.write_at(i * (256 << 10), &[i as u8 + 1; 65536]).unwrap();
+            m.mark(i * (256 << 10), 65536);
+        }
+        image.discard(0, (8 << 20) / 512).unwrap();
+        m.mark(0, 8 << 20);
+        image.close().unwrap();
+        let image = Image::open(FileDevice::open(&img, &FileOptions::default()).unwrap(), config).unwrap();
+        let before = image.bitmap_status("b", 0, size).unwrap();
+        let summary = image.compact(&mut |_| true).unwrap();
+        assert!(summary.clusters_copied > 0, "something moved: {summary:?}");
+        image.erase_junk(1000).unwrap();
+        image.compact_online(1000, &|| false).unwrap();
+        assert_eq!(image.bitmap_status("b", 0, size).unwrap(), before, "compaction set or lost bits");
+        image.close().unwrap();
+        assert_clean(&img);
+        assert_eq!(qemu_bitmap_map(&img, "b"), m.runs());
+    });
+}

@@ -805,6 +805,40 @@ mod tests {
         assert_eq!(entries[4].kind(512), Ok(BitmapCluster::Data(0x5_0200)));
     }
 
+    #[test]
+    fn new_bitmaps_meet_qemus_constraints_in_qemus_order() {
+        assert_eq!(check_new_bitmap("", 1000, 0, CS), Err(BitmapError::NameEmpty), "the name is judged first");
+        for g in [0u64, 256, 1000, 3 << 20, 1 << 32] {
+            assert_eq!(check_new_bitmap("b", g, 1 << 20, CS), Err(BitmapError::GranularityInvalid { granularity: g }));
+        }
+        check_new_bitmap("b", 512, 1 << 20, CS).unwrap();
+        check_new_bitmap("b", 1 << 31, 1 << 20, CS).unwrap();
+        // 4 TiB at 1 KiB granularity is exactly 512 MiB of bits (QEMU accepts it); at 512 bytes it is twice that.
+        check_new_bitmap("b", 1024, 4 << 40, CS).unwrap();
+        assert_eq!(check_new_bitmap("b", 512, 4 << 40, CS), Err(BitmapError::DataTooLarge { bytes: 1 << 30 }));
+        let long = "n".repeat(1024);
+        assert_eq!(
+            check_new_bitmap(&long, 512, 4 << 40, CS),
+            Err(BitmapError::DataTooLarge { bytes: 1 << 30 }),
+            "the size is judged before the name's length"
+        );
+        assert_eq!(check_new_bitmap(&long, 65536, 1 << 20, CS), Err(BitmapError::NameLength { length: 1024 }));
+        check_new_bitmap(&long[..1023], 65536, 1 << 20, CS).unwrap();
+        assert_eq!(check_new_bitmap("b", 65536, 0, CS), Err(BitmapError::EmptyDisk));
+    }
+
+    #[test]
+    fn table_sizes_are_qemus() {
+        // One bit per granule, the last partial; one table entry per cluster of bits.
+        assert_eq!(bitmap_data_bytes(1 << 20, 16), 2);
+        assert_eq!(bitmap_data_bytes((1 << 20) + 1, 16), 3);
+        assert_eq!(bitmap_data_bytes(0, 16), 0);
+        assert_eq!(bitmap_table_entries(1 << 20, 16, CS), 1);
+        assert_eq!(bitmap_table_entries(CS * 8 * CS, 16, CS), 1);
+        assert_eq!(bitmap_table_entries(CS * 8 * CS + 1, 16, CS), 2);
+        assert_eq!(bitmap_table_entries(u64::MAX, 9, 512), u64::MAX.div_ceil(512).div_ceil(8).div_ceil(512));
+    }
+
     proptest! {
         #[test]
         fn random_directories_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), count in 0u32..70_000) {

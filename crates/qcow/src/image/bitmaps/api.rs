@@ -120,23 +120,37 @@ impl<D: BlockDevice> Image<D> {
     /// `Bitmap` for a directory or table QEMU would refuse (read-only images read them on the first call), `Io`.
     pub fn list_bitmaps(&self) -> Result<Vec<BitmapInfo>> {
         self.check_connected()?;
+        self.with_bitmaps(|set| {
+            Ok(set
+                .list
+                .iter()
+                .map(|b| {
+                    let stored = b.on_disk.as_ref().map(|d| &d.entry);
+                    BitmapInfo {
+                        name: b.name.clone(),
+                        granularity: b.granularity(),
+                        in_use: stored.is_some_and(BitmapEntry::in_use),
+                        auto: if b.consistent() { b.enabled } else { stored.is_some_and(BitmapEntry::auto) },
+                        enabled: b.tracks_writes(),
+                        consistent: b.consistent(),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Runs `f` on the bitmap set held shared (so that writers go on), reading a read-only image's bitmaps
+    /// first if they were not read yet.
+    fn with_bitmaps<R>(&self, f: impl FnOnce(&BitmapSet) -> Result<R>) -> Result<R> {
+        {
+            let set = self.bitmaps.read();
+            if set.loaded {
+                return f(&set);
+            }
+        }
         let mut set = self.bitmaps.write();
         self.ensure_bitmaps_loaded(&mut set)?;
-        Ok(set
-            .list
-            .iter()
-            .map(|b| {
-                let stored = b.on_disk.as_ref().map(|d| &d.entry);
-                BitmapInfo {
-                    name: b.name.clone(),
-                    granularity: b.granularity(),
-                    in_use: stored.is_some_and(BitmapEntry::in_use),
-                    auto: if b.consistent() { b.enabled } else { stored.is_some_and(BitmapEntry::auto) },
-                    enabled: b.tracks_writes(),
-                    consistent: b.consistent(),
-                }
-            })
-            .collect())
+        f(&set)
     }
 
     /// Adds an empty bitmap named `name` covering `granularity` guest bytes per bit; `enabled` makes it record
@@ -296,24 +310,24 @@ impl<D: BlockDevice> Image<D> {
             return self.merge_bitmap(src, dst);
         }
         self.check_writable(OP)?;
+        // The destination is judged first, as QEMU judges it; no lock of one image is held while the other's is
+        // taken, so two images merging into each other cannot deadlock.
+        self.with_bitmaps(|set| usable(set, OP, dst).map(|_| ()))?;
+        let (bits, g) = source.with_bitmaps(|theirs| {
+            let from = usable(theirs, OP, src)?;
+            Ok((from.bits.clone(), from.granularity_bits))
+        })?;
+        let theirs = source.virtual_size();
         let _size = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        let mut set = self.bitmaps.write();
-        self.ensure_bitmaps_loaded(&mut set)?;
-        usable(&set, OP, dst)?;
-        let (bits, g) = {
-            let mut theirs = source.bitmaps.write();
-            source.ensure_bitmaps_loaded(&mut theirs)?;
-            let from = usable(&theirs, OP, src)?;
-            (from.bits.clone(), from.granularity_bits)
-        };
-        let (ours, theirs) = (self.virtual_size(), source.virtual_size());
+        let set = self.bitmaps.write();
+        let to = usable(&set, OP, dst)?;
+        let ours = self.virtual_size();
         if ours != theirs {
             return Err(Error::invalid(
                 OP,
                 format!("the bitmaps cover disks of different sizes (destination {ours}, source {theirs} bytes)"),
             ));
         }
-        let to = usable(&set, OP, dst)?;
         if let Some(bits) = bits {
             merge_into(to, bits, g, ours);
         }
@@ -358,11 +372,11 @@ impl<D: BlockDevice> Image<D> {
     }
 
     fn bitmap_bits(&self, op: &'static str, name: &str) -> Result<(Arc<DirtyBits>, u32)> {
-        let mut set = self.bitmaps.write();
-        self.ensure_bitmaps_loaded(&mut set)?;
-        let b = usable(&set, op, name)?;
-        let bits = b.bits.clone().ok_or_else(|| inconsistent(op, name))?;
-        Ok((bits, u32::from(b.granularity_bits)))
+        self.with_bitmaps(|set| {
+            let b = usable(set, op, name)?;
+            let bits = b.bits.clone().ok_or_else(|| inconsistent(op, name))?;
+            Ok((bits, u32::from(b.granularity_bits)))
+        })
     }
 
     /// Stores every consistent bitmap in the image now, as closing the image does: afterwards QEMU reads them as

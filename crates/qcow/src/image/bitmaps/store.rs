@@ -7,6 +7,10 @@
 //! commit point. Only then are the old directory, tables and data clusters released (through `free_later`, so
 //! writeback drops their refcounts after the header is durable). A crash before the header leaves the old
 //! directory, in which every bitmap open for writing says in use; after it, the new one.
+//!
+//! A store holds the metadata lock from its first allocation to its last release, data writes included: it runs
+//! at close or when asked, writes a few clusters per bitmap, and must not interleave with other allocations
+//! between its writeback and its header.
 
 use std::collections::HashMap;
 
