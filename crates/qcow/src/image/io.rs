@@ -324,10 +324,8 @@ impl<D: BlockDevice> Image<D> {
         if buf.is_empty() {
             return Ok(());
         }
-        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        if tracked {
-            self.dirty_bitmaps(offset, buf.len() as u64)?;
-        }
+        // Shared for the whole write; the bitmaps record its range before any data moves.
+        let _resize = self.lock_for_write(offset, buf.len() as u64, tracked)?;
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
         let last = (offset + buf.len() as u64 - 1) >> cb;

@@ -7,9 +7,9 @@
 //! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
 //! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
 //! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
-//! takes `resize` for writing; every other operation takes it for reading. The persistent bitmaps have a lock of
-//! their own, taken after those and before `meta`, which writers hold shared only while they set bits (see
-//! [`bitmaps`]).
+//! takes `resize` for writing; every other operation takes it for reading. What writes need to know about the
+//! persistent bitmaps lives inside `resize` and changes only while it is held for writing; the bitmap set has a
+//! lock of its own, taken after those and before `meta` (see [`bitmaps`]).
 //!
 //! # Durability
 //! Metadata changes are write-back: [`Image::flush`] (and a cache running over budget) writes them in the
@@ -85,7 +85,9 @@ pub struct Image<D: BlockDevice> {
     dev: Padded<D>,
     meta: Mutex<Meta>,
     ranges: RangeLocks,
-    resize: RwLock<()>,
+    /// Held for reading by every operation, for writing by a resize; it also holds what writes need to know
+    /// about the persistent bitmaps, which change only while it is held for writing.
+    resize: RwLock<bitmaps::Tracking>,
     geo: Geometry,
     size: AtomicU64,
     read_only: bool,

@@ -123,7 +123,7 @@ impl<D: BlockDevice> Image<D> {
             dev,
             meta: Mutex::new(meta),
             ranges: RangeLocks::default(),
-            resize: RwLock::new(()),
+            resize: RwLock::new(Default::default()),
             geo,
             size: AtomicU64::new(size),
             read_only,

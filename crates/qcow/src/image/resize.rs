@@ -149,7 +149,7 @@ impl<D: BlockDevice> Image<D> {
             // Rounding would leave the image at a size the caller did not ask for.
             return Err(Error::invalid("resize", format!("{new_size} bytes is not a multiple of 512")));
         }
-        let _exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
+        let mut exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let old_size = self.virtual_size();
         if new_size == old_size {
             return Ok(());
@@ -164,7 +164,7 @@ impl<D: BlockDevice> Image<D> {
                 ));
             }
             // Refused while a bitmap is inconsistent, as QEMU refuses it; the others follow the new size.
-            self.bitmaps_before_resize()?;
+            self.bitmaps_before_resize(&mut exclusive)?;
             let mut m = self.meta();
             // The file is cut after its last cluster in use, by refcount: judged before anything changes.
             let trusted = m.establish_trust(&self.dev, "resize")?;
@@ -176,11 +176,11 @@ impl<D: BlockDevice> Image<D> {
             m.trim_file(&self.dev, trusted)?;
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
             drop(m);
-            self.bitmaps_resized(new_size);
+            self.bitmaps_resized(new_size, &mut exclusive);
         } else {
             // A shrink to a size inside a cluster keeps that cluster; its tail must read as zeros once visible.
             let tail_end = old_size.next_multiple_of(cs).min(new_size);
-            self.bitmaps_before_resize()?;
+            self.bitmaps_before_resize(&mut exclusive)?;
             let stale_tail = {
                 let mut m = self.meta();
                 m.grow_l1(&self.dev, geo.l1_entries_for(new_size))?;
@@ -190,8 +190,8 @@ impl<D: BlockDevice> Image<D> {
                     && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| e.kind.reads_zero())
             };
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
-            self.bitmaps_resized(new_size);
-            drop(_exclusive);
+            self.bitmaps_resized(new_size, &mut exclusive);
+            drop(exclusive);
             if stale_tail {
                 // Not a guest write: the bytes past the old end read as zeros already, and QEMU dirties nothing.
                 self.write_untracked(old_size, &vec![0u8; (tail_end - old_size) as usize])?;

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::bits::DirtyBits;
-use super::{BitmapSet, Live, MAX_TOTAL_BITMAP_BYTES};
+use super::{retrack, BitmapSet, Live, MAX_TOTAL_BITMAP_BYTES};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -168,7 +168,7 @@ impl<D: BlockDevice> Image<D> {
         if self.meta().header.version < 3 {
             return Err(Error::invalid(OP, "qcow2 version 2 images cannot store dirty bitmaps"));
         }
-        let _size = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let size = self.virtual_size();
         check_new_bitmap(name, granularity, size, self.geo.cluster_size())
             .map_err(|e| Error::invalid(OP, e.to_string()))?;
@@ -208,7 +208,7 @@ impl<D: BlockDevice> Image<D> {
             bits: Some(Arc::new(DirtyBits::new(size.div_ceil(granularity)))),
             on_disk: None,
         });
-        self.bitmaps.retrack(&set);
+        retrack(&set, &mut tracking);
         Ok(())
     }
 
@@ -221,12 +221,12 @@ impl<D: BlockDevice> Image<D> {
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
         const OP: &str = "remove bitmap";
         self.check_writable(OP)?;
-        let _size = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let mut set = self.bitmaps.write();
         self.ensure_bitmaps_loaded(&mut set)?;
         let index = set.list.iter().position(|b| b.name == name).ok_or_else(|| not_found(OP, name))?;
         let result = self.observe(self.remove_stored_bitmap(&mut set, index));
-        self.bitmaps.retrack(&set);
+        retrack(&set, &mut tracking);
         result
     }
 
@@ -237,6 +237,7 @@ impl<D: BlockDevice> Image<D> {
     pub fn clear_bitmap(&self, name: &str) -> Result<()> {
         const OP: &str = "clear bitmap";
         self.check_writable(OP)?;
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let mut set = self.bitmaps.write();
         self.ensure_bitmaps_loaded(&mut set)?;
         usable(&set, OP, name)?;
@@ -244,6 +245,7 @@ impl<D: BlockDevice> Image<D> {
             let len = b.bits.as_ref().map_or(0, |bits| bits.len());
             b.bits = Some(Arc::new(DirtyBits::new(len)));
         }
+        retrack(&set, &mut tracking);
         Ok(())
     }
 
@@ -265,13 +267,14 @@ impl<D: BlockDevice> Image<D> {
 
     fn set_bitmap_enabled(&self, op: &'static str, name: &str, enabled: bool) -> Result<()> {
         self.check_writable(op)?;
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let mut set = self.bitmaps.write();
         self.ensure_bitmaps_loaded(&mut set)?;
         usable(&set, op, name)?;
         if let Some(b) = set.find_mut(name) {
             b.enabled = enabled;
         }
-        self.bitmaps.retrack(&set);
+        retrack(&set, &mut tracking);
         Ok(())
     }
 
@@ -392,12 +395,15 @@ impl<D: BlockDevice> Image<D> {
 
     /// The store of [`Image::store_bitmaps`] and of closing.
     pub(in crate::image) fn store_bitmaps_now(&self) -> Result<()> {
-        let _size = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        // Exclusive: every write that set bits has finished, and the next one finds that it must mark first.
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let mut set = self.bitmaps.write();
         if !set.loaded {
             return Ok(());
         }
-        self.store_bitmap_set(&mut set)
+        let stored = self.store_bitmap_set(&mut set);
+        retrack(&set, &mut tracking);
+        stored
     }
 }
 

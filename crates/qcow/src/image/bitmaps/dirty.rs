@@ -1,41 +1,48 @@
 //! The hooks the write paths and resize call: guest ranges dirtied, and bitmaps resized with the disk.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
+
+use super::{retrack, Tracking};
 
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
 impl<D: BlockDevice> Image<D> {
-    /// Records that the guest bytes `offset..offset + len` are about to change (a write, a zero write, a discard,
-    /// a compressed write): each enabled consistent bitmap gets the bits of every granule the range touches. Called
-    /// before the data moves, so that a store running meanwhile cannot miss the change. With no bitmap to track
-    /// this is one atomic load.
+    /// Takes the resize lock shared for a write of the guest bytes `offset..offset + len` (a write, a zero write,
+    /// a discard, a compressed write) and, when `tracked`, records them first: each enabled consistent bitmap gets
+    /// the bits of every granule the range touches, before the data moves, so that a store (which waits for the
+    /// lock exclusively) cannot miss the change. With no bitmap to track this costs nothing beyond the lock the
+    /// write takes anyway.
     ///
     /// After a store left consistent entries in the directory, the first such write marks them in use on disk
-    /// again, before it returns.
-    pub(in crate::image) fn dirty_bitmaps(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 || !self.bitmaps.tracking.load(Ordering::Acquire) {
-            return Ok(());
-        }
+    /// again before it returns.
+    pub(in crate::image) fn lock_for_write(
+        &self,
+        offset: u64,
+        len: u64,
+        tracked: bool,
+    ) -> Result<RwLockReadGuard<'_, Tracking>> {
         let end = offset.saturating_add(len);
         loop {
-            {
-                let set = self.bitmaps.read();
-                if !set.needs_mark {
-                    for b in set.list.iter().filter(|b| b.enabled) {
-                        if let Some(bits) = &b.bits {
-                            let g = u32::from(b.granularity_bits);
-                            bits.set(offset >> g, end.div_ceil(1u64 << g));
-                        }
-                    }
-                    return Ok(());
-                }
+            let shared = self.resize.read().unwrap_or_else(|e| e.into_inner());
+            if !tracked || len == 0 || shared.bits.is_empty() {
+                return Ok(shared);
             }
-            let mut set = self.bitmaps.write();
-            if set.needs_mark {
-                self.mark_bitmaps_in_use(&mut set)?;
+            if !shared.needs_mark {
+                for (bits, g) in &shared.bits {
+                    let g = u32::from(*g);
+                    bits.set(offset >> g, end.div_ceil(1u64 << g));
+                }
+                return Ok(shared);
+            }
+            drop(shared);
+            let mut exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
+            if exclusive.needs_mark {
+                let mut set = self.bitmaps.write();
+                let marked = self.mark_bitmaps_in_use(&mut set);
+                retrack(&set, &mut exclusive);
+                marked?;
             }
         }
     }
@@ -43,7 +50,7 @@ impl<D: BlockDevice> Image<D> {
     /// Before the disk's size changes: refused while an inconsistent bitmap exists (QEMU's
     /// `qcow2_truncate_bitmaps_check`), and the directory marked in use so that no consistent entry on disk can
     /// disagree with the new size.
-    pub(in crate::image) fn bitmaps_before_resize(&self) -> Result<()> {
+    pub(in crate::image) fn bitmaps_before_resize(&self, tracking: &mut Tracking) -> Result<()> {
         let mut set = self.bitmaps.write();
         self.ensure_bitmaps_loaded(&mut set)?;
         if let Some(b) = set.list.iter().find(|b| !b.consistent()) {
@@ -52,14 +59,14 @@ impl<D: BlockDevice> Image<D> {
                 format!("bitmap '{}' is inconsistent and cannot be used; remove it first", b.name),
             ));
         }
-        if set.needs_mark || set.has_unmarked_entries() {
-            self.mark_bitmaps_in_use(&mut set)?;
-        }
-        Ok(())
+        let marked =
+            if set.needs_mark || set.has_unmarked_entries() { self.mark_bitmaps_in_use(&mut set) } else { Ok(()) };
+        retrack(&set, tracking);
+        marked
     }
 
     /// The disk is now `size` bytes: every bitmap follows, dropping the bits past the end or adding clear ones.
-    pub(in crate::image) fn bitmaps_resized(&self, size: u64) {
+    pub(in crate::image) fn bitmaps_resized(&self, size: u64, tracking: &mut Tracking) {
         let mut set = self.bitmaps.write();
         for b in set.list.iter_mut() {
             if let Some(bits) = &b.bits {
@@ -69,5 +76,6 @@ impl<D: BlockDevice> Image<D> {
                 }
             }
         }
+        retrack(&set, tracking);
     }
 }

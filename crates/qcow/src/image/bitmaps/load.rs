@@ -163,7 +163,6 @@ impl<D: BlockDevice> Image<D> {
         }
         set.list = list;
         set.loaded = true;
-        self.bitmaps.retrack(set);
         Ok(())
     }
 
@@ -241,9 +240,12 @@ impl<D: BlockDevice> Image<D> {
     /// Loads the bitmaps of an image opened read-write and marks the consistent ones in use on disk, as QEMU's
     /// read-write open does, before any write can happen.
     pub(in crate::image) fn load_bitmaps_for_writing(&self) -> Result<()> {
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let mut set = self.bitmaps.write();
         self.read_bitmaps(&mut set)?;
-        self.mark_bitmaps_in_use(&mut set)
+        let marked = self.mark_bitmaps_in_use(&mut set);
+        super::retrack(&set, &mut tracking);
+        marked
     }
 
     /// Marks every consistent bitmap that has an entry in the directory in use there (in place, in QEMU's

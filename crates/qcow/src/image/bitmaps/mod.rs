@@ -6,8 +6,8 @@
 //!   bitmap already in use on disk is *inconsistent*: listed, never read, used, changed or stored. Read-only
 //!   opens read the bitmaps on first need and change nothing.
 //! - **Dirtying** (`dirty`): every guest write, zero write and discard sets, for its guest range, the bits of each
-//!   enabled consistent bitmap: an atomic OR on the bitmap's words under a shared lock of the bitmap set, so
-//!   writers never wait for one another, and with no bitmap to track a write does not even take that lock.
+//!   enabled consistent bitmap: an atomic OR on the bitmap's words, found through the resize lock that every
+//!   write holds shared anyway, so tracking adds no lock and writers never wait for one another.
 //! - **Store** (`store`): closing the image (or [`Image::store_bitmaps`]) writes each consistent bitmap anew: data
 //!   clusters for the parts with set bits, a new table, a new directory; then the header points at the directory
 //!   (the commit point), and only then are the old clusters freed. A crash before the header leaves the old
@@ -15,10 +15,13 @@
 //!   marks the bitmaps in use again before it changes anything.
 //!
 //! # Locking
-//! The set of bitmaps sits behind its own `RwLock`, taken after the resize lock and the range locks and before the
-//! metadata lock, never the other way round. Writers hold it shared only while they set bits; everything that
-//! changes the set (add, remove, clear, merge, enable, disable, resize, store, marking in use) holds it
-//! exclusively, so a store sees every bit a write set before that write could reach the disk.
+//! What writes need, the bits of the enabled bitmaps and whether the directory must be marked in use first
+//! ([`Tracking`]), lives inside the image's resize lock: a write takes it shared for its whole duration and sets
+//! its bits before its data moves. Everything that changes it (add, remove, clear, enable, disable, resize,
+//! store, marking in use) holds the resize lock exclusively, so it runs between writes: a store sees every bit of
+//! every write that may reach the disk before the directory stops saying "in use", and a write that comes after
+//! a store finds that it must mark the bitmaps in use first. The full set of bitmaps (names, directory entries)
+//! has its own `RwLock`, taken after the resize lock and before the metadata lock, never the other way round.
 
 mod api;
 mod bits;
@@ -28,7 +31,6 @@ mod store;
 
 pub use api::{BitmapInfo, BitmapRun, DirtyRanges};
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::format::{BitmapEntry, BITMAP_FLAG_IN_USE};
@@ -101,11 +103,19 @@ impl BitmapSet {
     }
 }
 
-/// The image's bitmaps and the flag that lets writes skip them.
+/// What a write needs to know about the bitmaps, kept inside the image's resize lock (see the module docs).
+#[derive(Debug, Default)]
+pub(super) struct Tracking {
+    /// The bits of every enabled consistent bitmap, with the bitmap's granularity bits; empty when writes have
+    /// nothing to record.
+    bits: Vec<(Arc<DirtyBits>, u8)>,
+    /// Whether the directory must be marked in use before a write may dirty the bitmaps (after a store).
+    needs_mark: bool,
+}
+
+/// The image's bitmaps.
 #[derive(Debug, Default)]
 pub(super) struct Bitmaps {
-    /// Whether any enabled consistent bitmap exists: a write that finds this false touches nothing here.
-    tracking: AtomicBool,
     set: RwLock<BitmapSet>,
 }
 
@@ -117,11 +127,18 @@ impl Bitmaps {
     fn write(&self) -> RwLockWriteGuard<'_, BitmapSet> {
         self.set.write().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// Recomputes the tracking flag; called with the set held exclusively after any change to it.
-    fn retrack(&self, set: &BitmapSet) {
-        self.tracking.store(set.list.iter().any(Live::tracks_writes), Ordering::Release);
-    }
+/// Makes `tracking` what `set` says writes must do; called, with the resize lock held exclusively, after any
+/// change to the set.
+fn retrack(set: &BitmapSet, tracking: &mut Tracking) {
+    tracking.bits = set
+        .list
+        .iter()
+        .filter(|b| b.enabled)
+        .filter_map(|b| b.bits.as_ref().map(|bits| (Arc::clone(bits), b.granularity_bits)))
+        .collect();
+    tracking.needs_mark = set.needs_mark;
 }
 
 /// The entry `entry` with the in-use flag set or cleared.
