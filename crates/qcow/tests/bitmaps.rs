@@ -613,3 +613,29 @@ fn compaction_and_the_reclaimer_set_no_bits_and_keep_the_bitmaps() {
         assert_eq!(qemu_bitmap_map(&img, "b"), m.runs());
     });
 }
+
+/// Dropping the image and disconnecting it store the bitmaps as closing does: QEMU reads them consistent, with
+/// the writes made before.
+#[test]
+fn drop_and_disconnect_store_the_bitmaps_as_close_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for how in ["drop", "disconnect"] {
+        let img = dir.path().join(format!("{how}.qcow2"));
+        qemu_create(&img, "", "4M");
+        run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&img).arg("b"));
+        let image = open_rw(&img);
+        image.write_at(2 << 20, &[1; 4096]).unwrap();
+        match how {
+            "drop" => drop(image),
+            _ => {
+                BlockDevice::disconnect(&image);
+                assert!(image.write_at(0, &[1; 512]).is_err(), "disconnected");
+            }
+        }
+        assert_eq!(qemu_bitmaps(&img), [("b".into(), 65536, flags(&["auto"]))], "{how}");
+        assert_clean(&img);
+        let mut m = Model::new(65536, 4 << 20);
+        m.mark(2 << 20, 4096);
+        assert_eq!(qemu_bitmap_map(&img, "b"), m.runs(), "{how}");
+    }
+}
