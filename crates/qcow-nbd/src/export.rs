@@ -74,7 +74,7 @@ pub trait Export: BlockDevice + 'static {
 
 /// A qcow2 image: holes and zero runs come from its cluster map, allocation depths from its backing chain.
 /// `base:allocation` reports ranges left to a backing file as data, the conservative answer the protocol
-/// allows. Bitmaps are not offered yet (the defaults).
+/// allows. Its consistent persistent bitmaps are offered as `qemu:dirty-bitmap:NAME`.
 impl<D: BlockDevice + 'static> Export for Image<D> {
     fn can_trim(&self) -> bool {
         self.config().discard && !self.is_read_only()
@@ -96,6 +96,19 @@ impl<D: BlockDevice + 'static> Export for Image<D> {
 
     fn allocation_depth(&self, offset: u64, len: u64) -> qcow::Result<Vec<DepthRun>> {
         Image::allocation_depth(self, offset, len)
+    }
+
+    fn has_bitmap(&self, name: &str) -> bool {
+        // An inconsistent bitmap (left in use on disk) says nothing true, so it is never offered.
+        self.list_bitmaps().is_ok_and(|list| list.iter().any(|b| b.name == name && b.consistent))
+    }
+
+    fn dirty_bitmap(&self, name: &str, offset: u64, len: u64) -> qcow::Result<Option<Vec<(u64, bool)>>> {
+        if !self.has_bitmap(name) {
+            return Ok(None);
+        }
+        let runs = self.bitmap_status(name, offset, len)?;
+        Ok(Some(runs.into_iter().map(|r| (r.len, r.dirty)).collect()))
     }
 
     fn prometheus_metrics(&self) -> qcow::Result<Option<String>> {

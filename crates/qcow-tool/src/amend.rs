@@ -3,8 +3,7 @@
 //! The `-o` list is read as qemu-img reads it (comma separated, `,,` for a comma in a value, a bare name meaning
 //! `on`), each value checked by the option's type, and every option qemu-img's qcow2 driver cannot amend refused
 //! by name, in qemu-img's words. The library decides everything else, before it changes anything. Persistent
-//! bitmaps that QEMU would keep consistent through the change are refused instead of silently invalidated (a
-//! downgrade drops them, as QEMU's does).
+//! bitmaps are kept consistent through every change but a downgrade, which leaves them as QEMU's does.
 
 use std::path::PathBuf;
 
@@ -274,21 +273,6 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let options = parse_options(&items)?;
-    let metadata = open::image_metadata(path)?;
-    let version = match options.compat {
-        Some(Compat::V2) => 2,
-        Some(Compat::V3) => 3,
-        None => metadata.header().version,
-    };
-    let bitmaps = metadata.bitmaps().map_err(|e| open::io_error(path, e))?;
-    if version >= 3 && metadata.bitmaps_consistent() && !bitmaps.is_empty() {
-        return Err(Error::msg(format!(
-            "'{}' has persistent dirty bitmaps, which this version cannot keep consistent through an amend \
-             (qemu-img amend keeps them): nothing was changed",
-            path.display()
-        )));
-    }
-    drop(metadata);
     let mut image = open::image(path, false)?;
     let mut progress = Progress::new(&quiet_progress(&args.progress, args.quiet), 0, "steps")?;
     let result = image.amend(&options, &mut |done, total| progress.set(done, total));

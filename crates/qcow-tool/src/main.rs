@@ -8,6 +8,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod chain;
 mod check;
 mod commit;
@@ -87,6 +88,8 @@ enum Command {
     Compare(compare::Args),
     /// Change an image's virtual size: `resize FILE [+|-]SIZE [--shrink]`.
     Resize(resize::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps, as `qemu-img bitmap` does.
+    Bitmap(bitmap::Args),
     /// Say how large a new image would be, for a size or for an existing image's data, as `qemu-img measure`.
     Measure(measure::Args),
     /// Time a run of read or write requests against the library, with `qemu-img bench`'s request pattern.
@@ -138,6 +141,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Map(args) => map::run(&args).map(|()| 0),
         Command::Compare(args) => compare::run(&args),
         Command::Resize(args) => resize::run(&args).map(|()| 0),
+        Command::Bitmap(args) => bitmap::run(&args).map(|()| 0),
         Command::Measure(args) => measure::run(&args).map(|()| 0),
         Command::Bench(args) => bench::run(&args).map(|()| 0),
         Command::Encode(args) => encode::run(&args).map(|()| 0),
@@ -158,7 +162,7 @@ fn run(cli: Cli) -> Result<u8> {
 /// Clap's error message without its usage block, on one line.
 fn usage_error(e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, snapshot, pattern, dehydrate, rehydrate, rebase, commit, amend, stream-decode, serve (see 'qcow-tool --help')".into();
+        return "no command given: use one of create, info, check, repair, map, compare, convert, resize, bitmap, measure, bench, encode, decode, read, write, mapped, discard, compact, sha, snapshot, pattern, dehydrate, rehydrate, rebase, commit, amend, stream-decode, serve (see 'qcow-tool --help')".into();
     }
     let text = e.render().to_string();
     let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();

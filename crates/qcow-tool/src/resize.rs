@@ -73,6 +73,11 @@ pub fn run(args: &Args) -> Result<()> {
                 // qemu-img's words; its qcow2 driver refuses the size after the shrink question, as here.
                 return Err(Error::msg("The new size must be a multiple of 512"));
             }
+            // qemu-img's words, and its order: a bitmap left in use by a writer that did not store it blocks it.
+            let bitmaps = image.list_bitmaps().map_err(|e| open::io_error(path, e))?;
+            if let Some(b) = bitmaps.iter().find(|b| !b.consistent) {
+                return Err(Error::msg(crate::bitmap::inconsistent(path, &b.name)));
+            }
             if size < current && !image.snapshots().map_err(|e| open::io_error(path, e))?.is_empty() {
                 return Err(Error::msg(format!("'{}': can't shrink an image which has snapshots", path.display())));
             }

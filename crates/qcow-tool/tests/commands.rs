@@ -831,6 +831,7 @@ fn a_missing_file_is_one_line_naming_it_for_every_new_command() {
         vec!["decode".into(), name.clone(), other.clone()],
         vec!["sha".into(), name.clone()],
         vec!["dehydrate".into(), name.clone(), other.clone()],
+        vec!["bitmap".into(), "--add".into(), name.clone(), "b".into()],
     ];
     for args in commands {
         let err = fails(tool().args(&args));
@@ -858,6 +859,7 @@ fn an_encrypted_image_is_refused_naming_luks_by_every_new_command() {
         vec!["bench", &name],
         vec!["decode", &name, &out],
         vec!["sha", &name],
+        vec!["bitmap", "--add", &name, "b"],
     ] {
         let err = fails(tool().args(&args));
         assert!(err.contains("LUKS"), "{args:?}: {err}");
@@ -894,6 +896,7 @@ fn every_new_command_has_help() {
         "mapped",
         "discard",
         "compact",
+        "bitmap",
     ] {
         assert!(top.contains(cmd), "{cmd} missing from:\n{top}");
         let text = stdout(tool().args([cmd, "--help"]));

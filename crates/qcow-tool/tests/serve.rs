@@ -773,3 +773,39 @@ fn serve_refuses_a_bitmap_the_image_does_not_offer_in_qemu_nbds_words() {
         }
     });
 }
+
+/// What a backup tool reads: `qemu:dirty-bitmap:NAME` through our server, for a bitmap QEMU made and one we made,
+/// both dirtied by QEMU's writes and by ours (some through the server itself), equals what qemu-nbd `-B` gives
+/// for the same file.
+#[test]
+fn dirty_bitmaps_read_through_serve_equal_qemu_nbds() {
+    with_deadline(240, "dirty bitmaps through serve", || {
+        let dir = Dir::new();
+        let image = dir.path("b.qcow2");
+        qemu_create(&image, "cluster_size=65536", "8M");
+        run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("qemu-made"));
+        qemu_io(&image, &["write -P 1 0 64k", "write -P 2 1M 512"]);
+        run_ok(tool().args(["write"]).arg(&image).args(["--sector", "6000", "--text", "ours"]));
+        run_ok(tool().args(["bitmap", "--add", "-g", "128k"]).arg(&image).arg("ours"));
+        run_ok(tool().args(["write"]).arg(&image).args(["--sector", "12000", "--text", "again"]));
+        // Writes and a zero write through the server itself dirty both bitmaps too.
+        let served = Served::start(&image, "d", &[]);
+        run_ok(
+            qemu("qemu-io").args(["-f", "raw", "-c", "write -P 3 5M 4k", "-c", "write -z 7M 64k"]).arg(served.uri()),
+        );
+        served.stop();
+        for bitmap in ["qemu-made", "ours"] {
+            let context = format!("qemu:dirty-bitmap:{bitmap}");
+            let served = Served::start(&image, "d", &["--read-only", "-B", bitmap]);
+            let theirs = nbd::QemuNbd::start(&image, "qcow2", &["-r", "-B", bitmap]);
+            for args in [vec![format!("--map={context}")], vec![format!("--map={context}"), "--totals".into()]] {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let ours = nbd::nbdinfo(&args, &served.uri());
+                assert_eq!(ours, nbd::nbdinfo(&args, &theirs.uri()), "nbdinfo {args:?}");
+            }
+            let dirty: u64 = nbd::nbdinfo_map(&context, &served.uri()).iter().filter(|e| e.2 == 1).map(|e| e.1).sum();
+            assert!(dirty > 0, "{bitmap}: something is dirty");
+            served.stop();
+        }
+    });
+}

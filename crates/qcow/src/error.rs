@@ -79,6 +79,16 @@ pub enum Error {
     /// The on-disk header or one of its structures failed validation.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// A persistent bitmap (its directory entry or its table) breaks one of the rules QEMU applies when it loads
+    /// bitmaps; QEMU refuses to open such an image read-write, and so does this library.
+    #[error("bitmaps of the image at byte offset {offset:#x}: {source}")]
+    Bitmap {
+        /// Where the offending structure is: the directory, or the bitmap's table.
+        offset: u64,
+        /// What is wrong with it.
+        #[source]
+        source: crate::format::BitmapError,
+    },
     /// The image needs a feature that is not supported.
     #[error("unsupported image feature: {feature}")]
     Unsupported {
@@ -117,7 +127,7 @@ impl Error {
             Error::Corrupt { .. } | Error::Untrusted { .. } => ErrorKind::Corrupt,
             Error::Backing(inner) => inner.kind(),
             Error::Format(e) if e.is_unsupported() => ErrorKind::Unsupported,
-            Error::Format(_) => ErrorKind::Corrupt,
+            Error::Format(_) | Error::Bitmap { .. } => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Snapshot { why, .. } => why.kind(),
             Error::InvalidArgument { .. } | Error::Refused(_) => ErrorKind::InvalidArgument,

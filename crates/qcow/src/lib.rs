@@ -30,9 +30,9 @@ pub mod stream;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, AmendOptions, Backing, BackingPolicy, BackingResolver, ClusterState, CommitRange, CommitSummary,
-    CompactProgress, CompactSummary, Compat, Config, CreateOptions, DepthRun, DiscardStats, Extent, ExtentKind,
-    FileResolver, Image, ImageInfo, LayeredDevice, MappedExtent, MappedKind, Metrics, NewBacking, NoBacking,
-    OnlineCompaction, Preallocation, RebaseOptions, RebaseSummary, ReclaimPass, ReclaimerOptions, Refusal,
-    SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME,
+    parse_size, AmendOptions, Backing, BackingPolicy, BackingResolver, BitmapInfo, BitmapRun, ClusterState,
+    CommitRange, CommitSummary, CompactProgress, CompactSummary, Compat, Config, CreateOptions, DepthRun, DirtyRanges,
+    DiscardStats, Extent, ExtentKind, FileResolver, Image, ImageInfo, LayeredDevice, MappedExtent, MappedKind, Metrics,
+    NewBacking, NoBacking, OnlineCompaction, Preallocation, RebaseOptions, RebaseSummary, ReclaimPass,
+    ReclaimerOptions, Refusal, SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME,
 };

@@ -2,14 +2,19 @@
 //!
 //! Every sequence mixes allocating writes of random ranges and sizes (partial clusters, whole clusters and
 //! multi-cluster spans), overwrites of earlier data, zero writes, resizes (growing, and shrinking once allowed),
-//! flushes, close + reopen, and internal snapshots created, applied and deleted, with a model kept per snapshot. After every step the touched clusters are read back and compared with a
-//! `Vec<u8>` model; every few steps the whole disk is. At the end of each deterministic sequence QEMU judges the
-//! image: `qemu-img check` must be clean, `qemu-img compare` must match the model, and `qemu-img convert -l
-//! snapshot.name=` of every snapshot left must match that snapshot's model.
+//! flushes, close + reopen, internal snapshots created, applied and deleted (with a model kept per snapshot), and
+//! persistent-bitmap operations (add, clear, disable and enable, store; on v2 images add is refused). After every
+//! step the touched clusters are read back and compared with a `Vec<u8>` model, and after every bitmap operation
+//! each bitmap is compared with a model of its dirty granules; every few steps the whole disk and every bitmap
+//! are. At the end of each deterministic sequence QEMU judges the image: `qemu-img check` must be clean,
+//! `qemu-img compare` must match the model, `qemu-img convert -l snapshot.name=` of every snapshot left must match
+//! that snapshot's model, and each bitmap as `qemu-nbd -B` exports it (`nbdinfo --map`) must match its model.
 //!
 //! A failure prints the seed and the layout that reproduce it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/bitmaps.rs"]
+mod bitmap_support;
 mod support;
 
 use std::path::PathBuf;
@@ -17,6 +22,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bitmap_support::{as_triples, qemu_bitmap_map, Model as BitmapModel};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
 use qcow::block::{BlockDevice, FileDevice, FileOptions, MemoryDevice};
@@ -210,6 +216,74 @@ fn pick_size(rng: &mut Rng, cluster_size: u64, min: u64, max: u64) -> u64 {
     }
 }
 
+/// The image's bitmaps, each read whole through `bitmap_status`, against their models.
+fn verify_bitmaps<D: BlockDevice>(image: &Image<D>, bitmaps: &[(String, bool, BitmapModel)], what: &str) {
+    let listed: Vec<(String, bool)> = image
+        .list_bitmaps()
+        .unwrap_or_else(|e| panic!("{what}: list: {e}"))
+        .into_iter()
+        .map(|b| (b.name, b.enabled))
+        .collect();
+    let want: Vec<(String, bool)> = bitmaps.iter().map(|(n, e, _)| (n.clone(), *e)).collect();
+    assert_eq!(listed, want, "{what}: bitmaps listed");
+    for (name, _, model) in bitmaps {
+        let runs = image.bitmap_status(name, 0, u64::MAX).unwrap_or_else(|e| panic!("{what}: status of {name}: {e}"));
+        assert_eq!(as_triples(0, &runs), model.runs(), "{what}: bitmap {name}");
+    }
+}
+
+/// A bitmap operation on the image and on the models: add (up to three bitmaps, granularities from 512 bytes to
+/// 1 MiB), clear, disable or enable, or store.
+fn bitmap_step<D: BlockDevice>(
+    rng: &mut Rng,
+    image: &Image<D>,
+    bitmaps: &mut Vec<(String, bool, BitmapModel)>,
+    v3: bool,
+    step: usize,
+    trace: bool,
+) -> String {
+    let size = image.virtual_size();
+    let pick = rng.below(bitmaps.len().max(1) as u64) as usize;
+    let op = if bitmaps.is_empty() { 0 } else { rng.below(5) };
+    let what = match op {
+        0 | 1 if bitmaps.len() < 3 => {
+            let granularity = 512u64 << rng.below(12);
+            let name = format!("b{step}");
+            let enabled = rng.below(4) != 0;
+            let added = image.add_bitmap(&name, granularity, enabled);
+            if v3 {
+                added.unwrap_or_else(|e| panic!("step {step}: add {name}: {e}"));
+                bitmaps.push((name.clone(), enabled, BitmapModel::new(granularity, size)));
+            } else {
+                let e = added.expect_err("a version 2 image took a bitmap");
+                assert_eq!(e.kind(), qcow::ErrorKind::InvalidArgument, "step {step}: {e}");
+            }
+            format!("add {name} at {granularity} bytes, enabled {enabled}")
+        }
+        2 => {
+            let (name, _, model) = &mut bitmaps[pick];
+            image.clear_bitmap(name).unwrap_or_else(|e| panic!("step {step}: clear {name}: {e}"));
+            model.clear();
+            format!("clear {name}")
+        }
+        3 => {
+            let (name, enabled, _) = &mut bitmaps[pick];
+            *enabled = !*enabled;
+            let r = if *enabled { image.enable_bitmap(name) } else { image.disable_bitmap(name) };
+            r.unwrap_or_else(|e| panic!("step {step}: enable/disable {name}: {e}"));
+            format!("{} {name}", if *enabled { "enable" } else { "disable" })
+        }
+        _ => {
+            image.store_bitmaps().unwrap_or_else(|e| panic!("step {step}: store: {e}"));
+            "store".into()
+        }
+    };
+    if trace {
+        eprintln!("step {step}: bitmap {what}");
+    }
+    what
+}
+
 /// Runs one seeded sequence of `steps` operations on images kept in `store`, then asks QEMU.
 fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize) {
     let _report = OnFailure(format!("seed {seed:#x}, layout {layout:?}, {steps} steps"));
@@ -220,17 +294,25 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
     let mut image = Image::create(store.fresh(), &layout.create_options(initial), layout.config()).unwrap();
     let mut model = vec![0u8; initial as usize];
     let mut earlier: Vec<(u64, u64)> = Vec::new();
-    let mut counts = [0usize; 6];
+    let mut counts = [0usize; 7];
     // The snapshots the image holds, each with the model as it was taken.
     let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
     let mut taken = 0;
+    // Persistent bitmaps: name, whether enabled, which granules are dirty.
+    let mut bitmaps: Vec<(String, bool, BitmapModel)> = Vec::new();
+    let v3 = layout.compat == Compat::V3;
     // QCOW_MODEL_TRACE=1 prints every operation, to turn a failure into a reproduction.
     let trace = std::env::var_os("QCOW_MODEL_TRACE").is_some();
     for step in 0..steps {
         let size = model.len() as u64;
         match rng.below(100) {
+            67..=70 => {
+                counts[6] += 1;
+                let what = bitmap_step(&mut rng, &image, &mut bitmaps, v3, step, trace);
+                verify_bitmaps(&image, &bitmaps, &format!("step {step}: after bitmap {what}"));
+            }
             // Writes of fresh random data, or of zeros.
-            0..=70 => {
+            0..=66 => {
                 counts[0] += 1;
                 let (offset, len) = pick_write(&mut rng, cs, size, &earlier);
                 let mut data = vec![0u8; len as usize];
@@ -244,6 +326,9 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                     .write_at(offset, &data)
                     .unwrap_or_else(|e| panic!("step {step}: write {offset:#x}+{len:#x}: {e}"));
                 model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                for (_, _, m) in bitmaps.iter_mut().filter(|b| b.1) {
+                    m.mark(offset, len);
+                }
                 earlier.push((offset, len));
                 let (start, span) = cluster_span(offset, len, cs, size);
                 verify_range(&image, &model, start, span, &format!("step {step}: after write {offset:#x}+{len:#x}"));
@@ -281,7 +366,15 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                         model.clone_from(kept);
                         assert_eq!(image.virtual_size(), model.len() as u64, "step {step}: size after apply");
                         earlier.retain(|&(o, l)| o + l <= model.len() as u64);
+                        // Every bitmap follows the size; the enabled ones (AUTO) are wholly dirty.
+                        for (_, enabled, m) in bitmaps.iter_mut() {
+                            m.resize(model.len() as u64);
+                            if *enabled {
+                                m.mark(0, model.len() as u64);
+                            }
+                        }
                         verify_all(&image, &model, &format!("step {step}: after snapshot_apply({name})"));
+                        verify_bitmaps(&image, &bitmaps, &format!("step {step}: bitmaps after snapshot_apply"));
                     }
                     _ if !snapshots.is_empty() => {
                         let (name, _) = snapshots.remove(pick);
@@ -311,6 +404,7 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                 image.resize(new, true).unwrap_or_else(|e| panic!("step {step}: resize {size} -> {new}: {e}"));
                 assert_eq!(image.virtual_size(), new, "step {step}: size after resize {size} -> {new}");
                 model.resize(new as usize, 0);
+                bitmaps.iter_mut().for_each(|b| b.2.resize(new));
                 earlier.retain(|&(o, l)| o + l <= new);
                 // The old end's cluster is where stale data would show after a shrink and a grow.
                 let edge = size.min(new).saturating_sub(1) / cs * cs;
@@ -333,16 +427,19 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
                 image =
                     Image::open(store.reopen(), layout.config()).unwrap_or_else(|e| panic!("step {step}: reopen: {e}"));
                 verify_all(&image, &model, &format!("step {step}: after reopen"));
+                verify_bitmaps(&image, &bitmaps, &format!("step {step}: after reopen"));
             }
         }
         if step % 8 == 7 {
             counts[4] += 1;
             verify_all(&image, &model, &format!("step {step}: whole disk"));
+            verify_bitmaps(&image, &bitmaps, &format!("step {step}: every bitmap"));
         }
     }
     verify_all(&image, &model, "end of sequence");
+    verify_bitmaps(&image, &bitmaps, "end of sequence");
     image.close().unwrap();
-    assert!(counts[0] > 0 && counts[1] > 0 && counts[2] > 0 && counts[3] > 0, "operation mix {counts:?}");
+    assert!(counts.iter().all(|&n| n > 0), "operation mix {counts:?}");
     let path = store.image_file();
     assert_clean(&path);
     assert_matches_model(&path, &model);
@@ -365,6 +462,10 @@ fn run_sequence<S: Store>(mut store: S, layout: Layout, seed: u64, steps: usize)
             kept.len()
         );
         std::fs::remove_file(&raw).ok();
+    }
+    assert!(!v3 || !bitmaps.is_empty(), "a version 3 sequence added no bitmap");
+    for (name, _, m) in &bitmaps {
+        assert_eq!(qemu_bitmap_map(&path, name), m.runs(), "QEMU's reading of bitmap {name} at the end");
     }
 }
 

@@ -3,10 +3,13 @@
 //! and the result must equal QEMU's own apply or delete of a copy.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/bitmaps.rs"]
+mod bitmap_support;
 mod support;
 
 use std::path::{Path, PathBuf};
 
+use bitmap_support::{qemu_bitmap_map, qemu_bitmaps};
 use qcow::{Config, Error, ErrorKind, Image, SnapshotRefusal};
 use support::{assert_clean, qemu, qemu_create, qemu_io, run_ok};
 
@@ -247,25 +250,6 @@ fn snapshot_refusals_change_nothing() {
     assert!(std::fs::read(&data).unwrap() == before_data);
 }
 
-/// The bitmap's directory, table and data clusters, byte for byte.
-fn bitmap_bytes(path: &Path) -> Vec<u8> {
-    let image = Image::open_path(path, Config::read_only()).unwrap();
-    let file = std::fs::read(path).unwrap();
-    let cs = image.geometry().cluster_size() as usize;
-    let mut out = Vec::new();
-    for b in image.bitmaps().unwrap() {
-        let table = &file[b.table_offset as usize..][..b.table_size as usize * 8];
-        out.extend_from_slice(table);
-        for entry in qcow::format::parse_bitmap_table(table) {
-            if let Some(offset) = entry.data_offset() {
-                out.extend_from_slice(&file[offset as usize..][..cs]);
-            }
-        }
-    }
-    assert!(!out.is_empty());
-    out
-}
-
 #[test]
 fn a_qemu_bitmap_survives_snapshot_create_and_delete() {
     let dir = tempdir();
@@ -273,23 +257,38 @@ fn a_qemu_bitmap_survives_snapshot_create_and_delete() {
     qemu_create(&path, "", "16M");
     run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&path).arg("b0"));
     qemu_io(&path, &["write -P 1 0 64k", "write -P 2 8M 1M"]);
-    let before = bitmap_bytes(&path);
+    let before = qemu_bitmap_map(&path, "b0");
+    assert!(before.iter().any(|r| r.2), "QEMU's writes are in the bitmap");
     let image = open_rw(&path);
     image.snapshot_create("s1").unwrap();
     image.snapshot_create("s2").unwrap();
     image.snapshot_delete("s1").unwrap();
     image.close().unwrap();
-    assert!(bitmap_bytes(&path) == before, "the bitmap's clusters changed");
-    // The guest data did not change either, so the bitmap is still true: set its autoclear bit again (our
-    // read-write open cleared it, as a writer that does not maintain bitmaps must) and QEMU trusts it, finds every
-    // one of its clusters counted, and lists it.
-    let mut file = std::fs::read(&path).unwrap();
-    let autoclear = u64::from_be_bytes(file[88..96].try_into().unwrap()) | 1;
-    file[88..96].copy_from_slice(&autoclear.to_be_bytes());
-    std::fs::write(&path, &file).unwrap();
+    // No guest byte changed, so no bit did: QEMU finds the bitmap consistent, exactly as dirty as before, every
+    // one of its clusters counted.
+    assert_eq!(qemu_bitmaps(&path), [("b0".to_string(), 65536, vec!["auto".to_string()])]);
+    assert_eq!(qemu_bitmap_map(&path, "b0"), before);
     assert_clean(&path);
-    let out = run_ok(qemu("qemu-img").args(["info", "--output=json"]).arg(&path));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(info["format-specific"]["data"]["bitmaps"][0]["name"], "b0", "{info}");
     assert_eq!(qemu_list(&path), [("2".into(), "s2".into())]);
+}
+
+/// Applying a snapshot may change any guest byte, so every enabled (AUTO) bitmap becomes wholly dirty and a
+/// disabled one keeps its bits, as QEMU reads them afterwards.
+#[test]
+fn applying_a_snapshot_makes_the_auto_bitmaps_wholly_dirty() {
+    let dir = tempdir();
+    let path = dir.path().join("apply.qcow2");
+    qemu_create(&path, "", "16M");
+    qemu_io(&path, &["write -P 1 0 64k"]);
+    run_ok(qemu("qemu-img").args(["snapshot", "-c", "s1"]).arg(&path));
+    run_ok(qemu("qemu-img").args(["bitmap", "--add"]).arg(&path).arg("auto"));
+    run_ok(qemu("qemu-img").args(["bitmap", "--add", "--disable"]).arg(&path).arg("off"));
+    qemu_io(&path, &["write -P 2 8M 64k"]);
+    let off_before = qemu_bitmap_map(&path, "off");
+    let image = open_rw(&path);
+    image.snapshot_apply("s1").unwrap();
+    image.close().unwrap();
+    assert_eq!(qemu_bitmap_map(&path, "auto"), [(0, 16 << 20, true)]);
+    assert_eq!(qemu_bitmap_map(&path, "off"), off_before);
+    assert_clean(&path);
 }

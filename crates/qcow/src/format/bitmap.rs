@@ -23,22 +23,22 @@ pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 const EXTENSION_BYTES: usize = 24;
 /// The fixed part of a directory entry.
 const ENTRY_FIXED_BYTES: u64 = 24;
-/// QEMU's `BME_MAX_NAME_SIZE`.
-const MAX_NAME_BYTES: u16 = 1023;
-/// QEMU's `BME_MIN_GRANULARITY_BITS` and `BME_MAX_GRANULARITY_BITS`.
-const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
+/// QEMU's `BME_MAX_NAME_SIZE`: bytes of a bitmap name.
+pub const MAX_BITMAP_NAME_BYTES: usize = 1023;
+/// QEMU's `BME_MIN_GRANULARITY_BITS` and `BME_MAX_GRANULARITY_BITS`: a bit covers 512 bytes to 2 GiB.
+pub const BITMAP_GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
 /// QEMU's `BME_MAX_TABLE_SIZE`: entries of one bitmap table.
-const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
+pub const MAX_BITMAP_TABLE_ENTRIES: u32 = 0x800_0000;
 /// QEMU's `BME_MAX_PHYS_SIZE`: the bitmap data of one bitmap, which QEMU keeps in RAM.
-const MAX_PHYS_BYTES: u64 = 0x2000_0000;
+pub const MAX_BITMAP_DATA_BYTES: u64 = 0x2000_0000;
 /// Flag bit 0: the bitmap was in use (open read-write) and may be inconsistent.
-const FLAG_IN_USE: u32 = 1 << 0;
+pub const BITMAP_FLAG_IN_USE: u32 = 1 << 0;
 /// Flag bit 1: the bitmap tracks writes whenever the image is opened.
-const FLAG_AUTO: u32 = 1 << 1;
+pub const BITMAP_FLAG_AUTO: u32 = 1 << 1;
 /// Flags QEMU does not know; it refuses bitmaps that set any.
-const RESERVED_FLAGS: u32 = !(FLAG_IN_USE | FLAG_AUTO);
+const RESERVED_FLAGS: u32 = !(BITMAP_FLAG_IN_USE | BITMAP_FLAG_AUTO);
 /// The only bitmap type defined: dirty tracking.
-const TYPE_DIRTY_TRACKING: u8 = 1;
+pub const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
 /// Bits 9..=55 of a bitmap table entry: the cluster holding that part of the bitmap.
 const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits 1..=8 and 56..=63 of a bitmap table entry.
@@ -160,6 +160,36 @@ pub enum BitmapError {
         /// The offending value.
         value: u64,
     },
+    /// A new bitmap needs a name.
+    #[error("a bitmap name cannot be empty")]
+    NameEmpty,
+    /// A new bitmap's name is longer than QEMU's 1023 bytes.
+    #[error("bitmap name of {length:#x} bytes is longer than 0x3ff")]
+    NameLength {
+        /// The name's length in bytes.
+        length: u64,
+    },
+    /// A granularity that is not a power of two from 512 bytes to 2 GiB.
+    #[error("bitmap granularity {granularity:#x} is not a power of two from 0x200 to 0x80000000")]
+    GranularityInvalid {
+        /// The granularity asked for, in bytes.
+        granularity: u64,
+    },
+    /// The bitmap would hold more data than QEMU keeps in memory (512 MiB) or than a table can describe.
+    #[error("a bitmap of {bytes:#x} bytes is larger than QEMU allows (0x20000000 bytes, 0x8000000 table entries)")]
+    DataTooLarge {
+        /// Bytes of bitmap data the disk would need at the granularity asked for.
+        bytes: u64,
+    },
+    /// A disk of zero bytes cannot carry a bitmap: its table would have no entries, which QEMU refuses.
+    #[error("a disk of zero bytes cannot carry a bitmap")]
+    EmptyDisk,
+    /// The directory would grow past QEMU's limit with one more entry.
+    #[error("the bitmap directory would take {size:#x} bytes, more than 0x3fffc00")]
+    DirectoryFull {
+        /// The directory size with the new entry.
+        size: u64,
+    },
 }
 
 /// The bitmaps header extension (type 0x23852875): where the bitmap directory is and how many entries it has.
@@ -254,12 +284,12 @@ pub struct BitmapEntry {
 impl BitmapEntry {
     /// Whether the bitmap was open for writing and not stored cleanly: its data may be inconsistent.
     pub fn in_use(&self) -> bool {
-        self.flags & FLAG_IN_USE != 0
+        self.flags & BITMAP_FLAG_IN_USE != 0
     }
 
     /// Whether the bitmap is enabled (tracks writes) whenever the image is opened.
     pub fn auto(&self) -> bool {
-        self.flags & FLAG_AUTO != 0
+        self.flags & BITMAP_FLAG_AUTO != 0
     }
 
     /// Guest bytes per bit; 0 when `granularity_bits` is 64 or more, which parsing never yields.
@@ -290,23 +320,23 @@ impl BitmapEntry {
         if self.table_offset & cluster_size.wrapping_sub(1) != 0 {
             return fail("bitmap table offset is not aligned to a cluster", self.table_offset);
         }
-        if self.table_size > MAX_TABLE_ENTRIES {
+        if self.table_size > MAX_BITMAP_TABLE_ENTRIES {
             return fail("bitmap table has more than 0x8000000 entries", table_size);
         }
-        if !GRANULARITY_BITS.contains(&self.granularity_bits) {
+        if !BITMAP_GRANULARITY_BITS.contains(&self.granularity_bits) {
             return fail("granularity_bits outside 9..=31", u64::from(self.granularity_bits));
         }
         if self.flags & RESERVED_FLAGS != 0 {
             return fail("reserved flags set", u64::from(self.flags));
         }
-        if self.name.len() > usize::from(MAX_NAME_BYTES) {
+        if self.name.len() > MAX_BITMAP_NAME_BYTES {
             return fail("name longer than 1023 bytes", len_u64(self.name.len()));
         }
-        if self.kind != TYPE_DIRTY_TRACKING {
+        if self.kind != BITMAP_TYPE_DIRTY_TRACKING {
             return fail("type is not 1 (dirty tracking)", u64::from(self.kind));
         }
         let phys = table_size.checked_mul(cluster_size);
-        if phys.is_none_or(|p| p > MAX_PHYS_BYTES) {
+        if phys.is_none_or(|p| p > MAX_BITMAP_DATA_BYTES) {
             return fail("bitmap data larger than 512 MiB", phys.unwrap_or(u64::MAX));
         }
         // An in-use bitmap may be stale after a resize; only a consistent one must cover the whole disk.
@@ -319,9 +349,53 @@ impl BitmapEntry {
     }
 
     /// Bytes the entry takes in the directory, padding included.
-    fn disk_len(&self) -> u64 {
+    pub fn disk_len(&self) -> u64 {
         round_up8(ENTRY_FIXED_BYTES + len_u64(self.extra.len()) + len_u64(self.name.len()))
     }
+}
+
+/// Bytes of bitmap data a bitmap of a `disk_size`-byte disk at `granularity_bits` holds: one bit per granule,
+/// the last granule partial (QEMU's `get_bitmap_bytes_needed`).
+pub fn bitmap_data_bytes(disk_size: u64, granularity_bits: u8) -> u64 {
+    let granule = 1u64.checked_shl(u32::from(granularity_bits)).unwrap_or(u64::MAX);
+    disk_size.div_ceil(granule).div_ceil(8)
+}
+
+/// Entries of the table that stores such a bitmap: one per cluster of bitmap data (QEMU's table size, which it
+/// requires to match exactly when it loads a consistent bitmap). `cluster_size` must be a power of two.
+pub fn bitmap_table_entries(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    bitmap_data_bytes(disk_size, granularity_bits).div_ceil(cluster_size.max(1))
+}
+
+/// Applies QEMU's rules for a new persistent bitmap (`qmp_block_dirty_bitmap_add` and
+/// `check_constraints_on_bitmap`), in QEMU's order: a name, a granularity that is a power of two from 512 bytes to
+/// 2 GiB, bitmap data of at most 512 MiB and 0x8000000 clusters, a name of at most 1023 bytes. A disk of zero
+/// bytes is refused too, since the bitmap's table would be empty. `cluster_size` must be a power of two.
+///
+/// # Errors
+/// [`BitmapError::NameEmpty`], [`BitmapError::GranularityInvalid`], [`BitmapError::DataTooLarge`],
+/// [`BitmapError::NameLength`] or [`BitmapError::EmptyDisk`].
+pub fn check_new_bitmap(name: &str, granularity: u64, disk_size: u64, cluster_size: u64) -> Result<(), BitmapError> {
+    if name.is_empty() {
+        return Err(BitmapError::NameEmpty);
+    }
+    let bits = granularity.trailing_zeros();
+    if !granularity.is_power_of_two() || !BITMAP_GRANULARITY_BITS.contains(&u8::try_from(bits).unwrap_or(u8::MAX)) {
+        return Err(BitmapError::GranularityInvalid { granularity });
+    }
+    let granularity_bits = u8::try_from(bits).unwrap_or(u8::MAX);
+    let bytes = bitmap_data_bytes(disk_size, granularity_bits);
+    let limit = MAX_BITMAP_DATA_BYTES.min(u64::from(MAX_BITMAP_TABLE_ENTRIES).saturating_mul(cluster_size));
+    if bytes > limit {
+        return Err(BitmapError::DataTooLarge { bytes });
+    }
+    if name.len() > MAX_BITMAP_NAME_BYTES {
+        return Err(BitmapError::NameLength { length: len_u64(name.len()) });
+    }
+    if disk_size == 0 {
+        return Err(BitmapError::EmptyDisk);
+    }
+    Ok(())
 }
 
 /// Parses the bitmap directory. `bytes` is exactly the directory (`directory_size` bytes from
@@ -363,10 +437,10 @@ pub fn parse_bitmap_directory(bytes: &[u8], count: u32) -> Result<Vec<BitmapEntr
         if end > available {
             return Err(truncated(end));
         }
-        if name_size > MAX_NAME_BYTES {
+        if usize::from(name_size) > MAX_BITMAP_NAME_BYTES {
             return Err(BitmapError::NameTooLong { index, offset, size: name_size });
         }
-        if !GRANULARITY_BITS.contains(&granularity_bits) {
+        if !BITMAP_GRANULARITY_BITS.contains(&granularity_bits) {
             return Err(BitmapError::Granularity { index, offset, bits: granularity_bits });
         }
         let extra = slice(bytes, extra_at, u64::from(extra_size)).ok_or_else(|| truncated(end))?;
@@ -600,7 +674,7 @@ mod tests {
         BitmapEntry {
             table_offset: 0x9_0000,
             table_size: 1,
-            flags: FLAG_AUTO,
+            flags: BITMAP_FLAG_AUTO,
             kind: 1,
             granularity_bits: 16,
             name: name.into(),
@@ -707,7 +781,7 @@ mod tests {
         let covered = CS * 8 * CS;
         ok.validate(CS, covered).unwrap();
         assert_eq!(reason(ok.clone(), covered + 1), "bitmap table too small for the disk size");
-        BitmapEntry { flags: FLAG_IN_USE, ..ok.clone() }.validate(CS, covered + 1).unwrap();
+        BitmapEntry { flags: BITMAP_FLAG_IN_USE, ..ok.clone() }.validate(CS, covered + 1).unwrap();
         let err = BitmapEntry { kind: 9, ..ok }.validate(CS, 0).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -729,6 +803,40 @@ mod tests {
         assert!(kinds[3..].iter().all(Result::is_err), "{kinds:?}");
         assert_eq!(entries[4].data_offset(), Some(0x5_0200));
         assert_eq!(entries[4].kind(512), Ok(BitmapCluster::Data(0x5_0200)));
+    }
+
+    #[test]
+    fn new_bitmaps_meet_qemus_constraints_in_qemus_order() {
+        assert_eq!(check_new_bitmap("", 1000, 0, CS), Err(BitmapError::NameEmpty), "the name is judged first");
+        for g in [0u64, 256, 1000, 3 << 20, 1 << 32] {
+            assert_eq!(check_new_bitmap("b", g, 1 << 20, CS), Err(BitmapError::GranularityInvalid { granularity: g }));
+        }
+        check_new_bitmap("b", 512, 1 << 20, CS).unwrap();
+        check_new_bitmap("b", 1 << 31, 1 << 20, CS).unwrap();
+        // 4 TiB at 1 KiB granularity is exactly 512 MiB of bits (QEMU accepts it); at 512 bytes it is twice that.
+        check_new_bitmap("b", 1024, 4 << 40, CS).unwrap();
+        assert_eq!(check_new_bitmap("b", 512, 4 << 40, CS), Err(BitmapError::DataTooLarge { bytes: 1 << 30 }));
+        let long = "n".repeat(1024);
+        assert_eq!(
+            check_new_bitmap(&long, 512, 4 << 40, CS),
+            Err(BitmapError::DataTooLarge { bytes: 1 << 30 }),
+            "the size is judged before the name's length"
+        );
+        assert_eq!(check_new_bitmap(&long, 65536, 1 << 20, CS), Err(BitmapError::NameLength { length: 1024 }));
+        check_new_bitmap(&long[..1023], 65536, 1 << 20, CS).unwrap();
+        assert_eq!(check_new_bitmap("b", 65536, 0, CS), Err(BitmapError::EmptyDisk));
+    }
+
+    #[test]
+    fn table_sizes_are_qemus() {
+        // One bit per granule, the last partial; one table entry per cluster of bits.
+        assert_eq!(bitmap_data_bytes(1 << 20, 16), 2);
+        assert_eq!(bitmap_data_bytes((1 << 20) + 1, 16), 3);
+        assert_eq!(bitmap_data_bytes(0, 16), 0);
+        assert_eq!(bitmap_table_entries(1 << 20, 16, CS), 1);
+        assert_eq!(bitmap_table_entries(CS * 8 * CS, 16, CS), 1);
+        assert_eq!(bitmap_table_entries(CS * 8 * CS + 1, 16, CS), 2);
+        assert_eq!(bitmap_table_entries(u64::MAX, 9, 512), u64::MAX.div_ceil(512).div_ceil(8).div_ceil(512));
     }
 
     proptest! {

@@ -15,8 +15,10 @@ mod snapshot;
 mod validate;
 
 pub use bitmap::{
-    parse_bitmap_directory, parse_bitmap_table, serialize_bitmap_directory, BitmapCluster, BitmapEntry, BitmapError,
-    BitmapTableEntry, BitmapsExtension, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES,
+    bitmap_data_bytes, bitmap_table_entries, check_new_bitmap, parse_bitmap_directory, parse_bitmap_table,
+    serialize_bitmap_directory, BitmapCluster, BitmapEntry, BitmapError, BitmapTableEntry, BitmapsExtension,
+    BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, BITMAP_GRANULARITY_BITS, BITMAP_TYPE_DIRTY_TRACKING, MAX_BITMAPS,
+    MAX_BITMAP_DATA_BYTES, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_NAME_BYTES, MAX_BITMAP_TABLE_ENTRIES,
 };
 pub use compressed::{compress, compress_at_level, decompress, CompressedDescriptor, CompressionError};
 pub use entry::{L1Entry, L2Entry, L2Kind};

@@ -180,6 +180,8 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         super::metrics::Counters::add(&self.counters.discarded_bytes, end - start);
+        // Recorded before anything is unmapped (the lock is taken again piece by piece below).
+        drop(self.lock_for_write(start, end - start, true)?);
         self.note_unflushed();
         let cs = self.geo.cluster_size();
         // Whole clusters inside the range; the virtual disk's last cluster counts as whole up to the disk's end.

@@ -303,10 +303,15 @@ impl<D: BlockDevice> Image<D> {
     /// `ReadOnly`, `InvalidArgument`, `Corrupt`, `Unsupported`, `Io`, `Disconnected`. On `Io` part of the data
     /// may have been written, and clusters may leak; no mapping ever points at unwritten data.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.observe(self.write_guest(offset, buf))
+        self.observe(self.write_guest(offset, buf, true))
     }
 
-    fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// A write that no bitmap records: the zeros a resize writes past the old end, which is not a guest write.
+    pub(super) fn write_untracked(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.observe(self.write_guest(offset, buf, false))
+    }
+
+    fn write_guest(&self, offset: u64, buf: &[u8], tracked: bool) -> Result<()> {
         self.check_writable("write")?;
         check_aligned("write", offset, buf.len())?;
         let limit = self.virtual_size().next_multiple_of(512);
@@ -319,7 +324,8 @@ impl<D: BlockDevice> Image<D> {
         if buf.is_empty() {
             return Ok(());
         }
-        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        // Shared for the whole write; the bitmaps record its range before any data moves.
+        let _resize = self.lock_for_write(offset, buf.len() as u64, tracked)?;
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
         let last = (offset + buf.len() as u64 - 1) >> cb;

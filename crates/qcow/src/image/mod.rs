@@ -7,7 +7,9 @@
 //! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
 //! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
 //! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
-//! takes `resize` for writing; every other operation takes it for reading.
+//! takes `resize` for writing; every other operation takes it for reading. What writes need to know about the
+//! persistent bitmaps lives inside `resize` and changes only while it is held for writing; the bitmap set has a
+//! lock of its own, taken after those and before `meta` (see [`bitmaps`]).
 //!
 //! # Durability
 //! Metadata changes are write-back: [`Image::flush`] (and a cache running over budget) writes them in the
@@ -29,6 +31,7 @@
 mod amend;
 mod backing;
 mod backing_change;
+mod bitmaps;
 mod cache;
 mod commit;
 mod compact;
@@ -65,6 +68,7 @@ mod zeroing;
 
 pub use amend::AmendOptions;
 pub use backing::{Backing, BackingPolicy, BackingResolver, DepthRun, FileResolver, LayeredDevice, NoBacking};
+pub use bitmaps::{BitmapInfo, BitmapRun, DirtyRanges};
 pub use commit::{CommitRange, CommitSummary};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
@@ -96,7 +100,9 @@ pub struct Image<D: BlockDevice> {
     dev: Padded<D>,
     meta: Mutex<Meta>,
     ranges: RangeLocks,
-    resize: RwLock<()>,
+    /// Held for reading by every operation, for writing by a resize; it also holds what writes need to know
+    /// about the persistent bitmaps, which change only while it is held for writing.
+    resize: RwLock<bitmaps::Tracking>,
     geo: Geometry,
     size: AtomicU64,
     read_only: bool,
@@ -121,6 +127,8 @@ pub struct Image<D: BlockDevice> {
     unflushed_since: AtomicU64,
     /// When the image was opened.
     opened: std::time::Instant,
+    /// The persistent dirty bitmaps, kept in memory while open and stored at close.
+    bitmaps: bitmaps::Bitmaps,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -275,7 +283,8 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    /// Writes everything back, marks a lazy-refcount image clean, and releases the device.
+    /// Stores the persistent bitmaps, writes everything back, marks a lazy-refcount image clean, and releases the
+    /// device.
     ///
     /// # Errors
     /// As [`flush`](Self::flush); the device is released either way.
@@ -292,10 +301,14 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Ok(());
         }
+        // Bitmaps first, as QEMU stores them before it flushes at close; whatever happens to them, the rest of
+        // the metadata is still written back.
+        let stored = self.observe(self.store_bitmaps_now());
         let mut m = self.meta();
         m.writeback(&self.dev)?;
         m.mark_clean(&self.dev)?;
-        self.dev.flush()
+        self.dev.flush()?;
+        stored
     }
 }
 

@@ -37,11 +37,14 @@ impl<D: BlockDevice> Image<D> {
     /// Opens the qcow2 image stored on `device`.
     ///
     /// With `config.read_only` (or a read-only device) nothing is ever written. A read-write open clears
-    /// autoclear bits this version does not maintain and, when the image is dirty, rebuilds its refcounts.
+    /// autoclear bits this version does not maintain, loads the persistent bitmaps and marks them in use (as QEMU
+    /// does: they say "inconsistent" on disk until they are stored at close) and, when the image is dirty,
+    /// rebuilds its refcounts.
     ///
     /// # Errors
     /// `Format` for a header that fails validation (each rule has its own variant), `Unsupported` naming a
-    /// feature this version cannot handle, `Corrupt`, `Io`.
+    /// feature this version cannot handle, `Bitmap` for a read-write open of bitmaps QEMU would refuse to load,
+    /// `Corrupt`, `Io`.
     pub fn open(device: D, config: Config) -> Result<Self> {
         Self::open_with(device, config, &NoBacking)
     }
@@ -120,7 +123,7 @@ impl<D: BlockDevice> Image<D> {
             dev,
             meta: Mutex::new(meta),
             ranges: RangeLocks::default(),
-            resize: RwLock::new(()),
+            resize: RwLock::new(Default::default()),
             geo,
             size: AtomicU64::new(size),
             read_only,
@@ -138,6 +141,7 @@ impl<D: BlockDevice> Image<D> {
             reclaim_memo: Default::default(),
             unflushed_since: AtomicU64::new(0),
             opened: std::time::Instant::now(),
+            bitmaps: Default::default(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;
@@ -148,20 +152,26 @@ impl<D: BlockDevice> Image<D> {
         Ok(image)
     }
 
-    /// Clears autoclear bits nobody maintains and rebuilds the refcounts of a dirty image, before any
-    /// allocation can happen.
+    /// Clears autoclear bits nobody maintains, loads the persistent bitmaps (marking them in use, as QEMU does)
+    /// and rebuilds the refcounts of a dirty image, before any allocation can happen.
     fn prepare_for_writes(&self, dirty: bool) -> Result<()> {
-        let mut m = self.meta();
-        // Bitmaps are not maintained yet: clearing their bit tells QEMU they are stale rather than wrong.
-        // A raw data file stays a valid raw image: guest data is written at guest offsets, zeros included.
-        let keep = m.header.autoclear_features & feature::DATA_FILE_RAW;
-        if m.header.autoclear_features != keep {
+        {
+            let mut m = self.meta();
+            // Bitmaps are maintained. A raw data file stays a valid raw image: guest data is written at guest
+            // offsets, zeros included. Any other autoclear bit belongs to a feature this version does not keep.
+            let keep = m.header.autoclear_features & (feature::DATA_FILE_RAW | feature::BITMAPS);
+            let mut changed = m.header.autoclear_features != keep;
             m.header.autoclear_features = keep;
-            m.write_header(&self.dev)?;
-            self.dev.flush()?;
+            // Bitmaps a program without bitmap support left stale: QEMU drops their extension (they leak).
+            changed |= m.drop_stale_bitmaps();
+            if changed {
+                m.write_header(&self.dev)?;
+                self.dev.flush()?;
+            }
         }
+        self.load_bitmaps_for_writing()?;
         if dirty {
-            m.rebuild_refcounts(&self.dev)?;
+            self.meta().rebuild_refcounts(&self.dev)?;
         }
         Ok(())
     }

@@ -135,14 +135,28 @@ fn cluster_range(offset: u64, len: u64, cluster_bits: u32, kind: MetaKind) -> Op
 impl OverlapIndex {
     /// The index for an image whose header (as read at open) is `header`.
     pub fn new(header: &Header) -> Self {
-        let bitmap_directory = (header.autoclear_features & feature::BITMAPS != 0)
+        OverlapIndex {
+            l2: None,
+            refblocks: None,
+            snapshots: None,
+            bitmap_directory: Self::bitmap_directory_of(header),
+            enabled: true,
+        }
+    }
+
+    /// The bitmap directory has moved (or gone): `header` says where it is now.
+    pub fn bitmap_directory_replaced(&mut self, header: &Header) {
+        self.bitmap_directory = Self::bitmap_directory_of(header);
+    }
+
+    fn bitmap_directory_of(header: &Header) -> Option<ClusterRange> {
+        (header.autoclear_features & feature::BITMAPS != 0)
             .then(|| header.extension(Extension::BITMAPS))
             .flatten()
             .and_then(|ext| BitmapsExtension::parse(&ext.data).ok())
             .and_then(|ext| {
                 cluster_range(ext.directory_offset, ext.directory_size, header.cluster_bits, MetaKind::BitmapDirectory)
-            });
-        OverlapIndex { l2: None, refblocks: None, snapshots: None, bitmap_directory, enabled: true }
+            })
     }
 
     /// The active L1 table changed wholesale (a snapshot was opened): forget its L2 tables.

@@ -37,7 +37,7 @@ impl<D: BlockDevice> Image<D> {
                 format!("{} compressed bytes for a {cs}-byte cluster at {offset:#x}", data.len()),
             ));
         }
-        let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        let _resize = self.lock_for_write(offset, cs.min(self.virtual_size() - offset), true)?;
         let guest_cluster = offset / cs;
         let _owned = self.ranges.lock(guest_cluster, guest_cluster + 1);
         let len = data.len() as u64;

@@ -136,8 +136,9 @@ impl<D: BlockDevice> Image<D> {
     ///
     /// # Errors
     /// `InvalidArgument`, changing nothing, for a size that is not a multiple of 512 (QEMU's qcow2 driver
-    /// refuses those too), a refused shrink or a size the L1 table cannot map; `Untrusted`, changing nothing, for
-    /// a shrink of an image whose refcounts cannot be trusted to say where the file may end;
+    /// refuses those too), a refused shrink, a size the L1 table cannot map, or an inconsistent persistent bitmap
+    /// (QEMU refuses to resize an image with one; remove it first); `Untrusted`, changing nothing, for a shrink of
+    /// an image whose refcounts cannot be trusted to say where the file may end;
     /// [`Refusal::GrowV2OverBacking`](super::Refusal::GrowV2OverBacking), changing nothing, for growing a version 2
     /// image over a longer backing file (QEMU refuses it too); `ReadOnly`, `Io`, `Corrupt`.
     pub fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
@@ -150,7 +151,7 @@ impl<D: BlockDevice> Image<D> {
             // Rounding would leave the image at a size the caller did not ask for.
             return Err(Error::invalid("resize", format!("{new_size} bytes is not a multiple of 512")));
         }
-        let _exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
+        let mut exclusive = self.resize.write().unwrap_or_else(|e| e.into_inner());
         let old_size = self.virtual_size();
         if new_size == old_size {
             return Ok(());
@@ -164,6 +165,8 @@ impl<D: BlockDevice> Image<D> {
                     format!("shrinking from {old_size} to {new_size} bytes loses data; allow it explicitly"),
                 ));
             }
+            // Refused while a bitmap is inconsistent, as QEMU refuses it; the others follow the new size.
+            self.bitmaps_before_resize(&mut exclusive)?;
             let mut m = self.meta();
             // The file is cut after its last cluster in use, by refcount: judged before anything changes.
             let trusted = m.establish_trust(&self.dev, "resize")?;
@@ -174,6 +177,8 @@ impl<D: BlockDevice> Image<D> {
             m.writeback(&self.dev)?;
             m.trim_file(&self.dev, trusted)?;
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
+            drop(m);
+            self.bitmaps_resized(new_size, &mut exclusive);
         } else {
             // What grows into view must read as zeros, as QEMU has it: the tail of a cluster a shrink kept, and
             // whatever part of a longer backing file lies past the old end (zero clusters, which version 2 lacks).
@@ -182,6 +187,7 @@ impl<D: BlockDevice> Image<D> {
                 return Err(super::Refusal::GrowV2OverBacking.into());
             }
             let tail_end = old_size.next_multiple_of(cs).min(new_size);
+            self.bitmaps_before_resize(&mut exclusive)?;
             let stale_tail = {
                 let mut m = self.meta();
                 m.grow_l1(&self.dev, geo.l1_entries_for(new_size))?;
@@ -191,9 +197,11 @@ impl<D: BlockDevice> Image<D> {
                     && !m.map(&self.dev, old_size, tail_end - old_size)?.iter().all(|e| self.reads_as_zeros(e))
             };
             self.size.store(new_size, std::sync::atomic::Ordering::Release);
-            drop(_exclusive);
+            self.bitmaps_resized(new_size, &mut exclusive);
+            drop(exclusive);
             if stale_tail {
-                self.write_at(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
+                // Not a guest write: the bytes past the old end read as zeros already, and QEMU dirties nothing.
+                self.write_untracked(old_size, &vec![0u8; (tail_end - old_size) as usize])?;
             }
             if backed_to > tail_end {
                 self.zero_unallocated(tail_end, backed_to.next_multiple_of(cs).min(new_size))?;

@@ -1,6 +1,6 @@
-//! Internal snapshots and persistent bitmaps as this version handles them: listed, counted in refcount
-//! rebuilds, and snapshots readable as read-only images. Snapshot-owned clusters are never freed because their
-//! refcounts stay above one, which also makes every write to them copy first.
+//! Internal snapshots as this version handles them: listed, counted in refcount rebuilds, and readable as
+//! read-only images. Snapshot-owned clusters are never freed because their refcounts stay above one, which also
+//! makes every write to them copy first. (Persistent bitmaps are `super::bitmaps`.)
 
 use std::path::Path;
 
@@ -9,10 +9,7 @@ use super::meta::Meta;
 use super::{Config, Image};
 use crate::block::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
-use crate::format::{
-    feature, parse_bitmap_directory, parse_snapshot_table, BitmapEntry, BitmapsExtension, Extension, Snapshot,
-    MAX_BITMAP_DIRECTORY_BYTES, MAX_SNAPSHOT_TABLE_BYTES,
-};
+use crate::format::{parse_snapshot_table, Snapshot, MAX_SNAPSHOT_TABLE_BYTES};
 
 impl Meta {
     /// The snapshot table, parsed and validated.
@@ -36,24 +33,6 @@ impl Meta {
         }
         Ok(snapshots)
     }
-
-    /// The persistent bitmaps the header's extension points at.
-    pub fn bitmaps(&mut self, dev: &dyn BlockDevice) -> Result<Vec<BitmapEntry>> {
-        let Some(ext) = self.header.extension(Extension::BITMAPS) else {
-            return Ok(Vec::new());
-        };
-        let ext = BitmapsExtension::parse(&ext.data).map_err(|_| Error::corrupt("malformed bitmaps extension", 0))?;
-        let size = ext.directory_size.min(MAX_BITMAP_DIRECTORY_BYTES);
-        if ext.directory_offset % 512 != 0
-            || ext.directory_offset.checked_add(size).is_none_or(|end| end > dev.info().size_bytes())
-        {
-            return Err(Error::corrupt("bitmap directory outside the file", ext.directory_offset));
-        }
-        let mut bytes = vec![0u8; size.next_multiple_of(512) as usize];
-        dev.read_at(ext.directory_offset, &mut bytes)?;
-        parse_bitmap_directory(bytes.get(..size as usize).unwrap_or(&[]), ext.nb_bitmaps)
-            .map_err(|_| Error::corrupt("malformed bitmap directory", ext.directory_offset))
-    }
 }
 
 impl<D: BlockDevice> Image<D> {
@@ -63,20 +42,6 @@ impl<D: BlockDevice> Image<D> {
     /// `Corrupt` for a malformed snapshot table, `Io`.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         self.meta().snapshots(&self.dev)
-    }
-
-    /// The persistent dirty bitmaps stored in the image.
-    ///
-    /// # Errors
-    /// `Corrupt` for a malformed directory, `Io`.
-    pub fn bitmaps(&self) -> Result<Vec<BitmapEntry>> {
-        self.meta().bitmaps(&self.dev)
-    }
-
-    /// Whether QEMU may trust the image's bitmaps (autoclear bit 0). A read-write open clears it, because this
-    /// version does not update bitmaps when it writes.
-    pub fn bitmaps_consistent(&self) -> bool {
-        self.meta().header.autoclear_features & feature::BITMAPS != 0
     }
 
     /// Opens the contents of the snapshot named `name` (or with that id) as a read-only image.

@@ -148,6 +148,8 @@ impl<D: BlockDevice> Image<D> {
 
     /// Makes the image version 2, after [`check_downgrade`](Self::check_downgrade) passed.
     pub(super) fn downgrade(&mut self) -> Result<()> {
+        // Before the header can become version 2, which could not record them: left on disk, no longer kept.
+        self.abandon_bitmaps();
         {
             let meta = self.meta.get_mut().unwrap_or_else(|e| e.into_inner());
             // Lazy refcounts end here: the refcounts on disk must be exact before the bit goes.
@@ -165,8 +167,8 @@ impl<D: BlockDevice> Image<D> {
         header.set_compression_type(CompressionType::Deflate);
         header.incompatible_features = 0;
         header.compatible_features = 0;
-        // Consistent bitmaps are not maintained here (the bit is already clear since the read-write open); the
-        // raw-data-file bit cannot be set, since data files were refused.
+        // The bitmaps were abandoned above (their extension stays, as QEMU leaves it); the raw-data-file bit
+        // cannot be set, since data files were refused.
         header.autoclear_features = 0;
         header.remove_extension(Extension::FEATURE_TABLE);
         header.layout()?;

@@ -178,7 +178,28 @@ impl<D: BlockDevice> Image<D> {
     /// refcount at its width's limit; `ReadOnly`, `Corrupt` (also for a snapshot whose L1 table is malformed),
     /// `Io`. A failure after the first write leaks clusters at most.
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<Snapshot> {
-        self.observe(self.snapshot_op("apply a snapshot", |m, dev| m.apply_snapshot(dev, id_or_name)))
+        self.observe(self.snapshot_apply_locked(id_or_name))
+    }
+
+    /// Applies with guest I/O held off, keeping the persistent bitmaps true: marked in use before the active layer
+    /// changes, then resized with it and, where enabled, made wholly dirty.
+    fn snapshot_apply_locked(&self, id_or_name: &str) -> Result<Snapshot> {
+        self.check_writable("apply a snapshot")?;
+        let mut tracking = self.resize.write().unwrap_or_else(|e| e.into_inner());
+        self.bitmaps_before_apply(&mut tracking)?;
+        let mut m = self.meta();
+        let result = m.apply_snapshot(&self.dev, id_or_name);
+        let size = m.header.size;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        drop(m);
+        // A refusal changed nothing; any other failure may have switched the active layer, so the bitmaps are
+        // dirtied then too: too many dirty bits cost a backup time, too few would make it wrong.
+        if !matches!(result, Err(Error::Snapshot { .. })) {
+            self.bitmaps_after_apply(size, &mut tracking);
+        }
+        let snapshot = result?;
+        self.dev.flush()?;
+        Ok(snapshot)
     }
 
     /// Deletes the first snapshot named `name` (the lookup of `qemu-img snapshot -d`: by name only) and releases
