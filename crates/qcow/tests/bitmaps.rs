@@ -6,13 +6,16 @@
 
 #[path = "support/bitmaps.rs"]
 mod bitmap_support;
+#[path = "support/power_cut.rs"]
+mod power_cut;
 mod support;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use bitmap_support::{as_triples, qemu_bitmap_map, qemu_bitmaps, Model};
-use qcow::block::{BlockDevice, FaultyDevice, FileDevice, FileOptions, MemoryDevice};
+use power_cut::PowerCut;
+use qcow::block::{BlockDevice, FileDevice, FileOptions, MemoryDevice};
 use qcow::{BitmapRun, Config, CreateOptions, ErrorKind, Image};
 use support::{assert_clean, qemu, qemu_check, qemu_create, qemu_io, run_ok, with_deadline, Rng};
 
@@ -413,52 +416,6 @@ fn concurrent_writers_and_stores_lose_no_dirty_bit() {
     });
 }
 
-/// A device that loses power at its `cut`-th write, keeping the unflushed writes `keep` picks.
-struct PowerCut {
-    faulty: FaultyDevice<MemoryDevice>,
-    left: std::sync::Mutex<Option<u64>>,
-    keep: u64,
-}
-
-impl BlockDevice for PowerCut {
-    fn info(&self) -> qcow::block::Info {
-        self.faulty.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.faulty.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        let mut left = self.left.lock().unwrap();
-        if let Some(n) = *left {
-            if n == 0 {
-                *left = None;
-                let seed = self.keep;
-                self.faulty.power_loss(&|i| match seed {
-                    0 => false,
-                    1 => true,
-                    s => (i as u64 * 7 + s) % 3 != 0,
-                })?;
-                return Err(qcow::Error::Disconnected);
-            }
-            *left = Some(n - 1);
-        }
-        drop(left);
-        self.faulty.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.faulty.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.faulty.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.faulty.discard(sector, count)
-    }
-    fn disconnect(&self) {
-        self.faulty.disconnect()
-    }
-}
-
 /// Power loss at every write of a session that opens an image with bitmaps (marking them in use), writes, and
 /// closes (storing them), keeping none, all or part of the unflushed writes: QEMU finds no corruption, and every
 /// bitmap is either ignored (the autoclear bit was clear at the cut), in use (inconsistent), or holds exactly the
@@ -493,9 +450,17 @@ fn power_loss_during_a_bitmap_store_never_leaves_a_bitmap_that_lies() {
             image.flush()?;
             image.close()
         };
+        // Power lost at write `cut`, keeping none (0), all (1) or part (2) of the unflushed writes.
         let device = |cut: Option<u64>, keep: u64| {
-            let faulty = FaultyDevice::new(MemoryDevice::from_bytes(base.clone()));
-            Arc::new(PowerCut { faulty, left: std::sync::Mutex::new(cut), keep })
+            let dev = Arc::new(PowerCut::new(base.clone()));
+            if let Some(cut) = cut {
+                dev.arm(cut, move |i, _| match keep {
+                    0 => false,
+                    1 => true,
+                    s => (i as u64 * 7 + s) % 3 != 0,
+                });
+            }
+            dev
         };
         let total = {
             let dev = device(None, 0);

@@ -4,22 +4,16 @@
 //! the new one (the backing file it names, the refcount width), reading exactly the guest data it read before.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/power_cut.rs"]
+mod power_cut;
 mod support;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qcow::block::{BlockDevice, FaultyDevice, Info, MemoryDevice};
-use qcow::{AmendOptions, BackingPolicy, CommitRange, Config, Error, ExtentKind, FileResolver, Image, NewBacking};
+use power_cut::PowerCut;
+use qcow::{AmendOptions, BackingPolicy, CommitRange, Config, ExtentKind, FileResolver, Image, NewBacking};
 use support::{assert_not_corrupt, qemu, qemu_compare_raw, qemu_to_raw, run_ok};
-
-/// A `FaultyDevice` that loses power in the middle of an operation: once armed, the write or flush after the next
-/// `left` writes and flushes calls `power_loss` with a choice of the unflushed writes instead of doing its work, so
-/// every boundary between two writes, and between a write and a flush, is visited.
-struct PowerCut {
-    faulty: FaultyDevice<MemoryDevice>,
-    cut: Mutex<Option<(u64, Keep)>>,
-}
 
 /// Which unflushed writes survive a power loss.
 #[derive(Debug, Clone, Copy)]
@@ -55,61 +49,14 @@ impl Keep {
 const KEEPS: [Keep; 6] =
     [Keep::None, Keep::All, Keep::Newest, Keep::AllButOldest, Keep::Seeded(7), Keep::Seeded(12345)];
 
-impl PowerCut {
-    fn new(bytes: Vec<u8>) -> Arc<Self> {
-        Arc::new(PowerCut { faulty: FaultyDevice::new(MemoryDevice::from_bytes(bytes)), cut: Mutex::new(None) })
-    }
-
-    fn arm(&self, after_writes: u64, keep: Keep) {
-        *self.cut.lock().unwrap() = Some((after_writes, keep));
-    }
-
-    /// Loses power here when the armed count has run out.
-    fn maybe_cut(&self) -> qcow::Result<()> {
-        let mut cut = self.cut.lock().unwrap();
-        if let Some((left, keep)) = *cut {
-            if left == 0 {
-                *cut = None;
-                drop(cut);
-                let len = self.faulty.pending_writes();
-                self.faulty.power_loss(&|i| keep.keeps(i, len)).unwrap();
-                return Err(Error::Disconnected);
-            }
-            *cut = Some((left - 1, keep));
-        }
-        Ok(())
-    }
-
-    /// What the inner device holds: the durable state, after a power loss what survived it.
-    fn survivor(&self) -> Vec<u8> {
-        self.faulty.inner().snapshot()
-    }
+/// A device holding `bytes` that loses power at writes and at flushes, as armed by [`arm`].
+fn device(bytes: Vec<u8>) -> Arc<PowerCut> {
+    Arc::new(PowerCut::new(bytes).cutting_at_flushes())
 }
 
-impl BlockDevice for PowerCut {
-    fn info(&self) -> Info {
-        self.faulty.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.faulty.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        self.maybe_cut()?;
-        self.faulty.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.maybe_cut()?;
-        self.faulty.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.faulty.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.faulty.discard(sector, count)
-    }
-    fn disconnect(&self) {
-        self.faulty.disconnect()
-    }
+/// Arms `dev` to lose power after `after` boundaries, keeping what `keep` picks.
+fn arm(dev: &PowerCut, after: u64, keep: Keep) {
+    dev.arm(after, move |i, len| keep.keeps(i, len));
 }
 
 /// Runs `script` with bash in `dir` (qemu-img and qemu-io build the images).
@@ -129,7 +76,7 @@ fn info_field(path: &Path, field: &str) -> String {
 
 /// Runs `op` once without a cut, and returns how many writes and flushes it made.
 fn writes_of(bytes: &[u8], op: &dyn Fn(Arc<PowerCut>)) -> u64 {
-    let dev = PowerCut::new(bytes.to_vec());
+    let dev = device(bytes.to_vec());
     op(dev.clone());
     dev.faulty.write_count() + dev.faulty.flush_count()
 }
@@ -170,8 +117,8 @@ fn power_loss_during_a_safe_rebase_leaves_the_old_or_the_new_backing_file_and_th
     let (mut old, mut new) = (0, 0);
     for n in 0..=total {
         for keep in KEEPS {
-            let dev = PowerCut::new(top.clone());
-            dev.arm(n, keep);
+            let dev = device(top.clone());
+            arm(&dev, n, keep);
             rebase(dev.clone());
             let cut = dir.join("cut.qcow2");
             std::fs::write(&cut, dev.survivor()).unwrap();
@@ -227,8 +174,8 @@ fn power_loss_during_a_commit_leaves_every_base_cluster_old_or_new_and_the_top_r
     eprintln!("commit into the base: {total} writes and flushes");
     for n in 0..=total {
         for keep in KEEPS {
-            let dev = PowerCut::new(base.clone());
-            dev.arm(n, keep);
+            let dev = device(base.clone());
+            arm(&dev, n, keep);
             commit(dev.clone());
             let cut = dir.join("cut-base.qcow2");
             std::fs::write(&cut, dev.survivor()).unwrap();
@@ -247,7 +194,7 @@ fn power_loss_during_a_commit_leaves_every_base_cluster_old_or_new_and_the_top_r
 
     // With the base committed, emptying the top never changes what it reads.
     {
-        let dev = PowerCut::new(base.clone());
+        let dev = device(base.clone());
         commit(dev.clone());
         std::fs::write(dir.join("base.qcow2"), dev.survivor()).unwrap();
     }
@@ -267,8 +214,8 @@ fn power_loss_during_a_commit_leaves_every_base_cluster_old_or_new_and_the_top_r
     let mut emptied = 0;
     for n in 0..=total {
         for keep in KEEPS {
-            let dev = PowerCut::new(top_bytes.clone());
-            dev.arm(n, keep);
+            let dev = device(top_bytes.clone());
+            arm(&dev, n, keep);
             empty(dev.clone());
             let cut = dir.join("cut-top.qcow2");
             std::fs::write(&cut, dev.survivor()).unwrap();
@@ -312,8 +259,8 @@ fn power_loss_while_changing_the_refcount_width_leaves_the_old_or_the_new_width_
         let (mut old, mut new) = (0, 0);
         for n in 0..=total {
             for keep in KEEPS {
-                let dev = PowerCut::new(bytes.clone());
-                dev.arm(n, keep);
+                let dev = device(bytes.clone());
+                arm(&dev, n, keep);
                 amend(dev.clone());
                 let cut = dir.join("cut.qcow2");
                 std::fs::write(&cut, dev.survivor()).unwrap();

@@ -9,22 +9,17 @@
 //! read-write rebuilds its refcounts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/power_cut.rs"]
+mod power_cut;
 mod support;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qcow::block::{BlockDevice, FaultyDevice, Info, MemoryDevice};
+use power_cut::PowerCut;
+use qcow::block::{BlockDevice, MemoryDevice};
 use qcow::{Compat, Config, CreateOptions, Error, Image};
 use support::{assert_clean, assert_matches_model, assert_not_corrupt, with_deadline, OnFailure, Rng};
-
-/// A `FaultyDevice` that can also lose power in the middle of an operation keeping a random subset of the
-/// unflushed writes: once armed, the write after the next `left` writes calls `power_loss` with a seeded
-/// predicate instead of writing.
-struct PowerCut {
-    faulty: FaultyDevice<MemoryDevice>,
-    cut: Mutex<Option<(u64, u64)>>,
-}
 
 /// Whether journal entry `i` survives a power loss seeded with `seed`. The seed also picks how much survives:
 /// none, about a quarter, half, three quarters, or all.
@@ -34,52 +29,6 @@ fn keeps(seed: u64, i: usize) -> bool {
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 29;
     x % 4 < seed % 5
-}
-
-impl PowerCut {
-    fn new() -> Self {
-        PowerCut { faulty: FaultyDevice::new(MemoryDevice::new(0)), cut: Mutex::new(None) }
-    }
-
-    fn arm(&self, after_writes: u64, keep_seed: u64) {
-        *self.cut.lock().unwrap() = Some((after_writes, keep_seed));
-    }
-}
-
-impl BlockDevice for PowerCut {
-    fn info(&self) -> Info {
-        self.faulty.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.faulty.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        {
-            let mut cut = self.cut.lock().unwrap();
-            if let Some((left, seed)) = *cut {
-                if left == 0 {
-                    *cut = None;
-                    drop(cut);
-                    self.faulty.power_loss(&|i| keeps(seed, i)).unwrap();
-                    return Err(Error::Disconnected);
-                }
-                *cut = Some((left - 1, seed));
-            }
-        }
-        self.faulty.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.faulty.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.faulty.resize(sectors)
-    }
-    fn discard(&self, sector: u64, count: u64) -> qcow::Result<()> {
-        self.faulty.discard(sector, count)
-    }
-    fn disconnect(&self) {
-        self.faulty.disconnect()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -201,7 +150,7 @@ type Img = Image<Arc<PowerCut>>;
 
 /// A new image on a fresh device, created and flushed: the starting point every crash is measured from.
 fn fresh(w: &Workload) -> (Arc<PowerCut>, Img) {
-    let dev = Arc::new(PowerCut::new());
+    let dev = Arc::new(PowerCut::new(Vec::new()));
     let image = Image::create(dev.clone(), &w.opts, w.config.clone()).unwrap();
     image.flush().unwrap();
     (dev, image)
@@ -392,7 +341,7 @@ fn crash_keeping_random_writes_between(
             w.name
         ));
         let (dev, image) = fresh(w);
-        dev.arm(n, keep_seed);
+        dev.arm(n, move |i, _| keeps(keep_seed, i));
         let mut t = Tracker::new(w.opts.size);
         let result = run(&image, w, &mut t, |_| ());
         if n < total {

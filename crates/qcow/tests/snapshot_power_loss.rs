@@ -9,65 +9,22 @@
 //! over a refcount above one that the same check reports as leaked with one reference (it is not shared).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/power_cut.rs"]
+mod power_cut;
 mod support;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qcow::block::{BlockDevice, FaultyDevice, Info, MemoryDevice};
-use qcow::{Config, Error, Image, NoBacking};
+use power_cut::PowerCut;
+use qcow::block::MemoryDevice;
+use qcow::{Config, Image, NoBacking};
 use support::{qemu, qemu_create, qemu_io, run_ok};
-
-/// A `FaultyDevice` that loses power at the write after the first `left` ones, keeping a seeded subset of the
-/// unflushed writes (or none, for seed 0).
-struct PowerCut {
-    faulty: FaultyDevice<MemoryDevice>,
-    cut: Mutex<Option<(u64, u64)>>,
-}
-
-impl BlockDevice for PowerCut {
-    fn info(&self) -> Info {
-        self.faulty.info()
-    }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
-        self.faulty.read(sector, bufs)
-    }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
-        {
-            let mut cut = self.cut.lock().unwrap();
-            if let Some((left, seed)) = *cut {
-                if left == 0 {
-                    *cut = None;
-                    drop(cut);
-                    self.faulty.power_loss(&|i| seed != 0 && (seed ^ (i as u64).wrapping_mul(0x9e37_79b9)) % 3 != 0)?;
-                    return Err(Error::Disconnected);
-                }
-                *cut = Some((left - 1, seed));
-            }
-        }
-        self.faulty.write(sector, bufs)
-    }
-    fn flush(&self) -> qcow::Result<()> {
-        self.faulty.flush()
-    }
-    fn resize(&self, sectors: u64) -> qcow::Result<()> {
-        self.faulty.resize(sectors)
-    }
-    fn zero_range(&self, sector: u64, count: u64) -> qcow::Result<bool> {
-        self.faulty.zero_range(sector, count)
-    }
-    fn disconnect(&self) {
-        self.faulty.disconnect()
-    }
-}
 
 type Img = Image<Arc<PowerCut>>;
 
 fn open(bytes: &[u8], config: Config) -> (Arc<PowerCut>, Img) {
-    let dev = Arc::new(PowerCut {
-        faulty: FaultyDevice::new(MemoryDevice::from_bytes(bytes.to_vec())),
-        cut: Mutex::new(None),
-    });
+    let dev = Arc::new(PowerCut::new(bytes.to_vec()));
     let image = Image::open_with(dev.clone(), config, &NoBacking).unwrap();
     image.flush().unwrap();
     (dev, image)
@@ -143,10 +100,10 @@ fn crash_everywhere(name: &str, base: &[u8], dir: &Path, op: &dyn Fn(&Img) -> qc
     for k in 0..=writes {
         for seed in [0u64, 0x5eed + k] {
             let (dev, image) = open(base, Config::default());
-            *dev.cut.lock().unwrap() = Some((k, seed));
+            dev.arm(k, move |i, _| seed != 0 && (seed ^ (i as u64).wrapping_mul(0x9e37_79b9)) % 3 != 0);
             let result = op(&image);
             drop(image);
-            if dev.cut.lock().unwrap().is_some() {
+            if dev.armed() {
                 // The cut came after the last write: lose what was not flushed.
                 assert!(result.is_ok(), "{name}: {result:?}");
                 dev.faulty.power_loss(&|i| seed != 0 && i % 2 == 0).unwrap();
