@@ -12,15 +12,8 @@
 use std::os::unix::fs::MetadataExt;
 
 use qcow::block::{BlockDevice, FileDevice};
-use qcow::format::RefcountBlock;
+use qcow::format::{L1Entry, L2Entry, RefcountBlock, RefcountTableEntry};
 use qcow::Image;
-
-/// The bits of an L1, L2 or refcount table entry that hold an offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// An L2 entry's compressed flag.
-const COMPRESSED: u64 = 1 << 62;
-/// Refcount table entries keep their offset in bits 9 and up.
-const REFTABLE_MASK: u64 = !0x1ff;
 
 /// Reads `len` bytes at `offset` of the file; `None` past its end or on error (QEMU would fail the query; the
 /// library's own mapping already read these tables, so this does not happen on an image it opened).
@@ -72,7 +65,7 @@ impl<'a> HostLookup<'a> {
             Some((index, offset)) if index == l1_index => offset,
             _ => {
                 let at = header.l1_table_offset.checked_add(l1_index * 8)?;
-                let offset = be64(&read(self.image.device(), at, 8)?, 0) & OFFSET_MASK;
+                let offset = L1Entry(be64(&read(self.image.device(), at, 8)?, 0)).offset_field();
                 self.l1 = Some((l1_index, offset));
                 offset
             }
@@ -91,9 +84,8 @@ impl<'a> HostLookup<'a> {
             self.l2 = Some((l2_offset, read(self.image.device(), l2_offset, cs)?));
         }
         let table = &self.l2.as_ref()?.1;
-        let entry = be64(table, usize::try_from((cluster % per_l2) * entry_bytes).ok()?);
-        let host = entry & OFFSET_MASK;
-        (entry & COMPRESSED == 0 && host != 0).then(|| host + guest % cs)
+        let entry = L2Entry(be64(table, usize::try_from((cluster % per_l2) * entry_bytes).ok()?));
+        entry.host_cluster().map(|host| host.0 + guest % cs)
     }
 
     /// For an unallocated range `guest..end` (`guest < end`): where its first run QEMU reports alike stops (after
@@ -134,7 +126,7 @@ pub fn metadata_preallocated(image: &Image<FileDevice>) -> bool {
         if first >= end_cluster || count >= threshold {
             break;
         }
-        let offset = be64(entry, 0) & REFTABLE_MASK;
+        let offset = RefcountTableEntry(be64(entry, 0)).offset_field();
         if offset == 0 {
             continue;
         }

@@ -11,7 +11,7 @@ use super::problem::{Problem, Referrer, Structure};
 use super::walk::Sink;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::RefcountBlock;
+use crate::format::{RefcountBlock, RefcountTableEntry};
 
 const STRUCTURES: [Structure; 12] = [
     Structure::Header,
@@ -197,7 +197,7 @@ impl<'a> Stored<'a> {
         let geo = self.layout.geo;
         let table_index = cluster / geo.refcount_block_entries();
         let entry = usize::try_from(table_index).ok().and_then(|i| self.layout.reftable.get(i)).copied();
-        let offset = entry.unwrap_or(0) & !0x1ff;
+        let offset = RefcountTableEntry(entry.unwrap_or(0)).offset_field();
         if offset == 0 {
             return Ok((table_index, None));
         }

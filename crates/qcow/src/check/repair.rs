@@ -5,12 +5,11 @@
 use super::layout::{read_padded, Layout};
 use super::problem::{Problem, Structure};
 use super::refcounts::{Implied, Stored};
-use super::walk::{ClusterType, COPIED, OFFSET_MASK};
 use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::be64;
-use crate::format::{feature, Extension, Header, RefcountBlock};
+use crate::format::{feature, ClusterType, Extension, Header, L1Entry, L2Entry, RefcountBlock};
 
 /// QEMU's cap on the refcount table.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -177,17 +176,18 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
     let mut table = vec![0u8; cs as usize];
     for i in 0..layout.header.l1_size as usize {
         let Some(raw) = l1.get_mut(i * 8..i * 8 + 8) else { break };
-        let entry = be64(raw);
-        let l2 = entry & OFFSET_MASK;
+        let l1_entry = L1Entry(be64(raw));
+        let entry = l1_entry.0;
+        let l2 = l1_entry.offset_field();
         if l2 == 0 {
             continue;
         }
         let Ok(refcount) = stored.get(l2 >> geo.cluster_bits)? else { continue };
         let at = l1_at + (i * 8) as u64;
-        if (refcount == 1) != (entry & COPIED != 0) {
-            let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+        if (refcount == 1) != l1_entry.is_copied() {
+            let fixed = l1_entry.with_copied(refcount == 1);
             if repair {
-                raw.copy_from_slice(&fixed.to_be_bytes());
+                raw.copy_from_slice(&fixed.0.to_be_bytes());
                 l1_dirty = true;
                 report.corruptions_fixed += 1;
                 let found = Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount };
@@ -201,27 +201,28 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
         let writable = geo.is_aligned(l2) && l2.saturating_add(cs) <= layout.file_len.next_multiple_of(cs);
         let mut l2_dirty = false;
         for (j, slot) in table.chunks_exact_mut(entry_size).enumerate() {
-            let entry = be64(slot);
-            let kind = ClusterType::of(entry, geo.extended_l2, layout.data_file);
+            let l2_entry = L2Entry(be64(slot));
+            let entry = l2_entry.0;
+            let kind = l2_entry.cluster_type(geo.extended_l2, layout.data_file);
             if !matches!(kind, ClusterType::Normal | ClusterType::ZeroAlloc) {
                 continue;
             }
             let refcount = if layout.data_file {
                 1
             } else {
-                match stored.get((entry & OFFSET_MASK) >> geo.cluster_bits)? {
+                match stored.get(l2_entry.offset_field() >> geo.cluster_bits)? {
                     Ok(n) => n,
                     Err(_) => continue,
                 }
             };
-            if (refcount == 1) == (entry & COPIED != 0) {
+            if (refcount == 1) == l2_entry.is_copied() {
                 continue;
             }
             let problem =
                 Problem::CopiedFlag { table: Structure::L2Table, at: l2 + (j * entry_size) as u64, entry, refcount };
             if repair && writable {
-                let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
-                put(slot, 0, &fixed.to_be_bytes());
+                let fixed = l2_entry.with_copied(refcount == 1);
+                put(slot, 0, &fixed.0.to_be_bytes());
                 l2_dirty = true;
                 report.corruptions_fixed += 1;
                 report.note(Problem::Repaired(Box::new(problem)));

@@ -21,7 +21,7 @@ pub use bitmap::{
     MAX_BITMAP_DATA_BYTES, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_NAME_BYTES, MAX_BITMAP_TABLE_ENTRIES,
 };
 pub use compressed::{compress, compress_at_level, decompress, CompressedDescriptor, CompressionError};
-pub use entry::{L1Entry, L2Entry, L2Kind};
+pub use entry::{ClusterType, L1Entry, L2Entry, L2Kind, RefcountTableEntry, SubclusterBitmap};
 pub use error::FormatError;
 pub use geometry::{Geometry, GuestOffset, HostOffset};
 pub use header::{

@@ -6,7 +6,7 @@ use super::options::{Compat, CreateOptions, Preallocation};
 use super::{Config, Image};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{Geometry, GuestOffset, Header, HostOffset, L2Entry, RefcountBlock};
+use crate::format::{Geometry, GuestOffset, Header, HostOffset, L2Entry, RefcountBlock, SubclusterBitmap};
 
 /// QEMU's cap on the L1 table.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -142,7 +142,7 @@ impl<D: BlockDevice> Image<D> {
                 let index = geo.l2_index(GuestOffset((guest_cluster + i) * cs));
                 m.set_l2_entry(&self.dev, l2, index, L2Entry::normal(HostOffset((first + i) * cs)))?;
                 if geo.extended_l2 {
-                    m.set_l2_bitmap(&self.dev, l2, index, 0xffff_ffff)?;
+                    m.set_l2_bitmap(&self.dev, l2, index, SubclusterBitmap::ALL_ALLOCATED)?;
                 }
             }
             guest_cluster += n;

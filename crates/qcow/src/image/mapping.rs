@@ -143,11 +143,11 @@ impl Meta {
         let cs = geo.cluster_size();
         let at = l2.0 + index * geo.l2_entry_size();
         let bitmap = self.l2_bitmap(dev, l2, index)?;
-        let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
-        if entry.0 & 1 != 0 || entry.0 & 0x3f00_0000_0000_01fe != 0 {
+        let (alloc, zero) = (bitmap.allocated(), bitmap.zero());
+        if entry.has_zero_flag() || entry.has_reserved_bits() {
             return Err(Error::corrupt("reserved bits set in extended L2 entry", at));
         }
-        if alloc & zero != 0 {
+        if bitmap.is_contradictory() {
             return Err(Error::corrupt("subcluster both allocated and zero in extended L2 entry", at));
         }
         let host = entry.host_cluster();

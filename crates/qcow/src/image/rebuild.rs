@@ -10,7 +10,8 @@ use super::meta::Meta;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
-    feature, snapshot_table_size, BitmapsExtension, Extension, HostOffset, L1Entry, L2Kind, RefcountBlock,
+    feature, snapshot_table_size, BitmapTableEntry, BitmapsExtension, Extension, HostOffset, L1Entry, L2Kind,
+    RefcountBlock,
 };
 
 /// QEMU's cap on the refcount table.
@@ -133,8 +134,7 @@ impl Meta {
             let mut table = vec![0u8; bytes.next_multiple_of(512) as usize];
             dev.read_at(bitmap.table_offset, &mut table)?;
             for (i, raw) in table.chunks_exact(8).take(bitmap.table_size as usize).enumerate() {
-                let data = be64(raw) & 0x00ff_ffff_ffff_fe00;
-                if data != 0 {
+                if let Some(data) = BitmapTableEntry(be64(raw)).data_offset() {
                     counts.add(data, "bitmap data cluster outside the file", bitmap.table_offset + i as u64 * 8)?;
                 }
             }
