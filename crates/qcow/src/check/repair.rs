@@ -9,7 +9,7 @@ use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::be64;
-use crate::format::{feature, ClusterType, Extension, Header, L1Entry, L2Entry, RefcountBlock};
+use crate::format::{feature, ClusterType, Extension, Header, L1Entry, L2Entry, RefcountBlock, RefcountSizing};
 
 /// QEMU's cap on the refcount table.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -103,16 +103,7 @@ pub fn rebuild_refcounts(dev: &dyn BlockDevice, layout: &mut Layout, implied: &I
     let cs = geo.cluster_size();
     let per_block = geo.refcount_block_entries();
     let start = implied.len();
-    let (mut table_clusters, mut blocks) = (1u64, 0u64);
-    loop {
-        let total = start + table_clusters + blocks;
-        let b = total.div_ceil(per_block);
-        let t = (b * 8).div_ceil(cs).max(1);
-        if (b, t) == (blocks, table_clusters) {
-            break;
-        }
-        (blocks, table_clusters) = (b, t);
-    }
+    let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(start, &geo);
     if table_clusters * cs > MAX_REFTABLE_BYTES {
         return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
     }

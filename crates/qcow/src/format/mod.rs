@@ -27,7 +27,7 @@ pub use geometry::{Geometry, GuestOffset, HostOffset};
 pub use header::{
     l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC,
 };
-pub use refcount::RefcountBlock;
+pub use refcount::{RefcountBlock, RefcountSizing};
 pub use snapshot::{
     parse_snapshot_table, parse_snapshot_table_for_check, serialize_snapshot_table, snapshot_table_size, Snapshot,
     SnapshotDefect, SnapshotError, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,

@@ -11,7 +11,7 @@ use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
     feature, snapshot_table_size, BitmapTableEntry, BitmapsExtension, Extension, HostOffset, L1Entry, L2Kind,
-    RefcountBlock,
+    RefcountBlock, RefcountSizing,
 };
 
 /// QEMU's cap on the refcount table.
@@ -175,17 +175,7 @@ impl Meta {
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
         let start = self.end_cluster.max(counts.len() as u64);
-        let (mut table_clusters, mut blocks) = (1u64, 0u64);
-        loop {
-            let total = start + table_clusters + blocks;
-            let b = total.div_ceil(rbe);
-            let t = (b * 8).div_ceil(cs);
-            if b == blocks && t == table_clusters {
-                break;
-            }
-            blocks = b;
-            table_clusters = t;
-        }
+        let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(start, &geo);
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
         }
