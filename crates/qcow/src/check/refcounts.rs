@@ -245,6 +245,24 @@ impl<'a> Stored<'a> {
         Ok(Ok(RefcountBlock::new(bytes.as_slice(), geo.refcount_order).get(index).unwrap_or(0)))
     }
 
+    /// The first run of `clusters` clusters from cluster 1 on whose refcounts are zero in refcount blocks that
+    /// exist (so taking them allocates no block), if there is one.
+    pub fn free_run(&mut self, clusters: u64) -> Result<Option<u64>> {
+        let per_block = self.layout.geo.refcount_block_entries();
+        let described = (self.layout.reftable.len() as u64).saturating_mul(per_block);
+        let (mut start, mut cluster) = (1u64, 1u64);
+        while cluster < described {
+            let free = matches!(self.locate(cluster), Ok((_, Some(_)))) && matches!(self.get(cluster)?, Ok(0));
+            cluster += 1;
+            if !free {
+                start = cluster;
+            } else if cluster - start == clusters {
+                return Ok(Some(start));
+            }
+        }
+        Ok(None)
+    }
+
     /// Changes the stored refcount of `cluster` (whose block exists: repairs in place never allocate).
     pub fn set(&mut self, cluster: u64, value: u64) -> Result<()> {
         let geo = self.layout.geo;

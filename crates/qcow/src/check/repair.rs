@@ -8,7 +8,7 @@ use super::refcounts::{Implied, Stored};
 use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::be64;
+use crate::format::{be64, serialize_snapshot_table};
 use crate::format::{feature, ClusterType, Extension, Header, L1Entry, L2Entry, RefcountBlock, RefcountSizing};
 
 /// QEMU's cap on the refcount table.
@@ -17,6 +17,8 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// incompatible_features (u64, version 3) at byte 72. Both lie in the first sector, whose write is atomic.
 const REFTABLE_FIELDS: usize = 48;
 const INCOMPATIBLE_FIELD: usize = 72;
+/// nb_snapshots (u32) and snapshots_offset (u64) at byte 60, in the first sector too.
+const SNAPSHOT_FIELDS: usize = 60;
 
 /// Writes `bytes` at `offset`, growing the device first when they end past it.
 pub fn write_grow(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -251,10 +253,12 @@ pub fn mark_clean(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
 
 /// Rewrites the snapshot table with its defects fixed: too much extra data cut to 1024 bytes (done while
 /// reading), and version 3 entries given the 16 bytes of extra data they lack (the VM state size and the disk
-/// size, as QEMU fills them). Runs through the engine, once the refcounts are sound, so that the new table is
-/// allocated and counted like any other cluster.
-pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
-    let Ok(snapshots) = &layout.snapshots else { return Ok(()) };
+/// size, as QEMU fills them). Runs once the refcounts are sound, so a refcount of zero means free: the new table
+/// goes to the first free run that existing refcount blocks describe, counted and written before the header
+/// points at it (a crash leaks it), and the old table is released after. Returns whether the table was
+/// rewritten: without such a run (every described cluster in use) the defects stay, reported.
+pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<bool> {
+    let Ok(snapshots) = &layout.snapshots else { return Ok(false) };
     let fixed: Vec<crate::format::Snapshot> = snapshots
         .iter()
         .map(|s| {
@@ -271,7 +275,33 @@ pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<
             s
         })
         .collect();
-    let image = crate::Image::open(dev, crate::Config::default())?;
-    image.replace_snapshot_table(&fixed, layout.snapshots_size)?;
-    image.close()
+    let Ok(count) = u32::try_from(fixed.len()) else { return Ok(false) };
+    let mut bytes = serialize_snapshot_table(&fixed);
+    bytes.resize(bytes.len().next_multiple_of(512), 0);
+    let geo = layout.geo;
+    let cs = geo.cluster_size();
+    let clusters = geo.clusters_for(bytes.len() as u64).max(1);
+    let mut stored = Stored::new(dev, layout);
+    let Some(first) = stored.free_run(clusters)? else { return Ok(false) };
+    for cluster in first..first + clusters {
+        stored.set(cluster, 1)?;
+    }
+    stored.write_back()?;
+    write_grow(dev, first * cs, &bytes)?;
+    dev.flush()?;
+    patch_first_sector(dev, layout.file_len, |s| {
+        put(s, SNAPSHOT_FIELDS, &count.to_be_bytes());
+        put(s, SNAPSHOT_FIELDS + 4, &(first * cs).to_be_bytes());
+    })?;
+    dev.flush()?;
+    let (old, old_len) = (layout.header.snapshots_offset, layout.snapshots_size);
+    if old != 0 && old_len > 0 {
+        for cluster in old / cs..=old.saturating_add(old_len - 1) / cs {
+            if let Ok(n) = stored.get(cluster)? {
+                stored.set(cluster, n.saturating_sub(1))?;
+            }
+        }
+        stored.write_back()?;
+    }
+    Ok(true)
 }
