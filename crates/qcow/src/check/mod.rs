@@ -39,12 +39,14 @@ mod layout;
 mod metadata;
 mod problem;
 mod refcounts;
+mod references;
 mod repair;
 mod trust;
 mod walk;
 
 pub use metadata::{metadata_ranges, MetadataRange};
 pub use problem::{Problem, Referrer, Severity, Structure};
+pub(crate) use references::references;
 pub use trust::{distrust, Distrust, RefcountSlot};
 
 use crate::block::BlockDevice;

@@ -44,6 +44,8 @@ pub struct Walk<'a> {
     layout: &'a Layout,
     /// Whether findings are recorded (the first pass) or only pointers followed (the referrer pass).
     record: bool,
+    /// Whether the refcount table and blocks are visited: not for a rebuild, which replaces them.
+    refcounts: bool,
     /// Findings, in walk order.
     pub problems: Vec<Problem>,
     /// Allocation statistics of the active tree.
@@ -63,12 +65,18 @@ impl<'a> Walk<'a> {
             dev,
             layout,
             record,
+            refcounts: true,
             problems: Vec::new(),
             stats: FragStats::default(),
             incomplete: false,
             rebuild: false,
             points_past_end: false,
         }
+    }
+
+    /// The same walk, leaving out the refcount table and blocks.
+    pub fn without_refcounts(self) -> Self {
+        Walk { refcounts: false, ..self }
     }
 
     fn problem(&mut self, p: Problem) {
@@ -159,12 +167,16 @@ impl<'a> Walk<'a> {
             }
         }
 
-        let reftable_len = u64::from(header.refcount_table_clusters) * cs;
-        let at = Referrer { target: Structure::RefcountTable, at: 48 };
-        self.refer(sink, header.refcount_table_offset, reftable_len, at);
+        if self.refcounts {
+            let reftable_len = u64::from(header.refcount_table_clusters) * cs;
+            let at = Referrer { target: Structure::RefcountTable, at: 48 };
+            self.refer(sink, header.refcount_table_offset, reftable_len, at);
+        }
 
         self.bitmaps(sink)?;
-        self.refcount_blocks(sink);
+        if self.refcounts {
+            self.refcount_blocks(sink);
+        }
         Ok(())
     }
 
