@@ -3,9 +3,11 @@
 //! compressed, and where in that layer's file it lives. `map`, `measure` and `compare` ask this question.
 //!
 //! Each qcow2 layer is opened for its metadata only (the library's own chain is not used), so that the answer
-//! names the layer and its host offset, as `qemu-img map` does. Backing files are followed under the tool's
+//! names the layer and its host offset, as `qemu-img map` does; host clusters and refcounts come from the
+//! library (`Image::map`, `Image::host_clusters`, `Image::clusters_in_use`). Backing files are followed under the tool's
 //! policy: relative names against the overlay's directory, formats taken from the image, never probed.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use qcow::block::FileDevice;
@@ -13,7 +15,6 @@ use qcow::convert::AllocationMap;
 use qcow::{ExtentKind, Image};
 
 use crate::error::{Error, Result};
-use crate::hostmap::{self, HostLookup};
 use crate::open::{self, Format};
 
 /// Longest chain followed, as a guard against loops.
@@ -89,6 +90,18 @@ fn push(out: &mut Vec<Status>, s: Status) {
     out.push(s);
 }
 
+/// Whether QEMU would take `image` for metadata-preallocated: more clusters with a nonzero refcount than the
+/// file really allocates, by a tenth and at least two. In that case QEMU asks the file system about each data
+/// range and reports file holes as zeros.
+fn metadata_preallocated(image: &Image<FileDevice>) -> bool {
+    let dev = image.device();
+    let cs = image.geometry().cluster_size();
+    let real = dev.file().metadata().map_or(dev.len_bytes(), |m| m.blocks().saturating_mul(512));
+    let real_clusters = real / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    image.clusters_in_use(threshold).is_ok_and(|n| n >= threshold)
+}
+
 /// The path QEMU opens for a backing file `backing` named in the image `image`: an absolute name as it is, a
 /// relative one appended to the image's name up to its last slash.
 pub fn backing_name(image: &str, backing: &str) -> String {
@@ -134,7 +147,7 @@ impl Chain {
                     let size = image.virtual_size();
                     let backing = header.backing_file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned());
                     let backing_format = header.backing_format();
-                    let preallocated = hostmap::metadata_preallocated(&image);
+                    let preallocated = metadata_preallocated(&image);
                     let body = Body::Qcow2(Box::new(image), preallocated);
                     layers.push(Layer { name: name.clone(), recorded: recorded.take(), size, body });
                     let Some(backing) = backing else { break };
@@ -241,7 +254,7 @@ impl Chain {
             Body::Qcow2(image, preallocated) => {
                 let fail = |e| open::io_error(Path::new(&layer.name), e);
                 let extents = image.map(start, end - start).map_err(fail)?;
-                let mut lookup = HostLookup::new(image);
+                let cs = image.geometry().cluster_size();
                 for e in extents {
                     let (at, len) = (e.guest.0, e.len);
                     match e.kind {
@@ -282,11 +295,14 @@ impl Chain {
                         }
                         ExtentKind::Zero => {
                             // A zero cluster may keep its host cluster, which QEMU reports.
-                            let cs = image.geometry().cluster_size();
+                            let mut hosts = image.host_clusters(at, len).map_err(fail)?.into_iter().peekable();
                             let mut pos = at;
                             while pos < at + len {
                                 let stop = (pos / cs + 1).saturating_mul(cs).min(at + len);
-                                let offset = lookup.host(pos);
+                                let cluster = pos - pos % cs;
+                                while hosts.next_if(|(guest, _)| guest.0 < cluster).is_some() {}
+                                let offset =
+                                    hosts.peek().filter(|(guest, _)| guest.0 == cluster).map(|(_, h)| h.0 + pos % cs);
                                 push(out, Status { present: true, zero: true, offset, ..entry(pos, stop - pos) });
                                 pos = stop;
                             }
@@ -294,12 +310,27 @@ impl Chain {
                         ExtentKind::Compressed { .. } => {
                             push(out, Status { present: true, data: true, compressed: true, ..entry(at, len) });
                         }
+                        ExtentKind::Unallocated if !image.header().has_extended_l2() => {
+                            self.unallocated_status(depth, at, at + len, None, out)?;
+                        }
                         ExtentKind::Unallocated => {
-                            let mut pos = at;
-                            while pos < at + len {
-                                let (stop, offset) = lookup.unallocated_run(pos, at + len);
-                                self.unallocated_status(depth, pos, stop, offset, out)?;
-                                pos = stop;
+                            // Only an extended L2 entry keeps a host cluster under unallocated subclusters; QEMU
+                            // reports it, so those clusters are runs of their own.
+                            let (mut pos, end) = (at, at + len);
+                            for (guest, host) in image.host_clusters(at, len).map_err(fail)? {
+                                let start = guest.0.max(pos);
+                                if start > pos {
+                                    self.unallocated_status(depth, pos, start, None, out)?;
+                                }
+                                let stop = guest.0.saturating_add(cs).min(end);
+                                if stop > start {
+                                    let offset = Some(host.0 + (start - guest.0));
+                                    self.unallocated_status(depth, start, stop, offset, out)?;
+                                }
+                                pos = stop.max(pos);
+                            }
+                            if pos < end {
+                                self.unallocated_status(depth, pos, end, None, out)?;
                             }
                         }
                     }

@@ -22,7 +22,6 @@ mod discard;
 mod disk;
 mod encode;
 mod error;
-mod hostmap;
 mod info;
 mod localtime;
 mod map;

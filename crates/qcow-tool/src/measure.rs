@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+use qcow::format::{Geometry, RefcountSizing};
 use qcow::{Compat, CreateOptions};
 
 use crate::chain::Chain;
@@ -99,18 +100,8 @@ fn target(lists: &[String]) -> Result<Target> {
 
 /// Bytes of refcount table and blocks needed to count `clusters` clusters and themselves.
 fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
-    let per_table_cluster = cluster_size / 8;
-    let per_block = (cluster_size * 8) >> refcount_order;
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            return (blocks + table) * cluster_size;
-        }
-    }
+    let geometry = Geometry { cluster_bits: cluster_size.trailing_zeros(), refcount_order, extended_l2: false };
+    RefcountSizing::for_clusters(clusters, &geometry).clusters() * cluster_size
 }
 
 /// Bytes of a fully preallocated image of `size` bytes.

@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use qcow::block::{BlockDevice, FileDevice};
 use qcow::format::Header;
 
-use crate::hostmap::read;
 use crate::progress::Progress;
 
 /// A device that reports the bytes read through it as progress.
@@ -48,6 +47,18 @@ impl<'a> Metered<'a> {
 pub fn check_estimate(dev: &FileDevice) -> u64 {
     let file_len = dev.len_bytes();
     estimate(dev).unwrap_or(file_len).clamp(1, file_len.max(1))
+}
+
+/// Reads `len` bytes at `offset` of the file; `None` past its end or on error.
+fn read(dev: &FileDevice, offset: u64, len: u64) -> Option<Vec<u8>> {
+    let end = offset.checked_add(len)?;
+    if end > dev.len_bytes() {
+        return None;
+    }
+    let start = offset - offset % 512;
+    let mut buf = vec![0u8; usize::try_from(end.next_multiple_of(512) - start).ok()?];
+    dev.read_at(start, &mut buf).ok()?;
+    buf.get(usize::try_from(offset - start).ok()?..).map(<[u8]>::to_vec)
 }
 
 fn nonzero_entries(table: &[u8]) -> u64 {

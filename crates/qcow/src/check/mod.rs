@@ -39,17 +39,18 @@ mod layout;
 mod metadata;
 mod problem;
 mod refcounts;
+mod references;
 mod repair;
 mod trust;
 mod walk;
 
 pub use metadata::{metadata_ranges, MetadataRange};
 pub use problem::{Problem, Referrer, Severity, Structure};
+pub(crate) use references::references;
 pub use trust::{distrust, Distrust, RefcountSlot};
 
 use crate::block::BlockDevice;
 use crate::error::Result;
-use crate::image::Image;
 use layout::Layout;
 use refcounts::{Implied, Stored};
 use walk::Walk;
@@ -163,15 +164,9 @@ pub fn check<D: BlockDevice>(dev: &D, repair: Repair) -> Result<CheckReport> {
     run(dev, repair)
 }
 
-impl<D: BlockDevice> Image<D> {
-    /// Checks this open image without repairing anything: its metadata is written back first, and no metadata
-    /// changes while the check runs (guest reads and writes in place go on).
-    ///
-    /// # Errors
-    /// As [`check`].
-    pub fn check(&self) -> Result<CheckReport> {
-        self.with_settled_metadata(|dev| run(dev, Repair::None))?
-    }
+/// [`check`] without repairing, on a device seen through the trait (the engine's own device, settled).
+pub(crate) fn check_dyn(dev: &dyn BlockDevice) -> Result<CheckReport> {
+    run(dev, Repair::None)
 }
 
 /// The first pass: walk and count. Returns the counts, the walk's findings and whether a rebuild is called for.
@@ -357,8 +352,7 @@ fn run(dev: &dyn BlockDevice, requested: Repair) -> Result<CheckReport> {
     if repair != Repair::None && only_snapshot_defects_left {
         repair::mark_clean(dev, &layout)?;
     }
-    if repair.all() && defects > 0 && only_snapshot_defects_left {
-        repair::rewrite_snapshot_table(dev, &layout)?;
+    if repair.all() && defects > 0 && only_snapshot_defects_left && repair::rewrite_snapshot_table(dev, &layout)? {
         report.corruptions -= defects;
         report.corruptions_fixed += defects;
         for defect in &layout.snapshot_defects {

@@ -11,7 +11,7 @@ use super::problem::{Problem, Referrer, Structure};
 use super::walk::Sink;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::RefcountBlock;
+use crate::format::{RefcountBlock, RefcountTableEntry};
 
 const STRUCTURES: [Structure; 12] = [
     Structure::Header,
@@ -197,7 +197,7 @@ impl<'a> Stored<'a> {
         let geo = self.layout.geo;
         let table_index = cluster / geo.refcount_block_entries();
         let entry = usize::try_from(table_index).ok().and_then(|i| self.layout.reftable.get(i)).copied();
-        let offset = entry.unwrap_or(0) & !0x1ff;
+        let offset = RefcountTableEntry(entry.unwrap_or(0)).offset_field();
         if offset == 0 {
             return Ok((table_index, None));
         }
@@ -243,6 +243,24 @@ impl<'a> Stored<'a> {
         let index = cluster % geo.refcount_block_entries();
         let bytes = self.block(table_index, offset)?;
         Ok(Ok(RefcountBlock::new(bytes.as_slice(), geo.refcount_order).get(index).unwrap_or(0)))
+    }
+
+    /// The first run of `clusters` clusters from cluster 1 on whose refcounts are zero in refcount blocks that
+    /// exist (so taking them allocates no block), if there is one.
+    pub fn free_run(&mut self, clusters: u64) -> Result<Option<u64>> {
+        let per_block = self.layout.geo.refcount_block_entries();
+        let described = (self.layout.reftable.len() as u64).saturating_mul(per_block);
+        let (mut start, mut cluster) = (1u64, 1u64);
+        while cluster < described {
+            let free = matches!(self.locate(cluster), Ok((_, Some(_)))) && matches!(self.get(cluster)?, Ok(0));
+            cluster += 1;
+            if !free {
+                start = cluster;
+            } else if cluster - start == clusters {
+                return Ok(Some(start));
+            }
+        }
+        Ok(None)
     }
 
     /// Changes the stored refcount of `cluster` (whose block exists: repairs in place never allocate).

@@ -5,12 +5,11 @@
 use super::layout::{read_padded, Layout};
 use super::problem::{Problem, Structure};
 use super::refcounts::{Implied, Stored};
-use super::walk::{ClusterType, COPIED, OFFSET_MASK};
 use super::CheckReport;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::be64;
-use crate::format::{feature, Extension, Header, RefcountBlock};
+use crate::format::{be64, serialize_snapshot_table};
+use crate::format::{feature, ClusterType, Extension, Header, L1Entry, L2Entry, RefcountBlock, RefcountSizing};
 
 /// QEMU's cap on the refcount table.
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -18,6 +17,8 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// incompatible_features (u64, version 3) at byte 72. Both lie in the first sector, whose write is atomic.
 const REFTABLE_FIELDS: usize = 48;
 const INCOMPATIBLE_FIELD: usize = 72;
+/// nb_snapshots (u32) and snapshots_offset (u64) at byte 60, in the first sector too.
+const SNAPSHOT_FIELDS: usize = 60;
 
 /// Writes `bytes` at `offset`, growing the device first when they end past it.
 pub fn write_grow(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -104,16 +105,7 @@ pub fn rebuild_refcounts(dev: &dyn BlockDevice, layout: &mut Layout, implied: &I
     let cs = geo.cluster_size();
     let per_block = geo.refcount_block_entries();
     let start = implied.len();
-    let (mut table_clusters, mut blocks) = (1u64, 0u64);
-    loop {
-        let total = start + table_clusters + blocks;
-        let b = total.div_ceil(per_block);
-        let t = (b * 8).div_ceil(cs).max(1);
-        if (b, t) == (blocks, table_clusters) {
-            break;
-        }
-        (blocks, table_clusters) = (b, t);
-    }
+    let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(start, &geo);
     if table_clusters * cs > MAX_REFTABLE_BYTES {
         return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
     }
@@ -177,17 +169,18 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
     let mut table = vec![0u8; cs as usize];
     for i in 0..layout.header.l1_size as usize {
         let Some(raw) = l1.get_mut(i * 8..i * 8 + 8) else { break };
-        let entry = be64(raw);
-        let l2 = entry & OFFSET_MASK;
+        let l1_entry = L1Entry(be64(raw));
+        let entry = l1_entry.0;
+        let l2 = l1_entry.offset_field();
         if l2 == 0 {
             continue;
         }
         let Ok(refcount) = stored.get(l2 >> geo.cluster_bits)? else { continue };
         let at = l1_at + (i * 8) as u64;
-        if (refcount == 1) != (entry & COPIED != 0) {
-            let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+        if (refcount == 1) != l1_entry.is_copied() {
+            let fixed = l1_entry.with_copied(refcount == 1);
             if repair {
-                raw.copy_from_slice(&fixed.to_be_bytes());
+                raw.copy_from_slice(&fixed.0.to_be_bytes());
                 l1_dirty = true;
                 report.corruptions_fixed += 1;
                 let found = Problem::CopiedFlag { table: Structure::ActiveL1, at, entry, refcount };
@@ -201,27 +194,28 @@ pub fn copied_flags(dev: &dyn BlockDevice, layout: &Layout, repair: bool, report
         let writable = geo.is_aligned(l2) && l2.saturating_add(cs) <= layout.file_len.next_multiple_of(cs);
         let mut l2_dirty = false;
         for (j, slot) in table.chunks_exact_mut(entry_size).enumerate() {
-            let entry = be64(slot);
-            let kind = ClusterType::of(entry, geo.extended_l2, layout.data_file);
+            let l2_entry = L2Entry(be64(slot));
+            let entry = l2_entry.0;
+            let kind = l2_entry.cluster_type(geo.extended_l2, layout.data_file);
             if !matches!(kind, ClusterType::Normal | ClusterType::ZeroAlloc) {
                 continue;
             }
             let refcount = if layout.data_file {
                 1
             } else {
-                match stored.get((entry & OFFSET_MASK) >> geo.cluster_bits)? {
+                match stored.get(l2_entry.offset_field() >> geo.cluster_bits)? {
                     Ok(n) => n,
                     Err(_) => continue,
                 }
             };
-            if (refcount == 1) == (entry & COPIED != 0) {
+            if (refcount == 1) == l2_entry.is_copied() {
                 continue;
             }
             let problem =
                 Problem::CopiedFlag { table: Structure::L2Table, at: l2 + (j * entry_size) as u64, entry, refcount };
             if repair && writable {
-                let fixed = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
-                put(slot, 0, &fixed.to_be_bytes());
+                let fixed = l2_entry.with_copied(refcount == 1);
+                put(slot, 0, &fixed.0.to_be_bytes());
                 l2_dirty = true;
                 report.corruptions_fixed += 1;
                 report.note(Problem::Repaired(Box::new(problem)));
@@ -259,10 +253,12 @@ pub fn mark_clean(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
 
 /// Rewrites the snapshot table with its defects fixed: too much extra data cut to 1024 bytes (done while
 /// reading), and version 3 entries given the 16 bytes of extra data they lack (the VM state size and the disk
-/// size, as QEMU fills them). Runs through the engine, once the refcounts are sound, so that the new table is
-/// allocated and counted like any other cluster.
-pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<()> {
-    let Ok(snapshots) = &layout.snapshots else { return Ok(()) };
+/// size, as QEMU fills them). Runs once the refcounts are sound, so a refcount of zero means free: the new table
+/// goes to the first free run that existing refcount blocks describe, counted and written before the header
+/// points at it (a crash leaks it), and the old table is released after. Returns whether the table was
+/// rewritten: without such a run (every described cluster in use) the defects stay, reported.
+pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<bool> {
+    let Ok(snapshots) = &layout.snapshots else { return Ok(false) };
     let fixed: Vec<crate::format::Snapshot> = snapshots
         .iter()
         .map(|s| {
@@ -279,7 +275,33 @@ pub fn rewrite_snapshot_table(dev: &dyn BlockDevice, layout: &Layout) -> Result<
             s
         })
         .collect();
-    let image = crate::Image::open(dev, crate::Config::default())?;
-    image.replace_snapshot_table(&fixed, layout.snapshots_size)?;
-    image.close()
+    let Ok(count) = u32::try_from(fixed.len()) else { return Ok(false) };
+    let mut bytes = serialize_snapshot_table(&fixed);
+    bytes.resize(bytes.len().next_multiple_of(512), 0);
+    let geo = layout.geo;
+    let cs = geo.cluster_size();
+    let clusters = geo.clusters_for(bytes.len() as u64).max(1);
+    let mut stored = Stored::new(dev, layout);
+    let Some(first) = stored.free_run(clusters)? else { return Ok(false) };
+    for cluster in first..first + clusters {
+        stored.set(cluster, 1)?;
+    }
+    stored.write_back()?;
+    write_grow(dev, first * cs, &bytes)?;
+    dev.flush()?;
+    patch_first_sector(dev, layout.file_len, |s| {
+        put(s, SNAPSHOT_FIELDS, &count.to_be_bytes());
+        put(s, SNAPSHOT_FIELDS + 4, &(first * cs).to_be_bytes());
+    })?;
+    dev.flush()?;
+    let (old, old_len) = (layout.header.snapshots_offset, layout.snapshots_size);
+    if old != 0 && old_len > 0 {
+        for cluster in old / cs..=old.saturating_add(old_len - 1) / cs {
+            if let Ok(n) = stored.get(cluster)? {
+                stored.set(cluster, n.saturating_sub(1))?;
+            }
+        }
+        stored.write_back()?;
+    }
+    Ok(true)
 }

@@ -13,6 +13,7 @@ use super::layout::Layout;
 use super::{run, Problem, Referrer, Repair, Severity, Structure};
 use crate::block::BlockDevice;
 use crate::error::Result;
+use crate::format::RefcountTableEntry;
 
 /// Where the refcount of one cluster is kept: the refcount table entry that names its block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +75,7 @@ impl fmt::Display for Distrust {
                 "; its refcount belongs in refcount table entry {} (at {:#x}), ",
                 slot.table_index, slot.entry_at
             )?;
-            let block = slot.entry & !0x1ff;
+            let block = RefcountTableEntry(slot.entry).offset_field();
             if slot.table_index >= slot.table_entries {
                 write!(f, "past the table's {} entries", slot.table_entries)?;
             } else if block == 0 {

@@ -11,63 +11,13 @@ use super::layout::{read_padded, Layout};
 use super::problem::{Problem, Referrer, Structure};
 use crate::block::BlockDevice;
 use crate::error::Result;
-use crate::format::{be64, feature, parse_bitmap_table, BitmapCluster, BitmapsExtension, Extension};
+use crate::format::{
+    be64, feature, parse_bitmap_table, BitmapCluster, BitmapsExtension, ClusterType, Extension, L1Entry, L2Entry,
+    RefcountTableEntry, SubclusterBitmap,
+};
 
-/// Bits 9..=55 of L1 and L2 entries: the host offset.
-pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bit 63: COPIED.
-pub const COPIED: u64 = 1 << 63;
-/// Bit 62 of an L2 entry: compressed.
-const COMPRESSED: u64 = 1 << 62;
-/// Bit 0 of a standard L2 entry: reads as zeros.
-const ZERO: u64 = 1;
-/// Reserved bits of an L1 entry.
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01fe;
-/// Reserved bits of a standard L2 entry.
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-/// Reserved bits of a refcount table entry.
-const REFTABLE_RESERVED: u64 = 0x1ff;
 /// QEMU's limit on an L1 table's size in bytes.
 const MAX_L1_BYTES: u64 = 32 << 20;
-
-/// What an L2 entry is, decided exactly as QEMU's `qcow2_get_cluster_type` decides it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClusterType {
-    /// Not allocated.
-    Unallocated,
-    /// Zero flag, no host cluster.
-    ZeroPlain,
-    /// Zero flag with a preallocated host cluster.
-    ZeroAlloc,
-    /// Data at a host cluster.
-    Normal,
-    /// Compressed data.
-    Compressed,
-}
-
-impl ClusterType {
-    /// Classifies a raw L2 entry.
-    pub fn of(entry: u64, extended_l2: bool, data_file: bool) -> Self {
-        if entry & COMPRESSED != 0 {
-            ClusterType::Compressed
-        } else if entry & ZERO != 0 && !extended_l2 {
-            if entry & OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
-            }
-        } else if entry & OFFSET_MASK == 0 {
-            // Offset 0 is a valid data-file offset; COPIED tells it from "unallocated" there.
-            if data_file && entry & COPIED != 0 {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
-        } else {
-            ClusterType::Normal
-        }
-    }
-}
 
 /// Where a walk's pointers go.
 pub trait Sink {
@@ -94,6 +44,8 @@ pub struct Walk<'a> {
     layout: &'a Layout,
     /// Whether findings are recorded (the first pass) or only pointers followed (the referrer pass).
     record: bool,
+    /// Whether the refcount table and blocks are visited: not for a rebuild, which replaces them.
+    refcounts: bool,
     /// Findings, in walk order.
     pub problems: Vec<Problem>,
     /// Allocation statistics of the active tree.
@@ -113,12 +65,18 @@ impl<'a> Walk<'a> {
             dev,
             layout,
             record,
+            refcounts: true,
             problems: Vec::new(),
             stats: FragStats::default(),
             incomplete: false,
             rebuild: false,
             points_past_end: false,
         }
+    }
+
+    /// The same walk, leaving out the refcount table and blocks.
+    pub fn without_refcounts(self) -> Self {
+        Walk { refcounts: false, ..self }
     }
 
     fn problem(&mut self, p: Problem) {
@@ -209,12 +167,16 @@ impl<'a> Walk<'a> {
             }
         }
 
-        let reftable_len = u64::from(header.refcount_table_clusters) * cs;
-        let at = Referrer { target: Structure::RefcountTable, at: 48 };
-        self.refer(sink, header.refcount_table_offset, reftable_len, at);
+        if self.refcounts {
+            let reftable_len = u64::from(header.refcount_table_clusters) * cs;
+            let at = Referrer { target: Structure::RefcountTable, at: 48 };
+            self.refer(sink, header.refcount_table_offset, reftable_len, at);
+        }
 
         self.bitmaps(sink)?;
-        self.refcount_blocks(sink);
+        if self.refcounts {
+            self.refcount_blocks(sink);
+        }
         Ok(())
     }
 
@@ -232,15 +194,15 @@ impl<'a> Walk<'a> {
         let l1 = self.read(offset, bytes)?;
         let mut seen = HashSet::new();
         for (i, raw) in l1.chunks_exact(8).enumerate() {
-            let entry = be64(raw);
-            if entry == 0 {
+            let entry = L1Entry(be64(raw));
+            if entry == L1Entry::default() {
                 continue;
             }
             let at = offset + i as u64 * 8;
-            if entry & L1_RESERVED != 0 {
-                self.problem(Problem::ReservedBits { table: target, at, entry });
+            if entry.has_reserved_bits() {
+                self.problem(Problem::ReservedBits { table: target, at, entry: entry.0 });
             }
-            let l2 = entry & OFFSET_MASK;
+            let l2 = entry.offset_field();
             let referrer = Referrer { target: Structure::L2Table, at };
             self.refer(sink, l2, self.cluster_size(), referrer);
             if !self.layout.geo.is_aligned(l2) {
@@ -265,22 +227,22 @@ impl<'a> Walk<'a> {
         let entry_size = geo.l2_entry_size() as usize;
         let mut next_contiguous = 0u64;
         for (i, raw) in table.chunks_exact(entry_size).enumerate() {
-            let entry = be64(raw);
-            let bitmap = if geo.extended_l2 { raw.get(8..16).map(be64).unwrap_or(0) } else { 0 };
-            if entry == 0 && bitmap == 0 {
+            let entry = L2Entry(be64(raw));
+            let bitmap = SubclusterBitmap(if geo.extended_l2 { raw.get(8..16).map(be64).unwrap_or(0) } else { 0 });
+            if entry == L2Entry::default() && bitmap == SubclusterBitmap::default() {
                 continue;
             }
             let at = l2 + (i * entry_size) as u64;
-            let kind = ClusterType::of(entry, geo.extended_l2, self.layout.data_file);
-            if kind != ClusterType::Compressed && entry & L2_RESERVED != 0 {
-                self.problem(Problem::ReservedBits { table: Structure::L2Table, at, entry });
+            let kind = entry.cluster_type(geo.extended_l2, self.layout.data_file);
+            if kind != ClusterType::Compressed && entry.has_reserved_bits() {
+                self.problem(Problem::ReservedBits { table: Structure::L2Table, at, entry: entry.0 });
             }
             match kind {
                 ClusterType::Compressed => self.compressed(sink, entry, bitmap, at, active),
                 ClusterType::Normal | ClusterType::ZeroAlloc => {
-                    let host = entry & OFFSET_MASK;
-                    if (bitmap >> 32) & bitmap != 0 {
-                        self.problem(Problem::BadSubclusterBitmap { at, bitmap });
+                    let host = entry.offset_field();
+                    if bitmap.is_contradictory() {
+                        self.problem(Problem::BadSubclusterBitmap { at, bitmap: bitmap.0 });
                     }
                     let referrer = Referrer { target: Structure::Data, at };
                     if !geo.is_aligned(host) {
@@ -299,8 +261,8 @@ impl<'a> Walk<'a> {
                 }
                 ClusterType::ZeroPlain => {}
                 ClusterType::Unallocated => {
-                    if bitmap & 0xffff_ffff != 0 {
-                        self.problem(Problem::BadSubclusterBitmap { at, bitmap });
+                    if bitmap.allocated() != 0 {
+                        self.problem(Problem::BadSubclusterBitmap { at, bitmap: bitmap.0 });
                     }
                 }
             }
@@ -308,24 +270,23 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    fn compressed(&mut self, sink: &mut dyn Sink, entry: u64, bitmap: u64, at: u64, active: bool) {
-        if entry & COPIED != 0 {
-            self.problem(Problem::BadCompressedEntry { at, entry, why: "COPIED must never be set" });
+    fn compressed(&mut self, sink: &mut dyn Sink, entry: L2Entry, bitmap: SubclusterBitmap, at: u64, active: bool) {
+        let raw = entry.0;
+        if entry.is_copied() {
+            self.problem(Problem::BadCompressedEntry { at, entry: raw, why: "COPIED must never be set" });
         }
         if self.layout.data_file {
-            self.problem(Problem::BadCompressedEntry { at, entry, why: "compressed cluster with a data file" });
+            self.problem(Problem::BadCompressedEntry { at, entry: raw, why: "compressed cluster with a data file" });
             return;
         }
-        if bitmap != 0 {
-            self.problem(Problem::BadCompressedEntry { at, entry, why: "compressed cluster with a subcluster bitmap" });
+        if bitmap != SubclusterBitmap::default() {
+            let why = "compressed cluster with a subcluster bitmap";
+            self.problem(Problem::BadCompressedEntry { at, entry: raw, why });
             return;
         }
-        let bits = self.layout.geo.cluster_bits;
-        let shift = 62 - (bits - 8);
-        let host = entry & ((1u64 << shift) - 1);
-        let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
-        let len = (sectors * 512).saturating_sub(host & 511);
-        self.refer(sink, host, len, Referrer { target: Structure::CompressedData, at });
+        let descriptor = entry.compressed_descriptor(&self.layout.geo);
+        let referrer = Referrer { target: Structure::CompressedData, at };
+        self.refer(sink, descriptor.host_offset, descriptor.readable_len(), referrer);
         if active {
             self.stats.allocated += 1;
             self.stats.compressed += 1;
@@ -391,13 +352,14 @@ impl<'a> Walk<'a> {
     /// a rebuild of the refcount structures.
     fn refcount_blocks(&mut self, sink: &mut dyn Sink) {
         let geo = self.layout.geo;
-        for (i, &entry) in self.layout.reftable.iter().enumerate() {
+        for (i, &raw) in self.layout.reftable.iter().enumerate() {
             let index = i as u64;
-            let offset = entry & !REFTABLE_RESERVED;
+            let entry = RefcountTableEntry(raw);
+            let offset = entry.offset_field();
             let at = self.layout.header.refcount_table_offset + index * 8;
             let referrer = Referrer { target: Structure::RefcountBlock, at };
-            if entry & REFTABLE_RESERVED != 0 {
-                self.problem(Problem::ReservedBits { table: Structure::RefcountTable, at, entry });
+            if entry.has_reserved_bits() {
+                self.problem(Problem::ReservedBits { table: Structure::RefcountTable, at, entry: raw });
                 self.rebuild = true;
                 continue;
             }

@@ -15,6 +15,8 @@
 //! `extra` holds the type-specific extra data verbatim, and `serialize_bitmap_directory` reproduces the directory
 //! bytes exactly for UTF-8 names (names are read lossily; QEMU writes UTF-8).
 
+use super::entry::OFFSET_MASK;
+
 /// QEMU's `QCOW2_MAX_BITMAPS`.
 pub const MAX_BITMAPS: u32 = 65535;
 /// QEMU's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`: 1 KiB per bitmap.
@@ -39,8 +41,6 @@ pub const BITMAP_FLAG_AUTO: u32 = 1 << 1;
 const RESERVED_FLAGS: u32 = !(BITMAP_FLAG_IN_USE | BITMAP_FLAG_AUTO);
 /// The only bitmap type defined: dirty tracking.
 pub const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
-/// Bits 9..=55 of a bitmap table entry: the cluster holding that part of the bitmap.
-const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits 1..=8 and 56..=63 of a bitmap table entry.
 const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 /// Bit 0 of a bitmap table entry without an offset: that part of the bitmap is all ones.
@@ -505,7 +505,7 @@ impl BitmapTableEntry {
     /// The host cluster holding this part of the bitmap, if the offset field is nonzero (even when the entry is
     /// otherwise malformed; see [`BitmapTableEntry::kind`]).
     pub fn data_offset(self) -> Option<u64> {
-        match self.0 & TABLE_OFFSET_MASK {
+        match self.0 & OFFSET_MASK {
             0 => None,
             o => Some(o),
         }

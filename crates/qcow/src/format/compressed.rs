@@ -25,11 +25,10 @@ use std::ops::RangeInclusive;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use zstd::zstd_safe;
 
+use super::entry::COMPRESSED as COMPRESSED_FLAG;
 use super::header::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use super::CompressionType;
 
-/// Bit 62 of an L2 entry: the cluster is compressed.
-const COMPRESSED_FLAG: u64 = 1 << 62;
 /// Compressed data is counted in 512-byte sectors regardless of the image's cluster size.
 const SECTOR: u64 = 512;
 /// QEMU's deflate window: `deflateInit2(..., -12, ...)`.

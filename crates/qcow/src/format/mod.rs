@@ -21,13 +21,13 @@ pub use bitmap::{
     MAX_BITMAP_DATA_BYTES, MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAP_NAME_BYTES, MAX_BITMAP_TABLE_ENTRIES,
 };
 pub use compressed::{compress, compress_at_level, decompress, CompressedDescriptor, CompressionError};
-pub use entry::{L1Entry, L2Entry, L2Kind};
+pub use entry::{ClusterType, L1Entry, L2Entry, L2Kind, RefcountTableEntry, SubclusterBitmap};
 pub use error::FormatError;
 pub use geometry::{Geometry, GuestOffset, HostOffset};
 pub use header::{
     l1_entries_required, CompressionType, Extension, FeatureName, Header, HEADER_V2_LENGTH, HEADER_V3_LENGTH, MAGIC,
 };
-pub use refcount::RefcountBlock;
+pub use refcount::{RefcountBlock, RefcountSizing};
 pub use snapshot::{
     parse_snapshot_table, parse_snapshot_table_for_check, serialize_snapshot_table, snapshot_table_size, Snapshot,
     SnapshotDefect, SnapshotError, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,

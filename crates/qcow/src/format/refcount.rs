@@ -3,6 +3,43 @@
 //! Widths of 8 bits and more are big-endian; 1-, 2- and 4-bit counts are packed starting from the least
 //! significant bits of each byte, as QEMU packs them.
 
+use super::geometry::Geometry;
+
+/// The refcount structures that count a set of clusters and themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefcountSizing {
+    /// Refcount blocks.
+    pub blocks: u64,
+    /// Clusters of refcount table.
+    pub table_clusters: u64,
+}
+
+impl RefcountSizing {
+    /// The fewest refcount blocks and refcount-table clusters that describe `clusters` clusters plus every
+    /// cluster they take themselves (as `qcow2_refcount_metadata_size` computes it for a refcount table and
+    /// blocks placed after the clusters). Zero clusters need nothing.
+    pub fn for_clusters(clusters: u64, geometry: &Geometry) -> Self {
+        let per_block = geometry.refcount_block_entries().max(1);
+        let per_table_cluster = (geometry.cluster_size() / 8).max(1);
+        let mut sizing = RefcountSizing { blocks: 0, table_clusters: 0 };
+        // Both counts only grow from zero, so this stops at the least fixed point: at most a handful of rounds.
+        loop {
+            let covered = clusters.saturating_add(sizing.blocks).saturating_add(sizing.table_clusters);
+            let blocks = covered.div_ceil(per_block);
+            let next = RefcountSizing { blocks, table_clusters: blocks.div_ceil(per_table_cluster) };
+            if next == sizing {
+                return sizing;
+            }
+            sizing = next;
+        }
+    }
+
+    /// Clusters the refcount structures take.
+    pub fn clusters(&self) -> u64 {
+        self.blocks.saturating_add(self.table_clusters)
+    }
+}
+
 /// A view of a refcount block's bytes at a given width.
 pub struct RefcountBlock<B> {
     bytes: B,
@@ -80,6 +117,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> RefcountBlock<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizing_counts_itself() {
+        let g = Geometry { cluster_bits: 16, refcount_order: 4, extended_l2: false };
+        assert_eq!(RefcountSizing::for_clusters(0, &g), RefcountSizing { blocks: 0, table_clusters: 0 });
+        assert_eq!(RefcountSizing::for_clusters(3, &g), RefcountSizing { blocks: 1, table_clusters: 1 });
+        // 32768 refcounts per block: the structures' own two clusters spill into a second block.
+        assert_eq!(RefcountSizing::for_clusters(32767, &g), RefcountSizing { blocks: 2, table_clusters: 1 });
+        let small = Geometry { cluster_bits: 9, refcount_order: 6, extended_l2: false };
+        let s = RefcountSizing::for_clusters(10_000, &small);
+        assert!(s.blocks * 64 >= 10_000 + s.clusters() && s.table_clusters * 64 >= s.blocks);
+    }
 
     #[test]
     fn every_width_stores_its_maximum_and_neighbours_survive() {

@@ -21,7 +21,7 @@ use super::trust::Trusted;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{HostOffset, L1Entry, L2Entry, L2Kind};
+use crate::format::{HostOffset, L1Entry, L2Kind, RefcountTableEntry};
 
 /// Clusters moved per batch: a batch costs four device flushes.
 const BATCH: usize = 512;
@@ -73,7 +73,7 @@ impl Meta {
         let cs = geo.cluster_size();
         let mut movable = BTreeMap::new();
         for (index, &entry) in self.reftable.iter().enumerate() {
-            let offset = entry & !0x1ff;
+            let offset = RefcountTableEntry(entry).offset_field();
             if offset != 0 {
                 movable.insert(offset / cs, Referrer::RefcountBlock { index: index as u64 });
             }
@@ -123,7 +123,7 @@ impl Meta {
         let mut dropped = 0;
         // Block 0 describes the header: it is never empty.
         for index in 1..self.reftable.len() as u64 {
-            let offset = self.reftable.get(index as usize).map_or(0, |e| e & !0x1ff);
+            let offset = self.reftable.get(index as usize).map_or(0, |e| RefcountTableEntry(*e).offset_field());
             if offset == 0 || !self.refblock_is_empty(dev, index, offset / cs)? {
                 continue;
             }
@@ -152,7 +152,10 @@ impl Meta {
             if start + n > limit {
                 return Ok(None);
             }
-            let has_block = self.reftable.get((c / per_block) as usize).is_some_and(|e| e & !0x1ff != 0);
+            let has_block = self
+                .reftable
+                .get((c / per_block) as usize)
+                .is_some_and(|e| RefcountTableEntry(*e).block_offset().is_some());
             if has_block && self.refcount(dev, c)? == 0 && !self.reclaim.is_busy(c) {
                 if c + 1 - start == n {
                     return Ok(Some(start));
@@ -249,7 +252,8 @@ impl Meta {
         for (&high, _) in movable.iter().rev() {
             while low < high {
                 let block = low / per_block;
-                let has_block = self.reftable.get(block as usize).is_some_and(|e| e & !0x1ff != 0);
+                let has_block =
+                    self.reftable.get(block as usize).is_some_and(|e| RefcountTableEntry(*e).block_offset().is_some());
                 if !has_block && block < self.reftable.len() as u64 && !self.reclaim.is_busy(block * per_block) {
                     // Free space no block describes (dropped, or never needed): a block on its first cluster
                     // makes the rest of it a destination. Unused, it is dropped again at the end.
@@ -283,7 +287,7 @@ impl Meta {
                     Error::corrupt("L2 table vanished during compaction", self.header.l1_table_offset)
                 })?;
                 let old = self.l2_entry(dev, l2, index)?;
-                let entry = L2Entry((old.0 & !0x00ff_ffff_ffff_fe00) | (to * cs));
+                let entry = old.with_host(HostOffset(to * cs));
                 self.set_l2_entry(dev, l2, index, entry)?;
             }
             Referrer::L2Table { l1 } => self.set_l1_entry(dev, l1, L1Entry::new(HostOffset(to * cs)))?,

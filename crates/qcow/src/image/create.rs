@@ -6,7 +6,9 @@ use super::options::{Compat, CreateOptions, Preallocation};
 use super::{Config, Image};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{Geometry, GuestOffset, Header, HostOffset, L2Entry, RefcountBlock};
+use crate::format::{
+    Geometry, GuestOffset, Header, HostOffset, L2Entry, RefcountBlock, RefcountSizing, SubclusterBitmap,
+};
 
 /// QEMU's cap on the L1 table.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -49,19 +51,8 @@ impl<D: BlockDevice> Image<D> {
             ));
         }
         let l1_clusters = geo.clusters_for(l1_entries * 8);
-        // Header, table and blocks must all be described by the blocks: find the fixed point.
         let rbe = geo.refcount_block_entries();
-        let (mut table_clusters, mut blocks) = (1u64, 1u64);
-        loop {
-            let total = 1 + table_clusters + blocks + l1_clusters;
-            let b = total.div_ceil(rbe);
-            let t = (b * 8).div_ceil(cs);
-            if b == blocks && t == table_clusters {
-                break;
-            }
-            blocks = b;
-            table_clusters = t;
-        }
+        let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(1 + l1_clusters, &geo);
         let blocks_at = 1 + table_clusters;
         let l1_at = blocks_at + blocks;
         let total = l1_at + l1_clusters;
@@ -142,7 +133,7 @@ impl<D: BlockDevice> Image<D> {
                 let index = geo.l2_index(GuestOffset((guest_cluster + i) * cs));
                 m.set_l2_entry(&self.dev, l2, index, L2Entry::normal(HostOffset((first + i) * cs)))?;
                 if geo.extended_l2 {
-                    m.set_l2_bitmap(&self.dev, l2, index, 0xffff_ffff)?;
+                    m.set_l2_bitmap(&self.dev, l2, index, SubclusterBitmap::ALL_ALLOCATED)?;
                 }
             }
             guest_cluster += n;

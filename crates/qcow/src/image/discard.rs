@@ -17,10 +17,7 @@ use super::meta::Meta;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind};
-
-/// An extended L2 bitmap whose 32 subclusters all read as zeros.
-const ALL_ZERO: u64 = 0xffff_ffff << 32;
+use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind, SubclusterBitmap};
 
 /// What discards have done since the image was opened, in 512-byte sectors.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,13 +68,13 @@ impl Meta {
             let reads_zero = if v3 { L2Entry::zero(None) } else { L2Entry(0) };
             let bitmap = match l2 {
                 Some(l2) if geo.extended_l2 => self.l2_bitmap(dev, l2, index)?,
-                _ => 0,
+                _ => SubclusterBitmap::default(),
             };
             let action = match kind {
                 _ if external => Unmap::WriteZeros,
                 // Extended entries say "zeros" with their subcluster zero bits.
                 L2Kind::Unallocated | L2Kind::Zero { host: None } if geo.extended_l2 => {
-                    if bitmap == ALL_ZERO || (bitmap == 0 && !backed) {
+                    if bitmap == SubclusterBitmap::ALL_ZERO || (bitmap == SubclusterBitmap::default() && !backed) {
                         Unmap::Nothing
                     } else {
                         Unmap::Entry(L2Entry(0), None)
@@ -103,7 +100,7 @@ impl Meta {
                     let l2 = self.l2_for_write(dev, l1_index)?;
                     if geo.extended_l2 {
                         self.set_l2_entry(dev, l2, index, L2Entry(0))?;
-                        self.set_l2_bitmap(dev, l2, index, ALL_ZERO)?;
+                        self.set_l2_bitmap(dev, l2, index, SubclusterBitmap::ALL_ZERO)?;
                     } else {
                         self.set_l2_entry(dev, l2, index, new)?;
                     }
@@ -136,8 +133,8 @@ impl Meta {
         for index in 0..geo.l2_entries() {
             let e = self.l2_entry(dev, l2, index)?;
             let empty = e.0 == 0 || e == L2Entry::zero(None);
-            let bitmap = if geo.extended_l2 { self.l2_bitmap(dev, l2, index)? } else { 0 };
-            if !empty || bitmap & 0xffff_ffff != 0 {
+            let bitmap = if geo.extended_l2 { self.l2_bitmap(dev, l2, index)? } else { SubclusterBitmap::default() };
+            if !empty || bitmap.allocated() != 0 {
                 return Ok(());
             }
         }
@@ -229,7 +226,7 @@ impl<D: BlockDevice> Image<D> {
         if first_sc >= end_sc {
             return self.zero_fill(lo, hi);
         }
-        let mask = ((1u64 << (end_sc - first_sc)) - 1) << first_sc;
+        let mask = SubclusterBitmap::span(first_sc, end_sc);
         let zeroed = {
             let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
             let _owned = self.ranges.lock(cluster, cluster + 1);
@@ -246,7 +243,7 @@ impl<D: BlockDevice> Image<D> {
                 m.mark_dirty(&self.dev)?;
                 let l2 = m.l2_for_write(&self.dev, geo.l1_index(guest))?;
                 let bitmap = m.l2_bitmap(&self.dev, l2, geo.l2_index(guest))?;
-                m.set_l2_bitmap(&self.dev, l2, geo.l2_index(guest), (bitmap & !mask) | (mask << 32))?;
+                m.set_l2_bitmap(&self.dev, l2, geo.l2_index(guest), bitmap.with_zeroed(mask))?;
                 true
             }
         };

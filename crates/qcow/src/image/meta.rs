@@ -13,7 +13,9 @@ use super::overlap::{Corruption, OverlapIndex};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 pub(crate) use crate::format::be64;
-use crate::format::{Geometry, Header, HostOffset, L1Entry, L2Entry, RefcountBlock};
+use crate::format::{
+    Geometry, Header, HostOffset, L1Entry, L2Entry, RefcountBlock, RefcountTableEntry, SubclusterBitmap,
+};
 
 /// Mutable metadata of an open image.
 pub struct Meta {
@@ -203,20 +205,26 @@ impl Meta {
         raw.map(L2Entry).ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
-    /// The subcluster bitmap of extended L2 entry `index` (allocation bits 0..=31, zero bits 32..=63).
-    pub fn l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<u64> {
+    /// The subcluster bitmap of extended L2 entry `index`.
+    pub fn l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64) -> Result<SubclusterBitmap> {
         let at = self.l2_byte(l2, index)? + 8;
         let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
         let raw = self.cache.get(key).and_then(|c| c.get(at..at + 8)).map(be64);
-        raw.ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
+        raw.map(SubclusterBitmap).ok_or_else(|| Error::corrupt("L2 index outside its table", l2.0))
     }
 
     /// Stores the subcluster bitmap of extended L2 entry `index` (in the cache).
-    pub fn set_l2_bitmap(&mut self, dev: &dyn BlockDevice, l2: HostOffset, index: u64, bitmap: u64) -> Result<()> {
+    pub fn set_l2_bitmap(
+        &mut self,
+        dev: &dyn BlockDevice,
+        l2: HostOffset,
+        index: u64,
+        bitmap: SubclusterBitmap,
+    ) -> Result<()> {
         let at = self.l2_byte(l2, index)? + 8;
         let (key, at) = self.load(dev, l2.0, at, TableKind::L2)?;
         match self.cache.get_mut(key).and_then(|c| c.get_mut(at..at + 8)) {
-            Some(s) => s.copy_from_slice(&bitmap.to_be_bytes()),
+            Some(s) => s.copy_from_slice(&bitmap.0.to_be_bytes()),
             None => return Err(Error::corrupt("L2 index outside its table", l2.0)),
         }
         Ok(())
@@ -237,7 +245,7 @@ impl Meta {
         let Some(&raw) = usize::try_from(block).ok().and_then(|b| self.reftable.get(b)) else {
             return Ok(None);
         };
-        let offset = raw & !0x1ff;
+        let offset = RefcountTableEntry(raw).offset_field();
         if offset == 0 {
             return Ok(None);
         }
@@ -423,7 +431,9 @@ impl Meta {
             loop {
                 let end = start + n + missing.len() as u64;
                 let now: Vec<u64> = (start / rbe..=(end - 1) / rbe)
-                    .filter(|b| self.reftable.get(*b as usize).is_none_or(|e| *e & !0x1ff == 0))
+                    .filter(|b| {
+                        self.reftable.get(*b as usize).is_none_or(|e| RefcountTableEntry(*e).block_offset().is_none())
+                    })
                     .collect();
                 if now.len() == missing.len() {
                     break;

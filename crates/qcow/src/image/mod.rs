@@ -245,6 +245,15 @@ impl<D: BlockDevice> Image<D> {
         Ok(f(&self.dev))
     }
 
+    /// Checks this open image without repairing anything: its metadata is written back first, and no metadata
+    /// changes while the check runs (guest reads and writes in place go on).
+    ///
+    /// # Errors
+    /// As [`crate::check::check`].
+    pub fn check(&self) -> Result<crate::check::CheckReport> {
+        self.with_settled_metadata(crate::check::check_dyn)?
+    }
+
     /// Makes every write completed before this call durable, metadata included.
     ///
     /// # Errors

@@ -20,7 +20,9 @@ use super::meta::{be64, Meta};
 use super::offset_hash::{OffsetMap, OffsetSet};
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{feature, snapshot_table_size, BitmapsExtension, Extension, Header, L1Entry, L2Entry, L2Kind};
+use crate::format::{
+    feature, snapshot_table_size, BitmapsExtension, Extension, Header, L1Entry, L2Entry, L2Kind, RefcountTableEntry,
+};
 
 /// A kind of metadata, as QEMU's overlap checks name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,9 +314,9 @@ impl Meta {
     fn refblock_set(&mut self) -> &ClusterSet {
         let cb = self.geo.cluster_bits;
         let reftable = &self.reftable;
-        self.overlap
-            .refblocks
-            .get_or_insert_with(|| reftable.iter().map(|e| e & !0x1ff).filter(|&o| o != 0).map(|o| o >> cb).collect())
+        self.overlap.refblocks.get_or_insert_with(|| {
+            reftable.iter().filter_map(|e| RefcountTableEntry(*e).block_offset()).map(|o| o.0 >> cb).collect()
+        })
     }
 
     /// Active L2 tables. Built by one pass over the L1 table, taking each L1 cluster from the cache when it is

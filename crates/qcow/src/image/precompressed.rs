@@ -5,7 +5,7 @@
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{CompressedDescriptor, GuestOffset, HostOffset, L2Entry, L2Kind};
+use crate::format::{CompressedDescriptor, GuestOffset, HostOffset, L2Entry, L2Kind, SubclusterBitmap};
 
 impl<D: BlockDevice> Image<D> {
     /// Stores `data`, the compressed form of the whole guest cluster at `offset` in the image's compression type
@@ -79,7 +79,7 @@ impl<D: BlockDevice> Image<D> {
         let at = l2.0 + index * self.geo.l2_entry_size();
         m.set_l2_entry(&self.dev, l2, index, L2Entry(descriptor))?;
         if self.geo.extended_l2 {
-            m.set_l2_bitmap(&self.dev, l2, index, 0)?;
+            m.set_l2_bitmap(&self.dev, l2, index, SubclusterBitmap::default())?;
         }
         match m.decode_l2(&self.dev, old, at)? {
             L2Kind::Normal { host, .. } | L2Kind::Zero { host: Some(host) } => m.free_later(host.0 / cs),

@@ -6,7 +6,7 @@ use super::trust::Trusted;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind};
+use crate::format::{GuestOffset, L1Entry, L2Entry, L2Kind, SubclusterBitmap};
 
 /// QEMU's cap on the L1 table.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -88,7 +88,7 @@ impl Meta {
                         self.set_l2_entry(dev, l2, index, L2Entry(0))?;
                     }
                     if geo.extended_l2 {
-                        self.set_l2_bitmap(dev, l2, index, 0)?;
+                        self.set_l2_bitmap(dev, l2, index, SubclusterBitmap::default())?;
                     }
                 }
                 match self.decode_l2(dev, entry, at)? {

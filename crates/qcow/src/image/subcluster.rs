@@ -10,9 +10,7 @@ use super::io::Piece;
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{GuestOffset, HostOffset, L2Entry, L2Kind};
-
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
+use crate::format::{GuestOffset, HostOffset, L2Entry, L2Kind, SubclusterBitmap};
 
 /// What happens to one cluster.
 struct SubclusterPlan {
@@ -20,7 +18,7 @@ struct SubclusterPlan {
     /// Byte range inside the cluster that is written (whole subclusters).
     span: (u64, u64),
     /// Allocation and zero bits after the write.
-    bitmap: u64,
+    bitmap: SubclusterBitmap,
     /// Host clusters to release once the new mapping is durable.
     release: Vec<u64>,
     /// Whether the L2 entry (not only its bitmap) changes.
@@ -40,7 +38,7 @@ impl<D: BlockDevice> Image<D> {
             let hi = (end - cluster_start).min(cs);
             let first_sc = lo / sub;
             let last_sc = (hi - 1) / sub;
-            let touched = ((1u64 << (last_sc - first_sc + 1)) - 1) << first_sc;
+            let touched = SubclusterBitmap::span(first_sc, last_sc + 1);
             let plan = self.plan_subclusters(cluster_start, touched, first_sc * sub, (last_sc + 1) * sub)?;
             let data = buf.get((pos - offset) as usize..(pos - offset + hi - lo) as usize).unwrap_or(&[]);
             let (span_lo, span_hi) = plan.span;
@@ -76,7 +74,7 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    fn plan_subclusters(&self, cluster_start: u64, touched: u64, span_lo: u64, span_hi: u64) -> Result<SubclusterPlan> {
+    fn plan_subclusters(&self, cluster_start: u64, touched: u32, span_lo: u64, span_hi: u64) -> Result<SubclusterPlan> {
         let cs = self.geo.cluster_size();
         let mut m = self.meta();
         m.corruption.check()?;
@@ -91,18 +89,17 @@ impl<D: BlockDevice> Image<D> {
         let at = l2.0 + index * self.geo.l2_entry_size();
         let entry = m.l2_entry(&self.dev, l2, index)?;
         let bitmap = m.l2_bitmap(&self.dev, l2, index)?;
-        let (alloc, zero) = (bitmap & ALL_ALLOCATED, bitmap >> 32);
         let partial = SubclusterPlan {
             target: HostOffset(0),
             span: (span_lo, span_hi),
-            bitmap: (alloc | touched) | ((zero & !touched) << 32),
+            bitmap: bitmap.with_allocated(touched),
             release: Vec::new(),
             remap: false,
         };
         let whole = |release: Vec<u64>| SubclusterPlan {
             target: HostOffset(0),
             span: (0, cs),
-            bitmap: ALL_ALLOCATED,
+            bitmap: SubclusterBitmap::ALL_ALLOCATED,
             release,
             remap: true,
         };

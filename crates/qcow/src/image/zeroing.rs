@@ -6,7 +6,7 @@
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::Result;
-use crate::format::{GuestOffset, HostOffset, L2Entry, L2Kind};
+use crate::format::{GuestOffset, HostOffset, L2Entry, L2Kind, SubclusterBitmap};
 
 impl<D: BlockDevice> Image<D> {
     /// Makes `lo..hi` (whole allocation units, or up to the disk's end) read as zeros whatever backing file is
@@ -48,14 +48,14 @@ impl<D: BlockDevice> Image<D> {
             let sub = cs / 32;
             // The disk's last subcluster counts whole, as it does for allocation.
             let (first, end) = ((lo - cluster * cs) / sub, (hi - cluster * cs).div_ceil(sub));
-            ((1u64 << (end - first)) - 1) << first
+            SubclusterBitmap::span(first, end)
         } else {
             0
         };
         let free = match current {
             (_, entry) if geo.extended_l2 && entry.is_compressed() => false,
             (HostOffset(0), _) => true,
-            (l2, _) if geo.extended_l2 => m.l2_bitmap(&self.dev, l2, index)? & mask == 0,
+            (l2, _) if geo.extended_l2 => m.l2_bitmap(&self.dev, l2, index)?.allocated() & mask == 0,
             (l2, entry) => {
                 let at = l2.0 + index * geo.l2_entry_size();
                 m.decode_l2(&self.dev, entry, at)? == L2Kind::Unallocated
@@ -68,7 +68,7 @@ impl<D: BlockDevice> Image<D> {
         let l2 = m.l2_for_write(&self.dev, l1_index)?;
         if geo.extended_l2 {
             let bitmap = m.l2_bitmap(&self.dev, l2, index)?;
-            m.set_l2_bitmap(&self.dev, l2, index, (bitmap & !mask) | (mask << 32))?;
+            m.set_l2_bitmap(&self.dev, l2, index, bitmap.with_zeroed(mask))?;
         } else {
             m.set_l2_entry(&self.dev, l2, index, L2Entry::zero(None))?;
         }

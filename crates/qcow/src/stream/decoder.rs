@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use super::spool::Spool;
 use crate::convert::is_zero;
 use crate::error::{Error, Result};
-use crate::format::{decompress, CompressionType, Geometry, Header, L1Entry, L2Entry, L2Kind};
+use crate::format::{
+    decompress, CompressionType, Geometry, Header, L1Entry, L2Entry, L2Kind, RefcountTableEntry, SubclusterBitmap,
+};
 
 /// The unit of zero detection in the output: a file system block.
 const ZERO_GRANULE: usize = 4096;
@@ -141,9 +143,8 @@ impl<'a> Decoder<'a> {
             known = true;
             let upto = (rt_at + rt_len - start).min(len as u64) as usize;
             for raw in data.get(..upto).unwrap_or(&[]).chunks_exact(8) {
-                let block = be64(raw, 0) & !(self.cs - 1) & 0x00ff_ffff_ffff_ffff;
-                if block != 0 {
-                    self.refblocks.insert(block / self.cs);
+                if let Some(block) = RefcountTableEntry(be64(raw, 0)).block_offset() {
+                    self.refblocks.insert(block.0 / self.cs);
                 }
             }
         }
@@ -249,9 +250,9 @@ impl<'a> Decoder<'a> {
                 L2Kind::Unallocated | L2Kind::Zero { .. } => {}
                 L2Kind::Normal { host, .. } => {
                     let mask = if self.geo.extended_l2 {
-                        let bitmap = be64(table, at + 8);
+                        let bitmap = SubclusterBitmap(be64(table, at + 8));
                         // Allocated and not zero; the rest reads as zeros (there is no backing file).
-                        let mask = (bitmap as u32) & !((bitmap >> 32) as u32);
+                        let mask = bitmap.data();
                         if mask == 0 {
                             continue;
                         }

@@ -16,7 +16,7 @@ use super::super::Image;
 use super::{Move, MoveStage};
 use crate::block::BlockDevice;
 use crate::error::Result;
-use crate::format::{L2Entry, L2Kind};
+use crate::format::{L2Entry, L2Kind, RefcountTableEntry};
 
 /// What a round of online compaction did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl Meta {
         let mut c = self.free_hint.max(1);
         while c < below && (targets.len() as u64) < want {
             let block = c / per_block;
-            if self.reftable.get(block as usize).is_none_or(|e| e & !0x1ff == 0) {
+            if self.reftable.get(block as usize).is_none_or(|e| RefcountTableEntry(*e).block_offset().is_none()) {
                 c = (block + 1) * per_block; // no block: nothing here can be allocated without creating one
                 continue;
             }
@@ -114,7 +114,7 @@ impl Meta {
                 (p.from * cs, super::super::cache::TableKind::L2)
             }
             Referrer::RefcountBlock { index } => {
-                let entry = self.reftable.get(index as usize).map_or(0, |e| e & !0x1ff);
+                let entry = self.reftable.get(index as usize).map_or(0, |e| RefcountTableEntry(*e).offset_field());
                 if entry != p.from * cs {
                     return Ok(false);
                 }
@@ -215,8 +215,9 @@ impl<D: BlockDevice> Image<D> {
                 .reftable
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| **e & !0x1ff != 0)
-                .map(|(i, e)| (i as u64, (e & !0x1ff) / self.geo.cluster_size()))
+                .filter_map(|(i, e)| {
+                    Some((i as u64, RefcountTableEntry(*e).block_offset()?.0 / self.geo.cluster_size()))
+                })
                 .collect();
             (targets, m.l1_size(), refblocks)
         };
