@@ -32,6 +32,9 @@ struct Slot {
     kind: TableKind,
     dirty: bool,
     tick: u64,
+    /// Changes with every modification: a writeback that copied the piece marks it clean only if it is still
+    /// the copy it wrote.
+    version: u64,
 }
 
 /// A cluster with cached pieces: what kind of table it is and how many of its pieces are cached.
@@ -114,8 +117,10 @@ impl MetadataCache {
     /// The piece at `key` for modification, marking it dirty.
     pub fn get_mut(&mut self, key: u64) -> Option<&mut [u8]> {
         self.touch(key);
+        let version = self.tick;
         self.slots.get_mut(&key).map(|s| {
             s.dirty = true;
+            s.version = version;
             &mut *s.bytes
         })
     }
@@ -135,7 +140,7 @@ impl MetadataCache {
         self.remove_piece(key);
         self.tick += 1;
         self.used += bytes.len() as u64;
-        self.slots.insert(key, Slot { bytes, kind, dirty, tick: self.tick });
+        self.slots.insert(key, Slot { bytes, kind, dirty, tick: self.tick, version: self.tick });
         self.lru.insert(self.tick, key);
         let cluster = self.cluster_of(key);
         self.owners.entry(cluster).and_modify(|o| o.pieces += 1).or_insert(Owner { kind, pieces: 1 });
@@ -257,6 +262,27 @@ impl MetadataCache {
         }
     }
 
+    /// The dirty pieces of one kind, in ascending order, each with a copy of its bytes and its version: what a
+    /// writeback outside the lock writes.
+    pub fn dirty_copies(&self, kind: TableKind) -> Vec<(u64, u64, Box<[u8]>)> {
+        let mut v: Vec<(u64, u64, Box<[u8]>)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty && s.kind == kind)
+            .map(|(o, s)| (*o, s.version, s.bytes.clone()))
+            .collect();
+        v.sort_unstable_by_key(|p| p.0);
+        v
+    }
+
+    /// Marks a piece clean after a copy of it was written, unless it changed since the copy was taken (then the
+    /// change still has to be written) or was dropped meanwhile.
+    pub fn mark_clean_if(&mut self, key: u64, version: u64) {
+        if let Some(s) = self.slots.get_mut(&key).filter(|s| s.version == version) {
+            s.dirty = false;
+        }
+    }
+
     /// Evicts clean pieces beyond the budget (after a writeback made some clean).
     pub fn shrink(&mut self) {
         self.evict(None);
@@ -315,6 +341,23 @@ mod tests {
         }
         c.shrink();
         assert!(!c.over_budget());
+    }
+
+    #[test]
+    fn a_copy_written_back_marks_the_piece_clean_only_while_it_is_unchanged() {
+        let mut c = MetadataCache::new(1 << 20, 512);
+        c.insert(0, TableKind::L2, vec![1; 512].into(), true);
+        c.insert(512, TableKind::L2, vec![2; 512].into(), true);
+        let copies = c.dirty_copies(TableKind::L2);
+        assert_eq!(copies.iter().map(|p| (p.0, p.2[0])).collect::<Vec<_>>(), vec![(0, 1), (512, 2)]);
+        // Changed after the copy was taken: the change is not on disk yet.
+        if let Some(b) = c.get_mut(512) {
+            b[0] = 3;
+        }
+        for (key, version, _) in copies {
+            c.mark_clean_if(key, version);
+        }
+        assert_eq!(c.dirty(TableKind::L2), vec![512]);
     }
 
     #[test]

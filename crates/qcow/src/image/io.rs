@@ -243,7 +243,7 @@ impl<D: BlockDevice> Image<D> {
     /// Reads guest data through the current mapping; the caller holds the resize lock.
     pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (extents, _reading) = {
-            let mut m = self.meta();
+            let mut m = self.meta_io();
             let extents = m.map(&self.dev, offset, buf.len() as u64)?;
             // Registered before the lock is released: no cluster this read maps is reused until it is done.
             (extents, self.read_grace.enter())
@@ -342,13 +342,13 @@ impl<D: BlockDevice> Image<D> {
                 // Most writes overwrite clusters in place and change no metadata: they share their clusters with
                 // other such writes and take the metadata lock once.
                 let _shared = self.ranges.lock_shared(first, last + 1);
-                let plans = self.meta().in_place_plans(&self.dev, first, last)?;
+                let plans = self.meta_io().in_place_plans(&self.dev, first, last)?;
                 if let Some(plans) = plans {
                     return self.write_planned(offset, buf, &plans);
                 }
             }
             let Some(owned) = self.ranges.lock_to_allocate(first, last + 1) else { continue };
-            let mut m = self.meta();
+            let mut m = self.meta_io();
             // Nothing lies at or past the end of the file: fresh clusters placed there read as zeros already.
             let file_end = self.dev.info().size_bytes();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
@@ -367,10 +367,11 @@ impl<D: BlockDevice> Image<D> {
                 // wait for no I/O at all. (Growing the file gave them zeros; writeback flushes before it writes
                 // the L2 tables, so the growth is durable before the links.)
                 m.commit_write(&self.dev, &plans)?;
-                if m.cache.over_budget() {
-                    m.writeback(&self.dev)?;
-                }
+                let over_budget = m.cache.over_budget();
                 drop(m);
+                if over_budget {
+                    self.write_back_unlocked(false)?;
+                }
                 return self.write_linked(offset, buf, owned, &plans);
             }
             break (owned, plans);
@@ -380,21 +381,24 @@ impl<D: BlockDevice> Image<D> {
             // their data arrives, and the write goes on as an overwrite, sharing its clusters with the writers
             // that were waiting for them instead of holding them off until its data is on disk. A flush in between
             // makes the zeros durable before the links (writeback flushes before it writes L2 tables).
-            {
-                let mut m = self.meta();
+            let over_budget = {
+                let mut m = self.meta_io();
                 m.commit_write(&self.dev, &plans)?;
-                if m.cache.over_budget() {
-                    m.writeback(&self.dev)?;
-                }
+                m.cache.over_budget()
+            };
+            if over_budget {
+                self.write_back_unlocked(false)?;
             }
             return self.write_linked(offset, buf, owned, &plans);
         }
         self.write_planned(offset, buf, &plans)?;
-        let mut m = self.meta();
+        let mut m = self.meta_io();
         m.commit_write(&self.dev, &plans)?;
         drop(owned);
-        if m.cache.over_budget() {
-            m.writeback(&self.dev)?;
+        let over_budget = m.cache.over_budget();
+        drop(m);
+        if over_budget {
+            self.write_back_unlocked(false)?;
         }
         Ok(())
     }
@@ -508,9 +512,9 @@ impl<D: BlockDevice> Image<D> {
         let device = self.data_device();
         let (sector, count) = (host / 512, cs / 512);
         if host.saturating_add(cs) > device.info().size_bytes() {
-            // This grows the file: under the metadata lock, as flush_pieces grows it, so that a writer growing it
-            // less far cannot cut this cluster off again.
-            let _m = self.meta();
+            // This grows the file: one size change at a time (`Padded` serialises the image file's; this lock an
+            // external data file's), so that a writer growing it less far cannot cut this cluster off again.
+            let _sizing = self.data_sizing.lock().unwrap_or_else(|e| e.into_inner());
             return device.zero_range(sector, count);
         }
         device.zero_range(sector, count)
@@ -528,11 +532,9 @@ impl<D: BlockDevice> Image<D> {
         let end = host + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         if end > device.info().size_bytes() {
             // Files may end inside an allocated cluster (QEMU writes only the subclusters it touches, and data
-            // files grow as written). Grow under the metadata lock so that two writers never shrink each other.
-            let _m = self.meta();
-            if end > device.info().size_bytes() {
-                device.resize(end.div_ceil(512))?;
-            }
+            // files grow as written). Growth never shrinks, and is serialised with every other size change.
+            let _sizing = self.data_sizing.lock().unwrap_or_else(|e| e.into_inner());
+            device.grow_to(end.div_ceil(512))?;
         }
         device.write(host / 512, &bufs)
     }

@@ -53,6 +53,8 @@ pub struct Meta {
     pub read_grace: Arc<super::reclaim::ReadGrace>,
     /// Evidence that the refcounts can be trusted to say what is free ([`super::trust`]), once there is some.
     pub(super) trust: Option<super::trust::Trusted>,
+    /// The writeback outside the lock: whoever writes metadata to the device waits for its copies first.
+    pub(super) queue: Arc<super::writeback_queue::WritebackQueue>,
 }
 
 fn read_piece(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Box<[u8]>> {
@@ -68,7 +70,7 @@ pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()
         offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
     let info = dev.info();
     if end > info.size_bytes() {
-        dev.resize(end.div_ceil(info.sector_size.max(1)))?;
+        dev.grow_to(end.div_ceil(info.sector_size.max(1)))?;
     }
     dev.write_at(offset, bytes)
 }
@@ -334,13 +336,10 @@ impl Meta {
         if end > self.end_cluster {
             self.end_cluster = end;
             let bytes = end << self.geo.cluster_bits;
-            let have = dev.info().size_sectors;
             // Grown with extents allocated as zeros where the device can, not as a hole: a direct write of part
             // of a cluster then converts the extent, where into a hole the file system would allocate 4 KiB at a
             // time (slower, and fragmented). Either way the new clusters read as zeros.
-            if have < bytes / 512 && !dev.zero_range(have, bytes / 512 - have)? {
-                dev.resize(bytes / 512)?;
-            }
+            dev.grow_to(bytes / 512)?;
         }
         Ok(())
     }

@@ -64,6 +64,7 @@ mod subcluster;
 mod trust;
 mod version;
 mod writeback;
+mod writeback_queue;
 mod zeroing;
 
 pub use amend::AmendOptions;
@@ -129,6 +130,10 @@ pub struct Image<D: BlockDevice> {
     opened: std::time::Instant,
     /// The persistent dirty bitmaps, kept in memory while open and stored at close.
     bitmaps: bitmaps::Bitmaps,
+    /// The writeback that runs outside the metadata lock (shared with [`Meta`]).
+    writeback_queue: Arc<writeback_queue::WritebackQueue>,
+    /// Serialises growing an external data file (the image file's growth is serialised by [`Padded`]).
+    data_sizing: Mutex<()>,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -157,7 +162,17 @@ pub struct ImageInfo {
 }
 
 impl<D: BlockDevice> Image<D> {
+    /// The metadata, for anything that may write metadata to the device: it waits, with the lock held, until no
+    /// writeback outside the lock is writing copies.
     fn meta(&self) -> MutexGuard<'_, Meta> {
+        let m = self.meta_io();
+        m.queue.wait_idle();
+        m
+    }
+
+    /// The metadata, for lookups and allocation on the guest I/O paths, which never wait for a writeback: what
+    /// they write to the device themselves (a header, a writeback under the lock) waits on its own.
+    fn meta_io(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -258,22 +273,36 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta();
-        self.unflushed_since.store(0, Ordering::Release);
-        let generation = m.reclaim.begin_flush();
-        if let Err(e) = m.writeback(&self.dev) {
-            self.note_unflushed();
-            return Err(e);
-        }
-        if self.config.runtime_asserts {
-            // The device now holds the whole image, and the lock keeps it so: the checker judges it as
-            // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
-            let report = crate::check::check(&self.dev, crate::check::Repair::None)?;
-            if !report.is_clean() {
-                return Err(runtime_assert_failure(&report, self.geo.cluster_size()));
+        let generation = if self.config.runtime_asserts || self.config.writeback_under_lock {
+            let mut m = self.meta();
+            self.unflushed_since.store(0, Ordering::Release);
+            let generation = m.reclaim.begin_flush();
+            if let Err(e) = m.writeback(&self.dev) {
+                self.note_unflushed();
+                return Err(e);
             }
-        }
-        drop(m);
+            if self.config.runtime_asserts {
+                // The device now holds the whole image, and the lock keeps it so: the checker judges it as
+                // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
+                let report = crate::check::check(&self.dev, crate::check::Repair::None)?;
+                if !report.is_clean() {
+                    return Err(runtime_assert_failure(&report, self.geo.cluster_size()));
+                }
+            }
+            generation
+        } else {
+            // Lookups, overwrites and allocations go on while the metadata is written (see `writeback_queue`).
+            let generation = {
+                let mut m = self.meta_io();
+                self.unflushed_since.store(0, Ordering::Release);
+                m.reclaim.begin_flush()
+            };
+            if let Err(e) = self.write_back_unlocked(true) {
+                self.note_unflushed();
+                return Err(e);
+            }
+            generation
+        };
         if let Err(e) = self.dev.flush() {
             self.note_unflushed();
             return Err(e);

@@ -99,7 +99,9 @@ impl<D: BlockDevice> Image<D> {
         let dirty = header.incompatible_features & feature::DIRTY != 0;
         let corruption = Arc::new(Corruption::default());
         let read_grace = Arc::new(super::reclaim::ReadGrace::default());
+        let writeback_queue = Arc::new(super::writeback_queue::WritebackQueue::default());
         let meta = Meta {
+            queue: Arc::clone(&writeback_queue),
             overlap: OverlapIndex::new(&header),
             corruption: Arc::clone(&corruption),
             writable: !read_only,
@@ -142,6 +144,8 @@ impl<D: BlockDevice> Image<D> {
             unflushed_since: AtomicU64::new(0),
             opened: std::time::Instant::now(),
             bitmaps: Default::default(),
+            writeback_queue,
+            data_sizing: Mutex::new(()),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;
