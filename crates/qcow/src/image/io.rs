@@ -5,6 +5,7 @@
 //! contents (copy-on-write) or zeros around the new data, and only then linked into its L2 table. A shared
 //! cluster is never written in place.
 
+use super::lock_timing::LockUse;
 use super::meta::Meta;
 use super::ranges::RangeGuard;
 use super::Image;
@@ -243,7 +244,7 @@ impl<D: BlockDevice> Image<D> {
     /// Reads guest data through the current mapping; the caller holds the resize lock.
     pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (extents, _reading) = {
-            let mut m = self.meta_io();
+            let mut m = self.meta_for(LockUse::Lookup);
             let extents = m.map(&self.dev, offset, buf.len() as u64)?;
             // Registered before the lock is released: no cluster this read maps is reused until it is done.
             (extents, self.read_grace.enter())
@@ -342,13 +343,13 @@ impl<D: BlockDevice> Image<D> {
                 // Most writes overwrite clusters in place and change no metadata: they share their clusters with
                 // other such writes and take the metadata lock once.
                 let _shared = self.ranges.lock_shared(first, last + 1);
-                let plans = self.meta_io().in_place_plans(&self.dev, first, last)?;
+                let plans = self.meta_for(LockUse::Lookup).in_place_plans(&self.dev, first, last)?;
                 if let Some(plans) = plans {
                     return self.write_planned(offset, buf, &plans);
                 }
             }
             let Some(owned) = self.ranges.lock_to_allocate(first, last + 1) else { continue };
-            let mut m = self.meta_io();
+            let mut m = self.meta_for(LockUse::Allocation);
             // Nothing lies at or past the end of the file: fresh clusters placed there read as zeros already.
             let file_end = self.dev.info().size_bytes();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
@@ -382,7 +383,7 @@ impl<D: BlockDevice> Image<D> {
             // that were waiting for them instead of holding them off until its data is on disk. A flush in between
             // makes the zeros durable before the links (writeback flushes before it writes L2 tables).
             let over_budget = {
-                let mut m = self.meta_io();
+                let mut m = self.meta_for(LockUse::Allocation);
                 m.commit_write(&self.dev, &plans)?;
                 m.cache.over_budget()
             };
@@ -392,7 +393,7 @@ impl<D: BlockDevice> Image<D> {
             return self.write_linked(offset, buf, owned, &plans);
         }
         self.write_planned(offset, buf, &plans)?;
-        let mut m = self.meta_io();
+        let mut m = self.meta_for(LockUse::Allocation);
         m.commit_write(&self.dev, &plans)?;
         drop(owned);
         let over_budget = m.cache.over_budget();

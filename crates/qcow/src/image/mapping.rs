@@ -199,6 +199,6 @@ impl<D: BlockDevice> Image<D> {
             return Ok(Vec::new());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        self.meta_io().map(&self.dev, offset, end - offset)
+        self.meta_for(super::lock_timing::LockUse::Lookup).map(&self.dev, offset, end - offset)
     }
 }

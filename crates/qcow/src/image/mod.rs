@@ -42,6 +42,7 @@ mod device;
 mod discard;
 mod empty;
 mod io;
+mod lock_timing;
 mod mapping;
 mod meta;
 mod metrics;
@@ -74,6 +75,7 @@ pub use commit::{CommitRange, CommitSummary};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
+pub use lock_timing::{HoldTimes, LockHoldTimes};
 pub use mapping::{Extent, ExtentKind};
 pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
@@ -84,11 +86,12 @@ pub use seek::{MappedExtent, MappedKind};
 pub use snapshots::{SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::block::{BlockDevice, Padded};
 use crate::error::{Error, Result};
 use crate::format::{feature, CompressionType, Geometry};
+use lock_timing::{LockTimes, LockUse, MetaGuard};
 use meta::Meta;
 use overlap::Corruption;
 use ranges::RangeLocks;
@@ -134,6 +137,8 @@ pub struct Image<D: BlockDevice> {
     writeback_queue: Arc<writeback_queue::WritebackQueue>,
     /// Serialises growing an external data file (the image file's growth is serialised by [`Padded`]).
     data_sizing: Mutex<()>,
+    /// How long the metadata lock is held, when [`Config::time_locks`] asks.
+    lock_times: LockTimes,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -164,16 +169,22 @@ pub struct ImageInfo {
 impl<D: BlockDevice> Image<D> {
     /// The metadata, for anything that may write metadata to the device: it waits, with the lock held, until no
     /// writeback outside the lock is writing copies.
-    fn meta(&self) -> MutexGuard<'_, Meta> {
-        let m = self.meta_io();
+    fn meta(&self) -> MetaGuard<'_> {
+        self.meta_waiting(LockUse::Other)
+    }
+
+    /// [`meta`](Self::meta), with its hold time recorded as `what`.
+    fn meta_waiting(&self, what: LockUse) -> MetaGuard<'_> {
+        let m = self.meta_for(what);
         m.queue.wait_idle();
         m
     }
 
     /// The metadata, for lookups and allocation on the guest I/O paths, which never wait for a writeback: what
     /// they write to the device themselves (a header, a writeback under the lock) waits on its own.
-    fn meta_io(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    fn meta_for(&self, what: LockUse) -> MetaGuard<'_> {
+        let guard = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        MetaGuard::new(guard, self.config.time_locks.then_some(&self.lock_times), what)
     }
 
     fn check_connected(&self) -> Result<()> {
@@ -274,7 +285,7 @@ impl<D: BlockDevice> Image<D> {
             return Ok(());
         }
         let generation = if self.config.runtime_asserts || self.config.writeback_under_lock {
-            let mut m = self.meta();
+            let mut m = self.meta_waiting(LockUse::Writeback);
             self.unflushed_since.store(0, Ordering::Release);
             let generation = m.reclaim.begin_flush();
             if let Err(e) = m.writeback(&self.dev) {
@@ -293,7 +304,7 @@ impl<D: BlockDevice> Image<D> {
         } else {
             // Lookups, overwrites and allocations go on while the metadata is written (see `writeback_queue`).
             let generation = {
-                let mut m = self.meta_io();
+                let mut m = self.meta_for(LockUse::Writeback);
                 self.unflushed_since.store(0, Ordering::Release);
                 m.reclaim.begin_flush()
             };

@@ -146,6 +146,7 @@ impl<D: BlockDevice> Image<D> {
             bitmaps: Default::default(),
             writeback_queue,
             data_sizing: Mutex::new(()),
+            lock_times: Default::default(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

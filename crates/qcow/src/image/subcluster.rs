@@ -56,7 +56,7 @@ impl<D: BlockDevice> Image<D> {
                 Piece::Owned(whole)
             };
             self.flush_pieces(plan.target.0 + span_lo, &[piece])?;
-            let mut m = self.meta_io();
+            let mut m = self.meta_for(super::lock_timing::LockUse::Allocation);
             let guest = GuestOffset(cluster_start);
             let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
             let index = self.geo.l2_index(guest);
@@ -79,7 +79,7 @@ impl<D: BlockDevice> Image<D> {
 
     fn plan_subclusters(&self, cluster_start: u64, touched: u64, span_lo: u64, span_hi: u64) -> Result<SubclusterPlan> {
         let cs = self.geo.cluster_size();
-        let mut m = self.meta_io();
+        let mut m = self.meta_for(super::lock_timing::LockUse::Allocation);
         m.corruption.check()?;
         m.mark_dirty(&self.dev)?;
         let guest = GuestOffset(cluster_start);

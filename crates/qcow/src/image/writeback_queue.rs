@@ -19,6 +19,7 @@
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use super::lock_timing::LockUse;
 use super::reclaim::ReadGrace;
 use super::Image;
 use crate::block::BlockDevice;
@@ -171,12 +172,12 @@ impl<D: BlockDevice> Image<D> {
                 None => return Ok(false),
             }
         };
-        let mut copies = self.meta_io().take_copies(&self.dev, true)?;
+        let mut copies = self.meta_for(LockUse::Writeback).take_copies(&self.dev, true)?;
         while let Some(batch) = copies {
             let written = batch.write(&self.dev, &self.read_grace);
             // Before the lock is taken again: a metadata writer may be waiting for these copies with it held.
             queue.end();
-            copies = self.meta_io().finish_copies(&self.dev, batch, written)?;
+            copies = self.meta_for(LockUse::Writeback).finish_copies(&self.dev, batch, written)?;
         }
         Ok(true)
     }
