@@ -3,9 +3,11 @@
 //!
 //! # Locking
 //! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one mutex,
-//! `meta`. It is held to translate a guest range into extents, to allocate, and to update tables, and metadata
-//! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
-//! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
+//! `meta`. It is held to translate a guest range into extents, to allocate, and to update tables; a cache miss
+//! reads one piece under it. Guest data is never read or written while it is held, and neither is the metadata
+//! a flush writes back: the [`writeback_queue`] copies the dirty pieces under it and writes them outside it, so
+//! a flush never stalls other requests. Structural changes that write metadata themselves wait, lock held, until
+//! no copies are being written. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
 //! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
 //! takes `resize` for writing; every other operation takes it for reading. What writes need to know about the
 //! persistent bitmaps lives inside `resize` and changes only while it is held for writing; the bitmap set has a
