@@ -244,10 +244,19 @@ impl<D: BlockDevice> Image<D> {
     /// Reads guest data through the current mapping; the caller holds the resize lock.
     pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (extents, _reading) = {
-            let mut m = self.meta_for(LockUse::Lookup);
-            let extents = m.map(&self.dev, offset, buf.len() as u64)?;
-            // Registered before the lock is released: no cluster this read maps is reused until it is done.
-            (extents, self.read_grace.enter())
+            // Most reads find their tables cached and map under the shared lock; the rest map exclusively. Either
+            // way the read registers before the lock is released, so no cluster it maps is reused until it is
+            // done (a reference is removed only under the exclusive lock, before the grace period it waits out).
+            let shared = self.meta_shared(LockUse::Lookup);
+            match shared.map_cached(offset, buf.len() as u64) {
+                Some(extents) => (extents, self.read_grace.enter()),
+                None => {
+                    drop(shared);
+                    let mut m = self.meta_for(LockUse::Lookup);
+                    let extents = m.map(&self.dev, offset, buf.len() as u64)?;
+                    (extents, self.read_grace.enter())
+                }
+            }
         };
         let mut rest = buf;
         for extent in extents {

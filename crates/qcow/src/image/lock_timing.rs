@@ -6,7 +6,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::MutexGuard;
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use super::meta::Meta;
@@ -50,11 +50,13 @@ fn bucket_of(ns: u64) -> usize {
 
 /// The largest duration a bucket holds, in nanoseconds.
 fn bucket_ceiling(bucket: usize) -> u64 {
-    if bucket < 4 {
-        return bucket as u64;
+    if bucket < 8 {
+        // 0 to 3 ns have a bucket each; 4 ns and up start at bucket 8 (4 x log2 of 4).
+        return bucket.min(3) as u64;
     }
     let (log, quarter) = ((bucket / 4) as u32, (bucket % 4) as u64);
-    ((4 + quarter + 1) << (log - 2)).saturating_sub(1)
+    let ceiling = (u128::from(4 + quarter + 1) << (log - 2)).saturating_sub(1);
+    u64::try_from(ceiling).unwrap_or(u64::MAX)
 }
 
 impl Histogram {
@@ -127,32 +129,38 @@ impl LockTimes {
     }
 }
 
-/// The metadata lock, held; records its hold time when dropped if timing is on.
-pub(super) struct MetaGuard<'a> {
-    guard: MutexGuard<'a, Meta>,
+/// The metadata lock, held (exclusively or shared, as `G` says); records its hold time when dropped if timing
+/// is on.
+pub(super) struct Timed<'a, G> {
+    guard: G,
     timing: Option<(&'a LockTimes, LockUse, Instant)>,
 }
 
-impl<'a> MetaGuard<'a> {
-    pub(super) fn new(guard: MutexGuard<'a, Meta>, times: Option<&'a LockTimes>, what: LockUse) -> Self {
-        MetaGuard { guard, timing: times.map(|t| (t, what, Instant::now())) }
+/// The metadata lock, held exclusively.
+pub(super) type MetaGuard<'a> = Timed<'a, RwLockWriteGuard<'a, Meta>>;
+/// The metadata lock, held shared: lookups of cached pieces.
+pub(super) type MetaReadGuard<'a> = Timed<'a, RwLockReadGuard<'a, Meta>>;
+
+impl<'a, G> Timed<'a, G> {
+    pub(super) fn new(guard: G, times: Option<&'a LockTimes>, what: LockUse) -> Self {
+        Timed { guard, timing: times.map(|t| (t, what, Instant::now())) }
     }
 }
 
-impl Deref for MetaGuard<'_> {
+impl<G: Deref<Target = Meta>> Deref for Timed<'_, G> {
     type Target = Meta;
     fn deref(&self) -> &Meta {
         &self.guard
     }
 }
 
-impl DerefMut for MetaGuard<'_> {
+impl<G: DerefMut<Target = Meta>> DerefMut for Timed<'_, G> {
     fn deref_mut(&mut self) -> &mut Meta {
         &mut self.guard
     }
 }
 
-impl Drop for MetaGuard<'_> {
+impl<G> Drop for Timed<'_, G> {
     fn drop(&mut self) {
         if let Some((times, what, since)) = self.timing {
             times.record(what, since.elapsed());

@@ -126,6 +126,54 @@ impl Meta {
 }
 
 impl Meta {
+    /// [`map`](Self::map) from cached pieces alone, under the shared lock: `None` when a piece is not cached or
+    /// anything needs more than a lookup (extended L2 entries, an entry that is not simply valid), and the caller
+    /// maps under the exclusive lock instead, which loads what is missing and reports what is wrong.
+    pub fn map_cached(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        let geo = self.geo;
+        if geo.extended_l2 {
+            return None;
+        }
+        let cs = geo.cluster_size();
+        let mut extents = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end {
+            let l1_index = geo.l1_index(GuestOffset(pos));
+            let l2 = if l1_index < self.l1_size() { self.l1_entry_cached(l1_index)?.l2_offset() } else { None };
+            let Some(l2) = l2 else {
+                let span_end = ((l1_index + 1) * geo.l2_span()).min(end);
+                push(
+                    &mut extents,
+                    Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated },
+                );
+                pos = span_end;
+                continue;
+            };
+            let in_cluster = geo.offset_in_cluster(pos);
+            let chunk = (cs - in_cluster).min(end - pos);
+            let entry = self.l2_entry_cached(l2, geo.l2_index(GuestOffset(pos)))?;
+            let kind = match entry.kind(&geo).ok()? {
+                L2Kind::Unallocated if self.data_file_size.is_some() && entry.is_copied() => {
+                    ExtentKind::Data { host: HostOffset(in_cluster) }
+                }
+                L2Kind::Unallocated => ExtentKind::Unallocated,
+                L2Kind::Zero { .. } => ExtentKind::Zero,
+                L2Kind::Normal { host, .. } => {
+                    let limit = self.data_file_size.unwrap_or(self.end_cluster.saturating_mul(cs)).next_multiple_of(cs);
+                    if host.0.checked_add(cs).is_none_or(|e| e > limit) {
+                        return None;
+                    }
+                    ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
+                }
+                L2Kind::Compressed { host, len } => ExtentKind::Compressed { host, len },
+            };
+            push(&mut extents, Extent { guest: GuestOffset(pos), len: chunk, kind });
+            pos += chunk;
+        }
+        Some(extents)
+    }
+
     /// Extents for part of one cluster of an image with extended L2 entries: each 1/32 of the cluster is
     /// allocated (data at its place in the host cluster), reads as zeros, or is unallocated.
     #[allow(clippy::too_many_arguments)]
@@ -199,6 +247,9 @@ impl<D: BlockDevice> Image<D> {
             return Ok(Vec::new());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(extents) = self.meta_shared(super::lock_timing::LockUse::Lookup).map_cached(offset, end - offset) {
+            return Ok(extents);
+        }
         self.meta_for(super::lock_timing::LockUse::Lookup).map(&self.dev, offset, end - offset)
     }
 }

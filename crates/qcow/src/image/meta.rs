@@ -172,6 +172,28 @@ impl Meta {
         Ok(entry)
     }
 
+    /// The L1 entry at `index` from a cached piece, for a lookup under the shared lock: `None` when the piece is
+    /// not cached or the entry is not simply valid (the exclusive lookup then loads it, or reports what is wrong).
+    pub fn l1_entry_cached(&self, index: u64) -> Option<L1Entry> {
+        let (cluster, at) = self.l1_slot(index).ok()?;
+        let (key, within) = self.cache.piece_of(TableKind::L1, cluster, at as u64);
+        let entry = L1Entry(self.cache.lookup_shared(key, TableKind::L1)?.get(within..within + 8).map(be64)?);
+        if entry.is_malformed(&self.geo) {
+            return None;
+        }
+        if let Some(l2) = entry.l2_offset() {
+            self.check_table_offset(l2.0, "L1 entry points outside the file", cluster + at as u64).ok()?;
+        }
+        Some(entry)
+    }
+
+    /// The L2 entry at `index` of the table at `l2` from a cached piece, for a lookup under the shared lock.
+    pub fn l2_entry_cached(&self, l2: HostOffset, index: u64) -> Option<L2Entry> {
+        let at = self.l2_byte(l2, index).ok()?;
+        let (key, within) = self.cache.piece_of(TableKind::L2, l2.0, at);
+        self.cache.lookup_shared(key, TableKind::L2)?.get(within..within + 8).map(be64).map(L2Entry)
+    }
+
     /// Stores the L1 entry at `index` (in the cache; written back later).
     pub fn set_l1_entry(&mut self, dev: &dyn BlockDevice, index: u64, entry: L1Entry) -> Result<()> {
         let (cluster, at) = self.l1_slot(index)?;

@@ -2,9 +2,10 @@
 //! [`BlockDevice`].
 //!
 //! # Locking
-//! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one mutex,
-//! `meta`. It is held to translate a guest range into extents, to allocate, and to update tables; a cache miss
-//! reads one piece under it. Guest data is never read or written while it is held, and neither is the metadata
+//! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one
+//! read-write lock, `meta`. Reads whose tables are cached map a guest range under it shared; it is held
+//! exclusively to map what is not cached, to allocate, and to update tables; a cache miss reads one piece under
+//! it. Guest data is never read or written while it is held, and neither is the metadata
 //! a flush writes back: the [`writeback_queue`] copies the dirty pieces under it and writes them outside it, so
 //! a flush never stalls other requests. Structural changes that write metadata themselves wait, lock held, until
 //! no copies are being written. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
@@ -93,7 +94,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::block::{BlockDevice, Padded};
 use crate::error::{Error, Result};
 use crate::format::{feature, CompressionType, Geometry};
-use lock_timing::{LockTimes, LockUse, MetaGuard};
+use lock_timing::{LockTimes, LockUse, MetaGuard, MetaReadGuard};
 use meta::Meta;
 use overlap::Corruption;
 use ranges::RangeLocks;
@@ -104,7 +105,7 @@ use ranges::RangeLocks;
 /// Dropping an image writes back its metadata on a best-effort basis; call [`Image::close`] to see errors.
 pub struct Image<D: BlockDevice> {
     dev: Padded<D>,
-    meta: Mutex<Meta>,
+    meta: RwLock<Meta>,
     ranges: RangeLocks,
     /// Held for reading by every operation, for writing by a resize; it also holds what writes need to know
     /// about the persistent bitmaps, which change only while it is held for writing.
@@ -185,8 +186,14 @@ impl<D: BlockDevice> Image<D> {
     /// The metadata, for lookups and allocation on the guest I/O paths, which never wait for a writeback: what
     /// they write to the device themselves (a header, a writeback under the lock) waits on its own.
     fn meta_for(&self, what: LockUse) -> MetaGuard<'_> {
-        let guard = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.meta.write().unwrap_or_else(|e| e.into_inner());
         MetaGuard::new(guard, self.config.time_locks.then_some(&self.lock_times), what)
+    }
+
+    /// The metadata, shared: for lookups of cached pieces, which many threads make at once.
+    fn meta_shared(&self, what: LockUse) -> MetaReadGuard<'_> {
+        let guard = self.meta.read().unwrap_or_else(|e| e.into_inner());
+        MetaReadGuard::new(guard, self.config.time_locks.then_some(&self.lock_times), what)
     }
 
     fn check_connected(&self) -> Result<()> {

@@ -123,7 +123,7 @@ impl<D: BlockDevice> Image<D> {
         };
         let image = Image {
             dev,
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             ranges: RangeLocks::default(),
             resize: RwLock::new(Default::default()),
             geo,
