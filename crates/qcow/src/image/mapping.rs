@@ -110,7 +110,8 @@ impl Meta {
                 L2Kind::Unallocated => ExtentKind::Unallocated,
                 L2Kind::Zero { .. } => ExtentKind::Zero,
                 L2Kind::Normal { host, .. } => {
-                    let limit = self.data_file_size.unwrap_or(self.end_cluster.saturating_mul(cs)).next_multiple_of(cs);
+                    let limit =
+                        self.data_file_size.unwrap_or(self.alloc.end_cluster().saturating_mul(cs)).next_multiple_of(cs);
                     if host.0.checked_add(cs).is_none_or(|e| e > limit) {
                         return Err(Error::corrupt("L2 entry points outside the file", at));
                     }
@@ -160,7 +161,8 @@ impl Meta {
                 L2Kind::Unallocated => ExtentKind::Unallocated,
                 L2Kind::Zero { .. } => ExtentKind::Zero,
                 L2Kind::Normal { host, .. } => {
-                    let limit = self.data_file_size.unwrap_or(self.end_cluster.saturating_mul(cs)).next_multiple_of(cs);
+                    let limit =
+                        self.data_file_size.unwrap_or(self.alloc.end_cluster().saturating_mul(cs)).next_multiple_of(cs);
                     if host.0.checked_add(cs).is_none_or(|e| e > limit) {
                         return None;
                     }
@@ -205,9 +207,9 @@ impl Meta {
                 return Err(self.signal_corruption(dev, "extended L2 entry offset is not cluster aligned", at))
             }
             Some(h)
-                if h.0
-                    .checked_add(cs)
-                    .is_none_or(|e| e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)) =>
+                if h.0.checked_add(cs).is_none_or(|e| {
+                    e > self.data_file_size.unwrap_or(self.alloc.end_cluster() * cs).next_multiple_of(cs)
+                }) =>
             {
                 return Err(Error::corrupt("extended L2 entry points outside the file", at))
             }

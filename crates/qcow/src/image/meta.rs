@@ -27,18 +27,12 @@ pub struct Meta {
     pub reftable_dirty: BTreeSet<u64>,
     /// Cached L1 clusters, L2 tables and refcount blocks.
     pub cache: MetadataCache,
-    /// The lowest host cluster that may be free.
-    pub free_hint: u64,
-    /// One past the highest host cluster the image uses or has reserved.
-    pub end_cluster: u64,
-    /// Host clusters whose refcount drops once the references removed from them are durable.
-    pub pending_frees: Vec<u64>,
+    /// Where new clusters go: the end of the file, the free hint, deferred decrements.
+    pub alloc: super::allocator::Allocator,
     /// The header changed and must be written back.
     pub header_dirty: bool,
     /// Lazy refcounts are on and the dirty bit has been set on disk.
     pub lazy_dirty: bool,
-    /// Where the next compressed cluster's bytes may go: inside the host cluster the previous one ended in.
-    pub free_byte_offset: u64,
     /// Size in bytes of the external data file, when guest data lives there instead of in the image file.
     pub data_file_size: Option<u64>,
     /// Where metadata lies, for refusing writes onto it.
@@ -78,7 +72,7 @@ pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()
 impl Meta {
     /// Bytes the device holds, rounded up to whole clusters: anything at or past this is outside the file.
     fn file_limit(&self) -> u64 {
-        self.end_cluster.saturating_mul(self.geo.cluster_size())
+        self.alloc.end_cluster().saturating_mul(self.geo.cluster_size())
     }
 
     fn check_table_offset(&self, offset: u64, what: &'static str, at: u64) -> Result<()> {
@@ -315,13 +309,10 @@ impl Meta {
         self.set_refcount(dev, cluster, new)?;
         if new == 0 {
             self.reclaim.freed(cluster);
-            self.free_hint = self.free_hint.min(cluster);
+            // A freed cluster may be reused for anything: compressed data must not be appended to it.
+            self.alloc.freed(cluster, self.geo.cluster_bits);
             // A stale cached copy of a freed table must not pass for the cluster's next use.
             self.cache.remove(cluster << self.geo.cluster_bits);
-            // A freed cluster may be reused for anything: compressed data must not be appended to it.
-            if self.free_byte_offset >> self.geo.cluster_bits == cluster {
-                self.free_byte_offset = 0;
-            }
         }
         Ok(())
     }
@@ -355,8 +346,7 @@ impl Meta {
 
     /// Makes sure the device covers clusters below `end`.
     pub fn reserve_to(&mut self, dev: &dyn BlockDevice, end: u64) -> Result<()> {
-        if end > self.end_cluster {
-            self.end_cluster = end;
+        if self.alloc.reserve(end) {
             let bytes = end << self.geo.cluster_bits;
             // Grown with extents allocated as zeros where the device can, not as a hole: a direct write of part
             // of a cluster then converts the extent, where into a hole the file system would allocate 4 KiB at a
@@ -379,14 +369,17 @@ impl Meta {
         if n == 1 {
             // Clusters the reclaimer has zeroed and flushed go first.
             while let Some(c) = self.reclaim.take_available() {
-                if c < self.end_cluster && self.refblock_offset(c / rbe)?.is_some() && self.refcount(dev, c)? == 0 {
+                if c < self.alloc.end_cluster()
+                    && self.refblock_offset(c / rbe)?.is_some()
+                    && self.refcount(dev, c)? == 0
+                {
                     self.set_refcount(dev, c, 1)?;
                     return Ok(c);
                 }
             }
         }
         loop {
-            let start = self.free_hint;
+            let start = self.alloc.hint();
             let mut first_free = None;
             let mut run_start = start;
             let mut run = 0;
@@ -395,7 +388,7 @@ impl Meta {
                 // Nothing in use lies past the end of the file, so a scan that gets there finds its run within
                 // `n` clusters; one that does not is reading refcount blocks that claim space the file lacks, and
                 // must not turn into a scan as long as the refcount table can describe.
-                if c >= self.end_cluster.saturating_add(n) {
+                if c >= self.alloc.end_cluster().saturating_add(n) {
                     return Err(Error::corrupt(
                         "refcount blocks claim clusters past the end of the file are in use",
                         self.header.refcount_table_offset.saturating_add(c / rbe * 8),
@@ -425,10 +418,10 @@ impl Meta {
             for cluster in run_start..run_start + n {
                 self.set_refcount(dev, cluster, 1)?;
             }
-            self.free_hint = match first_free {
+            self.alloc.set_hint(match first_free {
                 Some(f) if f < run_start => f,
                 _ => run_start + n,
-            };
+            });
             self.reserve_to(dev, run_start + n)?;
             return Ok(run_start);
         }
@@ -439,7 +432,7 @@ impl Meta {
     fn alloc_at_end(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
         let rbe = self.geo.refcount_block_entries();
         loop {
-            let start = self.end_cluster;
+            let start = self.alloc.end_cluster();
             let mut missing: Vec<u64> = Vec::new();
             loop {
                 let end = start + n + missing.len() as u64;
@@ -483,7 +476,7 @@ impl Meta {
     /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
     pub fn alloc_bytes(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
-        let mut open = self.free_byte_offset;
+        let mut open = self.alloc.compressed_tail();
         if open != 0 {
             // A cluster freed since (or full of references) is not written into.
             let count = self.refcount(dev, open / cs)?;
@@ -505,12 +498,12 @@ impl Meta {
             }
         };
         let end = offset + len;
-        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
+        self.alloc.set_compressed_tail(if end % cs == 0 { 0 } else { end });
         Ok(offset)
     }
 
     /// Queues a refcount decrement for after the reference's removal is durable.
     pub fn free_later(&mut self, cluster: u64) {
-        self.pending_frees.push(cluster);
+        self.alloc.free_later(cluster);
     }
 }

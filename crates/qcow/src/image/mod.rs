@@ -31,6 +31,7 @@
 //! Truncation, junk erasing and compaction act on a refcount of zero only once the refcounts are known to agree
 //! with the metadata (see [`trust`]): an image whose refcounts are damaged is refused before anything changes.
 
+mod allocator;
 mod amend;
 mod backing;
 mod backing_change;

@@ -113,12 +113,9 @@ impl<D: BlockDevice> Image<D> {
             reftable,
             reftable_dirty: BTreeSet::new(),
             cache: MetadataCache::new(config.cache_size, cs),
-            free_hint: 0,
-            end_cluster,
-            pending_frees: Vec::new(),
+            alloc: super::allocator::Allocator::new(end_cluster),
             header_dirty: false,
             lazy_dirty: false,
-            free_byte_offset: 0,
             data_file_size: data_file.as_ref().map(|d| d.info().size_bytes()),
         };
         let image = Image {

@@ -50,7 +50,7 @@ impl Counts {
 impl Meta {
     fn count_references(&mut self, dev: &dyn BlockDevice) -> Result<Counts> {
         let geo = self.geo;
-        let mut counts = Counts { counts: vec![0; self.end_cluster as usize], cluster_bits: geo.cluster_bits };
+        let mut counts = Counts { counts: vec![0; self.alloc.end_cluster() as usize], cluster_bits: geo.cluster_bits };
         counts.add(0, "header outside the file", 0)?;
         counts.add_range(self.header.l1_table_offset, self.l1_size() * 8, "L1 table outside the file")?;
         for l1_index in 0..self.l1_size() {
@@ -111,7 +111,7 @@ impl Meta {
                     if l2
                         .0
                         .checked_add(self.geo.cluster_size())
-                        .is_none_or(|e| e > self.end_cluster * self.geo.cluster_size())
+                        .is_none_or(|e| e > self.alloc.end_cluster() * self.geo.cluster_size())
                     {
                         return Err(Error::corrupt("snapshot L1 entry points outside the file", at));
                     }
@@ -174,7 +174,7 @@ impl Meta {
         let geo = crate::format::Geometry { refcount_order, ..self.geo };
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
-        let start = self.end_cluster.max(counts.len() as u64);
+        let start = self.alloc.end_cluster().max(counts.len() as u64);
         let (mut table_clusters, mut blocks) = (1u64, 0u64);
         loop {
             let total = start + table_clusters + blocks;
@@ -226,7 +226,7 @@ impl Meta {
         self.overlap.reftable_replaced();
         self.reftable_dirty.clear();
         self.cache.clear_clean();
-        self.free_hint = 0;
+        self.alloc.set_hint(0);
         self.lazy_dirty = false;
         self.trust_own_refcounts();
         Ok(())

@@ -130,7 +130,7 @@ impl Meta {
                 copies.reftable.push((index, offset, bytes));
             }
             self.reftable_dirty.clear();
-            copies.frees = std::mem::take(&mut self.pending_frees);
+            copies.frees = self.alloc.take_frees();
         }
         if copies.is_empty() {
             return Ok(None);
@@ -151,9 +151,7 @@ impl Meta {
     ) -> Result<Option<Copies>> {
         if let Err(e) = written {
             self.reftable_dirty.extend(copies.reftable.iter().map(|r| r.0));
-            let mut frees = copies.frees;
-            frees.append(&mut self.pending_frees);
-            self.pending_frees = frees;
+            self.alloc.restore_frees(copies.frees);
             return Err(e);
         }
         for (key, version, _) in copies.refcount_blocks.iter().chain(&copies.l2).chain(&copies.l1) {
@@ -211,12 +209,12 @@ impl Meta {
                 self.write_header(dev)?;
             }
         }
-        if !self.pending_frees.is_empty() {
+        if !self.alloc.pending_frees().is_empty() {
             // The decrements below must not reach the disk before the references they drop are gone, and the
             // clusters they free must not be handed out while a read that mapped them before is still reading.
             dev.flush()?;
             self.read_grace.wait_for_readers();
-            for cluster in std::mem::take(&mut self.pending_frees) {
+            for cluster in self.alloc.take_frees() {
                 self.adjust_refcount(dev, cluster, -1)?;
             }
             self.write_dirty(dev, TableKind::RefcountBlock)?;
@@ -257,7 +255,7 @@ impl Meta {
         let cs = self.geo.cluster_size();
         let rbe = self.geo.refcount_block_entries();
         let old_len = self.reftable.len() as u64;
-        let start = self.end_cluster;
+        let start = self.alloc.end_cluster();
         let mut entries = min_entries.max(old_len * 2).max(1);
         let (table_clusters, new_blocks) = loop {
             let table_clusters = (entries * 8).div_ceil(cs);
