@@ -4,6 +4,8 @@
 //! meanwhile. QEMU then judges the image.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "support/power_cut.rs"]
+mod power_cut;
 mod support;
 
 use std::os::unix::fs::FileExt;
@@ -12,9 +14,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use power_cut::PowerCut;
 use qcow::block::{BlockDevice, FileDevice, FileOptions, Info};
 use qcow::{Config, CreateOptions, Image};
-use support::{assert_clean, qemu_compare_raw, with_deadline};
+use support::{assert_clean, assert_not_corrupt, qemu_compare_raw, qemu_create, qemu_io, qemu_to_raw, with_deadline};
 
 /// A file whose flushes wait, once armed, until released.
 struct HeldFlush {
@@ -143,4 +146,50 @@ fn scenario() {
     file.write_all_at(&vec![0x33; cs as usize], far).unwrap();
     drop(file);
     assert!(qemu_compare_raw(&path, &raw), "qemu-img compare: the image differs from what was written");
+}
+
+/// An overwrite of a preallocated zero cluster changes an L2 entry and no refcount, so the writeback has no
+/// refcount step whose flush would make the data durable first. Power lost during the flush that follows, keeping
+/// only the last unflushed write, must never leave the entry pointing at the cluster's old bytes.
+#[test]
+fn an_overwritten_preallocated_zero_cluster_never_shows_its_old_bytes_after_a_power_loss() {
+    for config in [Config::default(), Config { writeback_under_lock: true, ..Config::default() }] {
+        overwrite_preallocated_zero_cluster_then_lose_power(config);
+    }
+}
+
+fn overwrite_preallocated_zero_cluster_then_lose_power(config: Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prealloc.qcow2");
+    qemu_create(&path, "cluster_size=65536", "1M");
+    // Old bytes, then zeroed by QEMU without unmapping: a zero entry that keeps its host cluster (and its bytes).
+    qemu_io(&path, &["write -P 0xaa 0 64k", "write -z 0 64k"]);
+    let original = std::fs::read(&path).unwrap();
+    let mut boundaries_hit = 0;
+    for after in 0..8u64 {
+        let dev = Arc::new(PowerCut::new(original.clone()).cutting_at_flushes());
+        let image = Image::open(Arc::clone(&dev), config.clone()).unwrap();
+        image.write_at(0, &[0x55; 4096]).unwrap();
+        // Keep only the newest unflushed write: the L2 entry, if the data was not made durable before it.
+        dev.arm(after, |i, len| i + 1 == len);
+        let flushed = image.flush();
+        drop(image);
+        if dev.armed() {
+            assert!(flushed.is_ok(), "no power loss, yet the flush failed: {flushed:?}");
+            continue;
+        }
+        boundaries_hit += 1;
+        let survivor = dir.path().join(format!("survivor-{after}.qcow2"));
+        std::fs::write(&survivor, dev.survivor()).unwrap();
+        assert_not_corrupt(&survivor);
+        let guest = qemu_to_raw(&survivor, dir.path());
+        let head = &guest[..4096];
+        assert!(
+            head.iter().all(|&b| b == 0x55) || head.iter().all(|&b| b == 0),
+            "power lost at boundary {after}: the first 4 KiB read {:#x}.., neither the new data nor the zeros",
+            head[0]
+        );
+        assert!(guest[4096..65536].iter().all(|&b| b == 0), "boundary {after}: the rest of the cluster is not zeros");
+    }
+    assert!(boundaries_hit >= 2, "the flush crossed only {boundaries_hit} boundaries: the test cut nothing");
 }

@@ -198,6 +198,11 @@ impl Meta {
             barrier(&mut unflushed)?;
             unflushed |= self.write_reftable_clusters(dev)?;
         }
+        if self.cache.has_dirty(TableKind::L2) || self.cache.has_dirty(TableKind::L1) || self.header_dirty {
+            // Pointers come next: guest data written since the last flush must be durable before them even when
+            // no refcount changed (see `writeback_queue`).
+            unflushed = true;
+        }
         if self.cache.has_dirty(TableKind::L2) {
             barrier(&mut unflushed)?;
             unflushed |= self.write_dirty(dev, TableKind::L2)?;

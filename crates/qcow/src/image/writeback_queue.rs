@@ -15,7 +15,10 @@
 //!
 //! The durability rules are those of the writeback under the lock: each step's writes are flushed before the
 //! next step writes, and the deferred decrements wait for a flush after the references they drop were written
-//! and for the reads that may still see those clusters.
+//! and for the reads that may still see those clusters. One more: the first step that writes pointers (L2, L1
+//! or the header) is always preceded by a flush, so guest data written since the last flush is durable before
+//! any pointer to it even when the copy changed no refcount (an overwrite of a preallocated zero cluster), and so
+//! is what an earlier writeback for a cache over budget left unflushed.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -128,6 +131,12 @@ impl Copies {
                 super::meta::write_meta(dev, *offset, bytes)?;
                 unflushed = true;
             }
+        }
+        if !self.l2.is_empty() || !self.l1.is_empty() || self.header.is_some() {
+            // The pointers come next, and the data they point at must be durable before them even when this
+            // copy changed no refcount: guest data written since the last flush (a preallocated zero cluster
+            // overwritten, say) and whatever an earlier writeback left unflushed.
+            unflushed = true;
         }
         if !self.l2.is_empty() {
             barrier(&mut unflushed)?;
