@@ -413,6 +413,71 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
+    /// Allocates the unallocated guest clusters of `offset..offset + len` and links them as clusters that read
+    /// as zeros, as a write of that range would allocate them, without writing any data: a later write there is
+    /// an overwrite in place. A copy that allocates in guest order with this and then writes from many threads
+    /// lays out the same file whatever the thread count (`convert` does).
+    ///
+    /// Answers false, having changed nothing, when this cannot be done that way: an image with a backing file
+    /// (unallocated clusters read from it), an external data file, extended L2 entries, or a range that is
+    /// partly allocated already. Clusters already allocated throughout answer true.
+    ///
+    /// # Errors
+    /// As [`write_at`](Self::write_at).
+    pub fn allocate_zeroed(&self, offset: u64, len: u64) -> Result<bool> {
+        self.observe(self.allocate_guest(offset, len))
+    }
+
+    fn allocate_guest(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_writable("write")?;
+        check_aligned("write", offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let limit = self.virtual_size().next_multiple_of(512);
+        if offset.checked_add(len).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("write", format!("range {offset:#x}+{len:#x} is past the end ({limit:#x})")));
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        if self.backing.is_some() || self.data_file.is_some() || self.geo.extended_l2 {
+            return Ok(false);
+        }
+        // Nothing a guest can see changes (the clusters read as zeros before and after), so no bitmap records it.
+        let _resize = self.lock_for_write(offset, len, false)?;
+        let cb = self.geo.cluster_bits;
+        let (first, last) = (offset >> cb, (offset + len - 1) >> cb);
+        let _owned = self.ranges.lock(first, last + 1);
+        let mut m = self.meta_for(LockUse::Allocation);
+        let extents = m.map(&self.dev, first << cb, (last + 1 - first) << cb)?;
+        if extents.iter().all(|e| matches!(e.kind, ExtentKind::Data { .. })) {
+            return Ok(true);
+        }
+        if !extents.iter().all(|e| e.kind == ExtentKind::Unallocated) {
+            return Ok(false);
+        }
+        let file_end = self.dev.info().size_bytes();
+        let plans = m.plan_write(&self.dev, first, last, false)?;
+        m.mark_dirty(&self.dev)?;
+        if plans.iter().any(|p| p.fill != Fill::Zeros || p.target.0 < file_end) {
+            // Not all past the end of the file: each is zeroed before it is linked.
+            drop(m);
+            for plan in &plans {
+                if !self.zero_cluster(plan.target.0)? {
+                    self.flush_pieces(plan.target.0, &[Piece::Borrowed(&self.zeros)])?;
+                }
+            }
+            m = self.meta_for(LockUse::Allocation);
+        }
+        // Past the end of the file they read as zeros already; writeback flushes before it writes the L2
+        // tables, so the growth (or the zeroing) is durable before the links.
+        m.commit_write(&self.dev, &plans)?;
+        let over_budget = m.cache.over_budget();
+        drop(m);
+        if over_budget {
+            self.write_back_unlocked(false)?;
+        }
+        Ok(true)
+    }
+
     /// Does the data I/O of a planned write, one vectored device write per physically contiguous run.
     fn write_planned(&self, offset: u64, buf: &[u8], plans: &[ClusterPlan]) -> Result<()> {
         let cs = self.geo.cluster_size();
