@@ -70,6 +70,27 @@ pub struct Args {
     /// data at 64 KiB clusters). qemu-img's counterpart is the `l2-cache-size` option.
     #[arg(long, value_name = "SIZE")]
     cache_size: Option<String>,
+    /// Random offsets (aligned to the request size, from a fixed seed) instead of stepping; qemu-img bench has no
+    /// such mode.
+    #[arg(long)]
+    random: bool,
+    /// Keep requests within the first SIZE bytes of the image (K/M/G suffixes).
+    #[arg(long, value_name = "SIZE")]
+    span: Option<String>,
+    /// Also run a thread that writes 4 KiB into a new cluster from --flusher-offset on and flushes, every MS
+    /// milliseconds, for as long as the requests run (the image is opened read-write).
+    #[arg(long, value_name = "MS")]
+    flusher_ms: Option<u64>,
+    /// Where the flusher's writes start (K/M/G suffixes).
+    #[arg(long, value_name = "OFFSET", default_value = "0")]
+    flusher_offset: String,
+    /// Write metadata back with the metadata lock held throughout, as the engine did before its writeback
+    /// queue: for measuring the difference.
+    #[arg(long)]
+    writeback_under_lock: bool,
+    /// Print how long the metadata lock was held (median and 99th percentile, by use) after the run.
+    #[arg(long)]
+    lock_stats: bool,
     /// The image to use.
     file: PathBuf,
 }
@@ -108,6 +129,14 @@ impl Target {
         match self {
             Target::Raw(dev) => dev.file.len_bytes(),
             Target::Qcow2(image) => image.virtual_size(),
+        }
+    }
+
+    /// The metadata lock's hold times, for a qcow2 image.
+    fn lock_hold_times(&self) -> Option<qcow::LockHoldTimes> {
+        match self {
+            Target::Raw(_) => None,
+            Target::Qcow2(image) => Some(image.lock_hold_times()),
         }
     }
 
@@ -218,11 +247,21 @@ struct Plan {
     flush_interval: u64,
     drain: bool,
     flush_each_write: bool,
+    random: bool,
 }
 
 impl Plan {
     /// Offset of request `k`, wrapped as QEMU wraps it.
     fn offset(&self, k: u64) -> u64 {
+        if self.random {
+            // splitmix64 of the request number: the same offsets every run, spread over the whole span.
+            let mut z = k.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let slots = (self.image_size.saturating_sub(self.first) / self.bufsize.max(1)).max(1);
+            return self.first + z % slots * self.bufsize;
+        }
         if k == 0 {
             return self.first;
         }
@@ -295,16 +334,19 @@ fn open_target(args: &Args, cache: &Cache) -> Result<Target> {
         Some(f) => f,
         None => open::probe(path)?,
     };
-    let file = FileDevice::open(path, &FileOptions { read_only: !args.write, direct: cache.direct })
+    let writable = args.write || args.flusher_ms.is_some();
+    let file = FileDevice::open(path, &FileOptions { read_only: !writable, direct: cache.direct })
         .context(|| format!("could not open '{}'", path.display()))?;
     let dev = BenchDevice { file, ignore_flush: cache.ignore_flush };
     Ok(match format {
         Format::Raw => Target::Raw(dev),
         Format::Qcow2 => {
-            let mut config = if args.write { Config::default() } else { Config::read_only() };
+            let mut config = if writable { Config::default() } else { Config::read_only() };
             if let Some(size) = &args.cache_size {
                 config.cache_size = open::size(size)?;
             }
+            config.writeback_under_lock = args.writeback_under_lock;
+            config.time_locks = args.lock_stats;
             let image = Image::open_with(dev, config, &FileResolver::new(path, open::policy()))
                 .map_err(|e| open::open_error(path, e))?;
             Target::Qcow2(Box::new(image))
@@ -339,7 +381,10 @@ pub fn run(args: &Args) -> Result<()> {
         return Err(Error::msg("--no-drain requires a flush interval"));
     }
     let target = open_target(args, &cache)?;
-    let image_size = target.size();
+    let image_size = match &args.span {
+        Some(span) => open::size(span)?.min(target.size()),
+        None => target.size(),
+    };
     if first.saturating_add(bufsize) > image_size {
         return Err(Error::msg(format!(
             "offset {first} plus request size {bufsize} runs past the end of '{}' ({image_size} bytes)",
@@ -357,7 +402,12 @@ pub fn run(args: &Args) -> Result<()> {
         flush_interval: args.flush_interval,
         drain: !args.no_drain,
         flush_each_write: cache.flush_each_write,
+        random: args.random,
     };
+    let flusher_offset = open::size(&args.flusher_offset)?;
+    if args.flusher_ms.is_some() && flusher_offset.saturating_add(4096) > target.size() {
+        return Err(Error::msg(format!("--flusher-offset {flusher_offset} leaves no room for its writes")));
+    }
     if !args.quiet {
         let mut text = format!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})\n",
@@ -376,12 +426,21 @@ pub fn run(args: &Args) -> Result<()> {
     let state = Schedule::default();
     let threads = args.depth.min(args.count.max(1));
     let started = Instant::now();
+    let workers_done = AtomicBool::new(false);
+    let flushes = AtomicU64::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| worker(target.device(), &plan, &state));
+        if let Some(ms) = args.flusher_ms {
+            let (dev, state, done, flushes) = (target.device(), &state, &workers_done, &flushes);
+            scope.spawn(move || flusher(dev, flusher_offset, ms, state, done, flushes));
         }
+        let workers: Vec<_> = (0..threads).map(|_| scope.spawn(|| worker(target.device(), &plan, &state))).collect();
+        for w in workers {
+            let _ = w.join();
+        }
+        workers_done.store(true, Ordering::SeqCst);
     });
     let elapsed = started.elapsed();
+    let hold_times = target.lock_hold_times();
     let failed = state.error.into_inner().unwrap_or_else(|e| e.into_inner());
     let closed = target.close().map_err(|e| open::io_error(&args.file, e));
     if let Some(e) = failed {
@@ -390,8 +449,47 @@ pub fn run(args: &Args) -> Result<()> {
     closed?;
     if !args.quiet {
         print(format!("Run completed in {:.3} seconds.\n", elapsed.as_secs_f64()).as_bytes())?;
+        if args.flusher_ms.is_some() {
+            print(format!("Flusher: {} writes and flushes.\n", flushes.load(Ordering::SeqCst)).as_bytes())?;
+        }
+        if let Some(times) = hold_times.filter(|_| args.lock_stats) {
+            let line = |name: &str, t: qcow::HoldTimes| {
+                format!(
+                    "Lock held for {name}: median {:.1} us, p99 {:.1} us ({} times)\n",
+                    t.median.as_secs_f64() * 1e6,
+                    t.p99.as_secs_f64() * 1e6,
+                    t.count
+                )
+            };
+            let text = line("lookups", times.lookup)
+                + &line("allocation", times.allocation)
+                + &line("writeback", times.writeback);
+            print(text.as_bytes())?;
+        }
     }
     Ok(())
+}
+
+/// The flusher: a write of 4 KiB into the next new cluster, then a flush, every `ms` milliseconds, until the
+/// workers are done. Each flush has metadata to write back (the write allocated).
+fn flusher(dev: &dyn BlockDevice, first: u64, ms: u64, state: &Schedule, done: &AtomicBool, flushes: &AtomicU64) {
+    let (storage, start) = aligned(4096, 0x5a);
+    let Some(buf) = storage.get(start..start + 4096) else { return };
+    let size = dev.info().size_bytes();
+    let mut offset = first;
+    while !done.load(Ordering::SeqCst) && !state.stop.load(Ordering::SeqCst) {
+        let result = dev.write_at(offset, buf).and_then(|()| dev.flush());
+        if let Err(e) = result {
+            state.fail(Error::wrap(format!("failed flusher write or flush at offset {offset}"), e));
+            return;
+        }
+        flushes.fetch_add(1, Ordering::Relaxed);
+        offset += 65536;
+        if offset.saturating_add(4096) > size {
+            offset = first;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 #[cfg(test)]
@@ -411,6 +509,7 @@ mod tests {
             flush_interval: 0,
             drain: true,
             flush_each_write: false,
+            random: false,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Many threads on one image: eight writers allocating the same clusters at once, each owning its own sectors
 //! inside them, plus a disjoint region each, while reader threads check that every sector they see is zeros or
-//! its owner's data, never another thread's. Then the result must match the model, read by us and by QEMU, and
+//! its owner's data, never another thread's, and a flusher flushes every millisecond. Then the result must match the model, read by us and by QEMU, and
 //! `qemu-img check` must be clean.
 //!
 //! Every sector's content says who wrote it: each 8-byte word holds a magic byte, the owning thread, the word's
@@ -225,6 +225,17 @@ fn scenario(cluster_size: u64, size: u64, shared_clusters: u64, region_bytes: u6
                 scope.spawn(move || reader(image, layout, r, seed, done, reads))
             })
             .collect();
+        // A flusher as a guest issues them, every millisecond: metadata is written back outside the lock while
+        // the writers allocate and the readers map.
+        let flusher = {
+            let (image, done) = (&image, &done);
+            scope.spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    image.flush().unwrap_or_else(|e| panic!("flusher: {e}"));
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        };
         let writers: Vec<_> = (0..WRITERS)
             .map(|t| {
                 let (image, layout, start) = (&image, &layout, &start);
@@ -233,6 +244,10 @@ fn scenario(cluster_size: u64, size: u64, shared_clusters: u64, region_bytes: u6
             .collect();
         let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         done.store(true, Ordering::Release);
+        if let Err(panic) = flusher.join() {
+            eprintln!("FAILED: {what}");
+            std::panic::resume_unwind(panic);
+        }
         for r in readers {
             if let Err(panic) = r.join() {
                 eprintln!("FAILED: {what}");

@@ -97,6 +97,21 @@ pub trait BlockDevice: Send + Sync {
         Ok(false)
     }
 
+    /// Grows the device to at least `sectors`, never shrinking it: sectors added read as zeros (allocated as
+    /// zeros where [`zero_range`](Self::zero_range) can, else as a hole). A device shared by threads that grow it
+    /// concurrently must serialise the check and the growth, so that one thread growing it less far cannot cut off
+    /// what another added; [`Padded`] does. This default checks and grows without such a lock.
+    ///
+    /// # Errors
+    /// As [`resize`](Self::resize) and [`zero_range`](Self::zero_range).
+    fn grow_to(&self, sectors: u64) -> Result<()> {
+        let have = self.info().size_sectors;
+        if have < sectors && !self.zero_range(have, sectors - have)? {
+            self.resize(sectors)?;
+        }
+        Ok(())
+    }
+
     /// Releases the device. It cannot fail; every later operation answers `Disconnected`.
     fn disconnect(&self);
 

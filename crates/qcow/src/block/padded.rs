@@ -10,6 +10,7 @@
 //! them. Once disconnected, every operation answers `Disconnected`, including reads that touch no inner sector.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use super::{BlockDevice, Info};
 use crate::error::{Error, Result};
@@ -19,12 +20,16 @@ use crate::error::{Error, Result};
 pub struct Padded<D: BlockDevice> {
     inner: D,
     disconnected: AtomicBool,
+    /// Serialises every change of the inner device's size: the engine grows the file from writers, from the
+    /// allocator and from a writeback running outside its locks, and a size checked by one must not be cut back
+    /// by another growing it less far.
+    sizing: Mutex<()>,
 }
 
 impl<D: BlockDevice> Padded<D> {
     /// Wraps `inner`.
     pub fn new(inner: D) -> Self {
-        Padded { inner, disconnected: AtomicBool::new(false) }
+        Padded { inner, disconnected: AtomicBool::new(false), sizing: Mutex::new(()) }
     }
 
     /// The wrapped device.
@@ -121,7 +126,14 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
 
     fn resize(&self, sectors: u64) -> Result<()> {
         self.check_connected()?;
+        let _sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.resize(sectors)
+    }
+
+    fn grow_to(&self, sectors: u64) -> Result<()> {
+        self.check_connected()?;
+        let _sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.grow_to(sectors)
     }
 
     fn discard(&self, sector: u64, count: u64) -> Result<()> {
@@ -131,6 +143,11 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
 
     fn zero_range(&self, sector: u64, count: u64) -> Result<bool> {
         self.check_connected()?;
+        if sector.saturating_add(count) > self.inner.info().size_sectors {
+            // This grows the device: one size change at a time.
+            let _sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+            return self.inner.zero_range(sector, count);
+        }
         self.inner.zero_range(sector, count)
     }
 

@@ -1,5 +1,7 @@
 //! The parallel copy: workers take chunks in guest order under a window that bounds how far they may run ahead
-//! of the writer, and the calling thread stores their results strictly in guest order.
+//! of the writer, and the calling thread stores their results strictly in guest order. Into a qcow2 image the
+//! calling thread only allocates (in guest order, so the layout never depends on the thread count) and a store
+//! pool writes the data, several chunks at once.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -17,7 +19,8 @@ struct State<'a> {
     tasks: Tasks<'a>,
     /// The sequence number the next task gets.
     next_seq: u64,
-    /// Tasks stored so far (all those numbered below this).
+    /// How many tasks are wholly stored (in any order, once a store pool writes data): the window lets workers
+    /// run this many plus `in_flight` ahead.
     stored: u64,
     /// Set when the copy fails: workers stop taking tasks.
     abort: bool,
@@ -91,6 +94,13 @@ pub fn run(
     };
     progress(0, size);
     let (tx, rx) = mpsc::channel::<(u64, Result<Done<'_>>)>();
+    let failed_store: Mutex<Option<Error>> = Mutex::new(None);
+    // A target that allocates in order and takes data from any thread (a qcow2 image) gets its data written by a
+    // pool of its own: the writer only allocates, in guest order, so the file is the same whatever the thread
+    // count, and the data writes run side by side.
+    let prepared_device = target.prepared_device();
+    let (store_tx, store_rx) = mpsc::channel::<Done<'_>>();
+    let store_rx = Mutex::new(store_rx);
     let result = std::thread::scope(|scope| {
         for _ in 0..threads {
             let tx = tx.clone();
@@ -100,12 +110,26 @@ pub fn run(
             scope.spawn(move || worker(shared, source, direct_target, &tx, in_flight, rules));
         }
         drop(tx);
-        let result = write_in_order(&shared, &rx, source, target, size, progress);
+        let sender = store_tx;
+        if let Some(dev) = prepared_device {
+            for _ in 0..threads {
+                let (shared, failed_store, store_rx) = (&shared, &failed_store, &store_rx);
+                scope.spawn(move || store_prepared(dev, shared, source, store_rx, failed_store));
+            }
+        }
+        let pool = prepared_device.map(|_| &sender);
+        let result = write_in_order(&shared, &rx, source, target, pool, size, progress);
+        // The store pool ends once every prepared chunk was handed to it and written.
+        drop(sender);
         if result.is_err() {
             shared.abort();
         }
         result
     });
+    // A store that failed stopped the copy: its error is the cause of any the writer met after it.
+    if let Some(e) = failed_store.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
     result?;
     progress(size, size);
     target.flush()
@@ -156,11 +180,14 @@ fn worker<'a>(
 }
 
 /// Receives results and stores them in sequence order, returning buffers to the pool and opening the window.
+/// With `prepared`, data pieces the target could prepare are allocated here, in order, and their chunks go to the
+/// store pool, which writes them and then returns the buffers.
 fn write_in_order<'a>(
     shared: &Shared<'_>,
     rx: &mpsc::Receiver<(u64, Result<Done<'a>>)>,
     source: &Source<'a>,
     target: &dyn Target,
+    prepared: Option<&mpsc::Sender<Done<'a>>>,
     size: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
@@ -170,16 +197,22 @@ fn write_in_order<'a>(
     for (seq, done) in rx {
         waiting.insert(seq, done);
         while let Some(done) = waiting.remove(&next) {
-            let done = done?;
-            store(target, source, &done)?;
+            let mut done = done?;
             next += 1;
-            {
-                let mut s = shared.lock();
-                s.stored = next;
-                s.pool.push(done.buf);
+            let end = done.end.min(size);
+            if let Some(pool) = prepared {
+                let later = prepare(target, source, &mut done)?;
+                if !later.is_empty() {
+                    done.pieces = later;
+                    pool.send(done).map_err(|_| Error::invalid("convert", "internal: the store pool stopped"))?;
+                    progress(end, size);
+                    continue;
+                }
+            } else {
+                store(target, source, &done)?;
             }
-            shared.wake.notify_all();
-            progress(done.end.min(size), size);
+            chunk_stored(shared, done.buf);
+            progress(end, size);
         }
     }
     if let Some((_, done)) = waiting.into_iter().next() {
@@ -188,6 +221,60 @@ fn write_in_order<'a>(
         return Err(Error::invalid("convert", format!("internal: chunk {next} was never processed")));
     }
     Ok(())
+}
+
+/// One chunk is wholly stored: its buffer goes back to the pool and the window opens by one.
+fn chunk_stored(shared: &Shared<'_>, buf: Vec<u8>) {
+    {
+        let mut s = shared.lock();
+        s.stored += 1;
+        s.pool.push(buf);
+    }
+    shared.wake.notify_all();
+}
+
+/// Stores the pieces of `done` that must be stored in order, allocating the data pieces the target can prepare;
+/// answers those, for the store pool to write.
+fn prepare<'a>(target: &dyn Target, source: &Source<'a>, done: &mut Done<'a>) -> Result<Vec<Piece<'a>>> {
+    let mut later = Vec::new();
+    for piece in std::mem::take(&mut done.pieces) {
+        let (at, len) = match &piece {
+            Piece::Data { at, range } => (*at, range.len() as u64),
+            Piece::Mapped { at, bytes } => (*at, bytes.len() as u64),
+            _ => {
+                store_piece(target, source, done, &piece)?;
+                continue;
+            }
+        };
+        if target.prepare_data(at, len)? {
+            later.push(piece);
+        } else {
+            store_piece(target, source, done, &piece)?;
+        }
+    }
+    Ok(later)
+}
+
+/// A thread of the store pool: writes the prepared data of each chunk it receives, then returns its buffer.
+fn store_prepared<'a>(
+    dev: &dyn BlockDevice,
+    shared: &Shared<'_>,
+    source: &Source<'a>,
+    chunks: &Mutex<mpsc::Receiver<Done<'a>>>,
+    failed: &Mutex<Option<Error>>,
+) {
+    loop {
+        let next = chunks.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(done) = next else { return };
+        match store_data(dev, source, done) {
+            Ok(done) => chunk_stored(shared, done.buf),
+            Err(e) => {
+                failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                shared.abort();
+                return;
+            }
+        }
+    }
 }
 
 /// Writes the data pieces of `done` straight to `dev` (a destination whose layout does not depend on write
@@ -218,17 +305,22 @@ fn buffer_part<'d>(done: &'d Done<'_>, range: &std::ops::Range<usize>) -> Result
 
 fn store(target: &dyn Target, source: &Source<'_>, done: &Done<'_>) -> Result<()> {
     for piece in &done.pieces {
-        match piece {
-            Piece::Data { at, range } => target.write_data(*at, buffer_part(done, range)?)?,
-            Piece::Mapped { at, bytes } => {
-                target.write_data(*at, bytes)?;
-                if let Some(direct) = source.direct {
-                    direct.release(bytes);
-                }
-            }
-            Piece::Zero { at, len } => target.write_zeroes(*at, *len)?,
-            Piece::Compressed { at, bytes } => target.write_compressed(*at, bytes)?,
-        }
+        store_piece(target, source, done, piece)?;
     }
     Ok(())
+}
+
+fn store_piece(target: &dyn Target, source: &Source<'_>, done: &Done<'_>, piece: &Piece<'_>) -> Result<()> {
+    match piece {
+        Piece::Data { at, range } => target.write_data(*at, buffer_part(done, range)?),
+        Piece::Mapped { at, bytes } => {
+            target.write_data(*at, bytes)?;
+            if let Some(direct) = source.direct {
+                direct.release(bytes);
+            }
+            Ok(())
+        }
+        Piece::Zero { at, len } => target.write_zeroes(*at, *len),
+        Piece::Compressed { at, bytes } => target.write_compressed(*at, bytes),
+    }
 }

@@ -36,6 +36,23 @@ pub trait Target {
         None
     }
 
+    /// Allocates, in guest order, what a data write of `len` bytes at `offset` will need, so that the data itself
+    /// may then be written from any thread through [`prepared_device`](Self::prepared_device) without the layout
+    /// depending on which thread writes first. Answers false (the default) when the data must go through
+    /// [`write_data`](Self::write_data), in order.
+    ///
+    /// # Errors
+    /// Whatever the destination reports.
+    fn prepare_data(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+
+    /// The device that data prepared by [`prepare_data`](Self::prepare_data) is written to, from any thread.
+    fn prepared_device(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+
     /// Makes everything stored durable.
     ///
     /// # Errors
@@ -97,6 +114,14 @@ impl<D: BlockDevice> Target for ImageTarget<'_, D> {
 
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.0.write_precompressed(offset, compressed)
+    }
+
+    fn prepare_data(&self, offset: u64, len: u64) -> Result<bool> {
+        self.0.allocate_zeroed(offset, len)
+    }
+
+    fn prepared_device(&self) -> Option<&dyn BlockDevice> {
+        Some(self.0)
     }
 
     fn flush(&self) -> Result<()> {

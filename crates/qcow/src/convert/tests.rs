@@ -269,6 +269,56 @@ fn compressed_output_is_the_same_file_whatever_the_thread_count() {
     }
 }
 
+/// An image target that counts the data pieces it allocated ahead for the store pool.
+struct CountingPrepares<'a>(ImageTarget<'a, MemoryDevice>, AtomicUsize);
+
+impl Target for CountingPrepares<'_> {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn write_data(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.0.write_data(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.0.write_compressed(offset, compressed)
+    }
+    fn prepare_data(&self, offset: u64, len: u64) -> Result<bool> {
+        let prepared = self.0.prepare_data(offset, len)?;
+        if prepared {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(prepared)
+    }
+    fn prepared_device(&self) -> Option<&dyn crate::block::BlockDevice> {
+        self.0.prepared_device()
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn data_written_by_the_store_pool_gives_the_same_file_whatever_the_thread_count() {
+    let size = 4 << 20;
+    let bytes = disk_with_data(size);
+    let src = MemoryDevice::from_bytes(bytes.clone());
+    let mut files = Vec::new();
+    for threads in [1, 2, 7] {
+        let image = Image::create(MemoryDevice::new(0), &CreateOptions::new(size as u64), Config::default()).unwrap();
+        let target = CountingPrepares(ImageTarget(&image), AtomicUsize::new(0));
+        let source = Source { device: &src, map: &Whole, size: size as u64, base: None, direct: None };
+        run(&source, &target, &options(threads), &mut |_, _| {}).unwrap();
+        assert!(target.1.load(Ordering::Relaxed) >= 5, "{threads} threads: the data went around the store pool");
+        assert_eq!(image_bytes(&image), bytes, "{threads} threads");
+        image.flush().unwrap();
+        files.push(image.device().snapshot());
+    }
+    assert!(files.iter().all(|f| f == &files[0]), "the files differ between thread counts");
+}
+
 #[test]
 fn a_mapped_source_gives_what_a_read_one_does() {
     let size = 4 << 20;

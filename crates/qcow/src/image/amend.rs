@@ -221,7 +221,7 @@ impl<D: BlockDevice> Image<D> {
         }
         let max = (1u64 << bits) - 1;
         let mut m = self.meta();
-        for cluster in 0..m.end_cluster {
+        for cluster in 0..m.alloc.end_cluster() {
             let refcount = m.refcount(&self.dev, cluster)?;
             if refcount > max {
                 let offset = cluster << self.geo.cluster_bits;

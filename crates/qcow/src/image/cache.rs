@@ -10,6 +10,7 @@
 //! sixteen times as many scattered places at 64 KiB clusters. L1 clusters and refcount blocks are cached whole.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::offset_hash::OffsetMap;
 
@@ -32,6 +33,12 @@ struct Slot {
     kind: TableKind,
     dirty: bool,
     tick: u64,
+    /// Changes with every modification: a writeback that copied the piece marks it clean only if it is still
+    /// the copy it wrote.
+    version: u64,
+    /// Looked up under the shared lock since eviction last passed it: such a lookup cannot move the piece in the
+    /// recency order, so eviction gives it a second chance instead (as a clock cache does).
+    referenced: AtomicBool,
 }
 
 /// A cluster with cached pieces: what kind of table it is and how many of its pieces are cached.
@@ -114,8 +121,10 @@ impl MetadataCache {
     /// The piece at `key` for modification, marking it dirty.
     pub fn get_mut(&mut self, key: u64) -> Option<&mut [u8]> {
         self.touch(key);
+        let version = self.tick;
         self.slots.get_mut(&key).map(|s| {
             s.dirty = true;
+            s.version = version;
             &mut *s.bytes
         })
     }
@@ -135,7 +144,10 @@ impl MetadataCache {
         self.remove_piece(key);
         self.tick += 1;
         self.used += bytes.len() as u64;
-        self.slots.insert(key, Slot { bytes, kind, dirty, tick: self.tick });
+        self.slots.insert(
+            key,
+            Slot { bytes, kind, dirty, tick: self.tick, version: self.tick, referenced: AtomicBool::new(false) },
+        );
         self.lru.insert(self.tick, key);
         let cluster = self.cluster_of(key);
         self.owners.entry(cluster).and_modify(|o| o.pieces += 1).or_insert(Owner { kind, pieces: 1 });
@@ -204,13 +216,14 @@ impl MetadataCache {
     }
 
     /// Drops the least recently used clean pieces beyond the budget, never `keep` (the piece a caller is about
-    /// to use).
+    /// to use). A piece looked up under the shared lock since the last eviction is renewed instead, once.
     fn evict(&mut self, keep: Option<u64>) {
         if self.used <= self.budget {
             return;
         }
         let mut excess = self.used - self.budget;
         let mut victims = Vec::new();
+        let mut renewed = Vec::new();
         for (&tick, &key) in &self.lru {
             if excess == 0 {
                 break;
@@ -219,6 +232,10 @@ impl MetadataCache {
                 continue;
             }
             if let Some(slot) = self.slots.get(&key).filter(|s| !s.dirty) {
+                if slot.referenced.swap(false, Ordering::Relaxed) {
+                    renewed.push((tick, key));
+                    continue;
+                }
                 excess = excess.saturating_sub(slot.bytes.len() as u64);
                 victims.push((tick, key));
             }
@@ -226,6 +243,46 @@ impl MetadataCache {
         for (_, key) in victims {
             self.remove_piece(key);
         }
+        for (old, key) in renewed {
+            self.tick += 1;
+            let tick = self.tick;
+            if let Some(slot) = self.slots.get_mut(&key) {
+                self.lru.remove(&old);
+                slot.tick = tick;
+                self.lru.insert(tick, key);
+            }
+        }
+        if excess > 0 && self.used > self.budget {
+            // Everything clean had a second chance: this pass takes what is left, oldest first.
+            self.evict_unreferenced(keep);
+        }
+    }
+
+    fn evict_unreferenced(&mut self, keep: Option<u64>) {
+        let mut excess = self.used.saturating_sub(self.budget);
+        let mut victims = Vec::new();
+        for &key in self.lru.values() {
+            if excess == 0 {
+                break;
+            }
+            if let Some(slot) = self.slots.get(&key).filter(|s| !s.dirty && Some(key) != keep) {
+                excess = excess.saturating_sub(slot.bytes.len() as u64);
+                victims.push(key);
+            }
+        }
+        for key in victims {
+            self.remove_piece(key);
+        }
+    }
+
+    /// The piece at `key` for a lookup under the shared lock, if cached as `kind`: it is marked referenced, so
+    /// that eviction renews it.
+    pub fn lookup_shared(&self, key: u64, kind: TableKind) -> Option<&[u8]> {
+        let slot = self.slots.get(&key).filter(|s| s.kind == kind)?;
+        if !slot.referenced.load(Ordering::Relaxed) {
+            slot.referenced.store(true, Ordering::Relaxed);
+        }
+        Some(&slot.bytes)
     }
 
     /// Whether dirty pieces have pushed the cache past its budget, so a writeback is due.
@@ -253,6 +310,27 @@ impl MetadataCache {
     /// Marks a piece clean after it has been written.
     pub fn mark_clean(&mut self, key: u64) {
         if let Some(s) = self.slots.get_mut(&key) {
+            s.dirty = false;
+        }
+    }
+
+    /// The dirty pieces of one kind, in ascending order, each with a copy of its bytes and its version: what a
+    /// writeback outside the lock writes.
+    pub fn dirty_copies(&self, kind: TableKind) -> Vec<(u64, u64, Box<[u8]>)> {
+        let mut v: Vec<(u64, u64, Box<[u8]>)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty && s.kind == kind)
+            .map(|(o, s)| (*o, s.version, s.bytes.clone()))
+            .collect();
+        v.sort_unstable_by_key(|p| p.0);
+        v
+    }
+
+    /// Marks a piece clean after a copy of it was written, unless it changed since the copy was taken (then the
+    /// change still has to be written) or was dropped meanwhile.
+    pub fn mark_clean_if(&mut self, key: u64, version: u64) {
+        if let Some(s) = self.slots.get_mut(&key).filter(|s| s.version == version) {
             s.dirty = false;
         }
     }
@@ -294,6 +372,25 @@ mod tests {
     }
 
     #[test]
+    fn a_piece_looked_up_under_the_shared_lock_gets_a_second_chance() {
+        let mut c = MetadataCache::new(0, 512);
+        for i in 0..8u64 {
+            c.insert(i * 512, TableKind::L2, vec![i as u8; 512].into(), false);
+        }
+        // 0 is the least recent, but a shared lookup saw it: 512 goes instead.
+        assert!(c.lookup_shared(0, TableKind::L2).is_some());
+        assert!(c.lookup_shared(0, TableKind::RefcountBlock).is_none(), "a lookup names the kind it expects");
+        c.insert(8 * 512, TableKind::L2, vec![8; 512].into(), false);
+        assert!(c.cluster_kind(0).is_some());
+        assert!(c.cluster_kind(512).is_none());
+        // Renewed to the recent end: the next two evictions take the older pieces.
+        c.insert(9 * 512, TableKind::L2, vec![9; 512].into(), false);
+        c.insert(10 * 512, TableKind::L2, vec![10; 512].into(), false);
+        assert!(c.cluster_kind(1024).is_none() && c.cluster_kind(1536).is_none());
+        assert!(c.cluster_kind(0).is_some());
+    }
+
+    #[test]
     fn a_freshly_inserted_piece_survives_even_when_every_other_one_is_dirty() {
         let mut c = MetadataCache::new(0, 512);
         for i in 0..8u64 {
@@ -315,6 +412,23 @@ mod tests {
         }
         c.shrink();
         assert!(!c.over_budget());
+    }
+
+    #[test]
+    fn a_copy_written_back_marks_the_piece_clean_only_while_it_is_unchanged() {
+        let mut c = MetadataCache::new(1 << 20, 512);
+        c.insert(0, TableKind::L2, vec![1; 512].into(), true);
+        c.insert(512, TableKind::L2, vec![2; 512].into(), true);
+        let copies = c.dirty_copies(TableKind::L2);
+        assert_eq!(copies.iter().map(|p| (p.0, p.2[0])).collect::<Vec<_>>(), vec![(0, 1), (512, 2)]);
+        // Changed after the copy was taken: the change is not on disk yet.
+        if let Some(b) = c.get_mut(512) {
+            b[0] = 3;
+        }
+        for (key, version, _) in copies {
+            c.mark_clean_if(key, version);
+        }
+        assert_eq!(c.dirty(TableKind::L2), vec![512]);
     }
 
     #[test]

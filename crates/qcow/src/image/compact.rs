@@ -146,7 +146,7 @@ impl Meta {
     fn lowest_free_run(&mut self, dev: &dyn BlockDevice, n: u64, limit: u64, _trusted: Trusted) -> Result<Option<u64>> {
         let per_block = self.geo.refcount_block_entries();
         // A table the header places far past the end must not make this a scan of its offset's length.
-        let limit = limit.min(self.end_cluster);
+        let limit = limit.min(self.alloc.end_cluster());
         let (mut start, mut c) = (1, 1);
         while c < limit {
             if start + n > limit {

@@ -266,9 +266,9 @@ impl<D: BlockDevice> Image<D> {
         let _owned = self.ranges.lock(first, last + 1);
         let mut m = self.meta();
         m.mark_dirty(&self.dev)?;
-        let pending_before = m.pending_frees.len();
+        let pending_before = m.alloc.pending_frees().len();
         let result = m.unmap_clusters(&self.dev, first, last, self.backing.is_some())?;
-        let released: Vec<u64> = m.pending_frees.get(pending_before..).unwrap_or(&[]).to_vec();
+        let released: Vec<u64> = m.alloc.pending_frees().get(pending_before..).unwrap_or(&[]).to_vec();
         if !released.is_empty() {
             // Make the new entries durable and drop the refcounts now, so the space can be punched out at once.
             m.writeback(&self.dev)?;

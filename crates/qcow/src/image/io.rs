@@ -5,6 +5,7 @@
 //! contents (copy-on-write) or zeros around the new data, and only then linked into its L2 table. A shared
 //! cluster is never written in place.
 
+use super::lock_timing::LockUse;
 use super::meta::Meta;
 use super::ranges::RangeGuard;
 use super::Image;
@@ -243,10 +244,19 @@ impl<D: BlockDevice> Image<D> {
     /// Reads guest data through the current mapping; the caller holds the resize lock.
     pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (extents, _reading) = {
-            let mut m = self.meta();
-            let extents = m.map(&self.dev, offset, buf.len() as u64)?;
-            // Registered before the lock is released: no cluster this read maps is reused until it is done.
-            (extents, self.read_grace.enter())
+            // Most reads find their tables cached and map under the shared lock; the rest map exclusively. Either
+            // way the read registers before the lock is released, so no cluster it maps is reused until it is
+            // done (a reference is removed only under the exclusive lock, before the grace period it waits out).
+            let shared = self.meta_shared(LockUse::Lookup);
+            match shared.map_cached(offset, buf.len() as u64) {
+                Some(extents) => (extents, self.read_grace.enter()),
+                None => {
+                    drop(shared);
+                    let mut m = self.meta_for(LockUse::Lookup);
+                    let extents = m.map(&self.dev, offset, buf.len() as u64)?;
+                    (extents, self.read_grace.enter())
+                }
+            }
         };
         let mut rest = buf;
         for extent in extents {
@@ -342,13 +352,13 @@ impl<D: BlockDevice> Image<D> {
                 // Most writes overwrite clusters in place and change no metadata: they share their clusters with
                 // other such writes and take the metadata lock once.
                 let _shared = self.ranges.lock_shared(first, last + 1);
-                let plans = self.meta().in_place_plans(&self.dev, first, last)?;
+                let plans = self.meta_for(LockUse::Lookup).in_place_plans(&self.dev, first, last)?;
                 if let Some(plans) = plans {
                     return self.write_planned(offset, buf, &plans);
                 }
             }
             let Some(owned) = self.ranges.lock_to_allocate(first, last + 1) else { continue };
-            let mut m = self.meta();
+            let mut m = self.meta_for(LockUse::Allocation);
             // Nothing lies at or past the end of the file: fresh clusters placed there read as zeros already.
             let file_end = self.dev.info().size_bytes();
             let plans = m.plan_write(&self.dev, first, last, self.backing.is_some())?;
@@ -367,10 +377,11 @@ impl<D: BlockDevice> Image<D> {
                 // wait for no I/O at all. (Growing the file gave them zeros; writeback flushes before it writes
                 // the L2 tables, so the growth is durable before the links.)
                 m.commit_write(&self.dev, &plans)?;
-                if m.cache.over_budget() {
-                    m.writeback(&self.dev)?;
-                }
+                let over_budget = m.cache.over_budget();
                 drop(m);
+                if over_budget {
+                    self.write_back_unlocked(false)?;
+                }
                 return self.write_linked(offset, buf, owned, &plans);
             }
             break (owned, plans);
@@ -380,23 +391,91 @@ impl<D: BlockDevice> Image<D> {
             // their data arrives, and the write goes on as an overwrite, sharing its clusters with the writers
             // that were waiting for them instead of holding them off until its data is on disk. A flush in between
             // makes the zeros durable before the links (writeback flushes before it writes L2 tables).
-            {
-                let mut m = self.meta();
+            let over_budget = {
+                let mut m = self.meta_for(LockUse::Allocation);
                 m.commit_write(&self.dev, &plans)?;
-                if m.cache.over_budget() {
-                    m.writeback(&self.dev)?;
-                }
+                m.cache.over_budget()
+            };
+            if over_budget {
+                self.write_back_unlocked(false)?;
             }
             return self.write_linked(offset, buf, owned, &plans);
         }
         self.write_planned(offset, buf, &plans)?;
-        let mut m = self.meta();
+        let mut m = self.meta_for(LockUse::Allocation);
         m.commit_write(&self.dev, &plans)?;
         drop(owned);
-        if m.cache.over_budget() {
-            m.writeback(&self.dev)?;
+        let over_budget = m.cache.over_budget();
+        drop(m);
+        if over_budget {
+            self.write_back_unlocked(false)?;
         }
         Ok(())
+    }
+
+    /// Allocates the unallocated guest clusters of `offset..offset + len` and links them as clusters that read
+    /// as zeros, as a write of that range would allocate them, without writing any data: a later write there is
+    /// an overwrite in place. A copy that allocates in guest order with this and then writes from many threads
+    /// lays out the same file whatever the thread count (`convert` does).
+    ///
+    /// Answers false, having changed nothing, when this cannot be done that way: an image with a backing file
+    /// (unallocated clusters read from it), an external data file, extended L2 entries, or a range that is
+    /// partly allocated already. Clusters already allocated throughout answer true.
+    ///
+    /// # Errors
+    /// As [`write_at`](Self::write_at).
+    pub fn allocate_zeroed(&self, offset: u64, len: u64) -> Result<bool> {
+        self.observe(self.allocate_guest(offset, len))
+    }
+
+    fn allocate_guest(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_writable("write")?;
+        check_aligned("write", offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let limit = self.virtual_size().next_multiple_of(512);
+        if offset.checked_add(len).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("write", format!("range {offset:#x}+{len:#x} is past the end ({limit:#x})")));
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        if self.backing.is_some() || self.data_file.is_some() || self.geo.extended_l2 {
+            return Ok(false);
+        }
+        // Nothing a guest can see changes (the clusters read as zeros before and after), so no bitmap records it.
+        let _resize = self.lock_for_write(offset, len, false)?;
+        let cb = self.geo.cluster_bits;
+        let (first, last) = (offset >> cb, (offset + len - 1) >> cb);
+        let _owned = self.ranges.lock(first, last + 1);
+        let mut m = self.meta_for(LockUse::Allocation);
+        let extents = m.map(&self.dev, first << cb, (last + 1 - first) << cb)?;
+        if extents.iter().all(|e| matches!(e.kind, ExtentKind::Data { .. })) {
+            return Ok(true);
+        }
+        if !extents.iter().all(|e| e.kind == ExtentKind::Unallocated) {
+            return Ok(false);
+        }
+        let file_end = self.dev.info().size_bytes();
+        let plans = m.plan_write(&self.dev, first, last, false)?;
+        m.mark_dirty(&self.dev)?;
+        if plans.iter().any(|p| p.fill != Fill::Zeros || p.target.0 < file_end) {
+            // Not all past the end of the file: each is zeroed before it is linked.
+            drop(m);
+            for plan in &plans {
+                if !self.zero_cluster(plan.target.0)? {
+                    self.flush_pieces(plan.target.0, &[Piece::Borrowed(&self.zeros)])?;
+                }
+            }
+            m = self.meta_for(LockUse::Allocation);
+        }
+        // Past the end of the file they read as zeros already; writeback flushes before it writes the L2
+        // tables, so the growth (or the zeroing) is durable before the links.
+        m.commit_write(&self.dev, &plans)?;
+        let over_budget = m.cache.over_budget();
+        drop(m);
+        if over_budget {
+            self.write_back_unlocked(false)?;
+        }
+        Ok(true)
     }
 
     /// Does the data I/O of a planned write, one vectored device write per physically contiguous run.
@@ -508,9 +587,9 @@ impl<D: BlockDevice> Image<D> {
         let device = self.data_device();
         let (sector, count) = (host / 512, cs / 512);
         if host.saturating_add(cs) > device.info().size_bytes() {
-            // This grows the file: under the metadata lock, as flush_pieces grows it, so that a writer growing it
-            // less far cannot cut this cluster off again.
-            let _m = self.meta();
+            // This grows the file: one size change at a time (`Padded` serialises the image file's; this lock an
+            // external data file's), so that a writer growing it less far cannot cut this cluster off again.
+            let _sizing = self.data_sizing.lock().unwrap_or_else(|e| e.into_inner());
             return device.zero_range(sector, count);
         }
         device.zero_range(sector, count)
@@ -528,11 +607,9 @@ impl<D: BlockDevice> Image<D> {
         let end = host + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         if end > device.info().size_bytes() {
             // Files may end inside an allocated cluster (QEMU writes only the subclusters it touches, and data
-            // files grow as written). Grow under the metadata lock so that two writers never shrink each other.
-            let _m = self.meta();
-            if end > device.info().size_bytes() {
-                device.resize(end.div_ceil(512))?;
-            }
+            // files grow as written). Growth never shrinks, and is serialised with every other size change.
+            let _sizing = self.data_sizing.lock().unwrap_or_else(|e| e.into_inner());
+            device.grow_to(end.div_ceil(512))?;
         }
         device.write(host / 512, &bufs)
     }

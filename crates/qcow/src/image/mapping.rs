@@ -71,57 +71,147 @@ fn push(extents: &mut Vec<Extent>, e: Extent) {
     extents.push(e);
 }
 
+/// How a mapping looks its entries up: loading and validating what it needs under the exclusive lock, or from
+/// cached pieces alone under the shared lock.
+trait Lookup {
+    /// What stops a mapping: an error, or (shared) anything that needs more than a lookup.
+    type Stop;
+    fn meta(&self) -> &Meta;
+    /// The L2 table of L1 entry `l1_index` (known to be inside the L1 table), if it has one.
+    fn l2_table(&mut self, l1_index: u64) -> std::result::Result<Option<HostOffset>, Self::Stop>;
+    fn l2_entry(&mut self, l2: HostOffset, index: u64) -> std::result::Result<L2Entry, Self::Stop>;
+    /// The kind of a standard entry stored at byte `at`.
+    fn decode(&mut self, entry: L2Entry, at: u64) -> std::result::Result<L2Kind, Self::Stop>;
+    /// Extents of part of one cluster of an image with extended L2 entries (see `Meta::map_subclusters`).
+    fn subclusters(&mut self, extents: &mut Vec<Extent>, at: Subcluster) -> std::result::Result<(), Self::Stop>;
+    /// An entry at byte `at` points outside the file.
+    fn outside(&self, at: u64) -> Self::Stop;
+}
+
+/// Where an extended L2 entry's cluster is being mapped: the entry, its table and index, and the guest range.
+#[derive(Clone, Copy)]
+struct Subcluster {
+    entry: L2Entry,
+    l2: HostOffset,
+    index: u64,
+    pos: u64,
+    chunk: u64,
+}
+
+/// Lookups under the exclusive lock: pieces are loaded, faults are errors (and signalled as QEMU signals them).
+struct Loading<'a> {
+    meta: &'a mut Meta,
+    dev: &'a dyn BlockDevice,
+}
+
+impl Lookup for Loading<'_> {
+    type Stop = Error;
+    fn meta(&self) -> &Meta {
+        self.meta
+    }
+    fn l2_table(&mut self, l1_index: u64) -> Result<Option<HostOffset>> {
+        Ok(self.meta.l1_entry(self.dev, l1_index)?.l2_offset())
+    }
+    fn l2_entry(&mut self, l2: HostOffset, index: u64) -> Result<L2Entry> {
+        self.meta.l2_entry(self.dev, l2, index)
+    }
+    fn decode(&mut self, entry: L2Entry, at: u64) -> Result<L2Kind> {
+        self.meta.decode_l2(self.dev, entry, at)
+    }
+    fn subclusters(&mut self, extents: &mut Vec<Extent>, s: Subcluster) -> Result<()> {
+        self.meta.map_subclusters(self.dev, extents, s.entry, s.l2, s.index, s.pos, s.chunk)
+    }
+    fn outside(&self, at: u64) -> Error {
+        Error::corrupt("L2 entry points outside the file", at)
+    }
+}
+
+/// Lookups under the shared lock, from cached pieces alone: anything else stops the mapping, for the exclusive
+/// lock to redo.
+struct Cached<'a>(&'a Meta);
+
+impl Lookup for Cached<'_> {
+    type Stop = ();
+    fn meta(&self) -> &Meta {
+        self.0
+    }
+    fn l2_table(&mut self, l1_index: u64) -> std::result::Result<Option<HostOffset>, ()> {
+        Ok(self.0.l1_entry_cached(l1_index).ok_or(())?.l2_offset())
+    }
+    fn l2_entry(&mut self, l2: HostOffset, index: u64) -> std::result::Result<L2Entry, ()> {
+        self.0.l2_entry_cached(l2, index).ok_or(())
+    }
+    fn decode(&mut self, entry: L2Entry, _at: u64) -> std::result::Result<L2Kind, ()> {
+        entry.kind(&self.0.geo).map_err(|_| ())
+    }
+    fn subclusters(&mut self, _: &mut Vec<Extent>, _: Subcluster) -> std::result::Result<(), ()> {
+        Err(())
+    }
+    fn outside(&self, _at: u64) {}
+}
+
+/// Extents covering `offset..offset + len`, merged where contiguous, looked up as `lookup` does.
+fn extents<L: Lookup>(lookup: &mut L, offset: u64, len: u64) -> std::result::Result<Vec<Extent>, L::Stop> {
+    let geo = lookup.meta().geo;
+    let cs = geo.cluster_size();
+    let mut extents = Vec::new();
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    while pos < end {
+        let l1_index = geo.l1_index(GuestOffset(pos));
+        let l2 = if l1_index < lookup.meta().l1_size() { lookup.l2_table(l1_index)? } else { None };
+        let Some(l2) = l2 else {
+            // The whole L2 span is unallocated: skip it in one step.
+            let span_end = ((l1_index + 1) * geo.l2_span()).min(end);
+            push(&mut extents, Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated });
+            pos = span_end;
+            continue;
+        };
+        let in_cluster = geo.offset_in_cluster(pos);
+        let chunk = (cs - in_cluster).min(end - pos);
+        let index = geo.l2_index(GuestOffset(pos));
+        let entry = lookup.l2_entry(l2, index)?;
+        let at = l2.0 + index * geo.l2_entry_size();
+        if geo.extended_l2 && !entry.is_compressed() {
+            lookup.subclusters(&mut extents, Subcluster { entry, l2, index, pos, chunk })?;
+            pos += chunk;
+            continue;
+        }
+        let data_file_size = lookup.meta().data_file_size;
+        let kind = match lookup.decode(entry, at)? {
+            // In an external data file, guest cluster 0 may map to host offset 0.
+            L2Kind::Unallocated if data_file_size.is_some() && entry.is_copied() => {
+                ExtentKind::Data { host: HostOffset(in_cluster) }
+            }
+            L2Kind::Unallocated => ExtentKind::Unallocated,
+            L2Kind::Zero { .. } => ExtentKind::Zero,
+            L2Kind::Normal { host, .. } => {
+                let file = lookup.meta().alloc.end_cluster().saturating_mul(cs);
+                let limit = data_file_size.unwrap_or(file).next_multiple_of(cs);
+                if host.0.checked_add(cs).is_none_or(|e| e > limit) {
+                    return Err(lookup.outside(at));
+                }
+                ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
+            }
+            L2Kind::Compressed { host, len } => ExtentKind::Compressed { host, len },
+        };
+        push(&mut extents, Extent { guest: GuestOffset(pos), len: chunk, kind });
+        pos += chunk;
+    }
+    Ok(extents)
+}
+
 impl Meta {
     /// Extents covering `offset..offset + len`, merged where contiguous.
     pub fn map(&mut self, dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let geo = self.geo;
-        let cs = geo.cluster_size();
-        let mut extents = Vec::new();
-        let end = offset.saturating_add(len);
-        let mut pos = offset;
-        while pos < end {
-            let l1_index = geo.l1_index(GuestOffset(pos));
-            let l2 = if l1_index < self.l1_size() { self.l1_entry(dev, l1_index)?.l2_offset() } else { None };
-            let Some(l2) = l2 else {
-                // The whole L2 span is unallocated: skip it in one step.
-                let span_end = ((l1_index + 1) * geo.l2_span()).min(end);
-                push(
-                    &mut extents,
-                    Extent { guest: GuestOffset(pos), len: span_end - pos, kind: ExtentKind::Unallocated },
-                );
-                pos = span_end;
-                continue;
-            };
-            let in_cluster = geo.offset_in_cluster(pos);
-            let chunk = (cs - in_cluster).min(end - pos);
-            let index = geo.l2_index(GuestOffset(pos));
-            let entry = self.l2_entry(dev, l2, index)?;
-            let at = l2.0 + index * geo.l2_entry_size();
-            if geo.extended_l2 && !entry.is_compressed() {
-                self.map_subclusters(dev, &mut extents, entry, l2, index, pos, chunk)?;
-                pos += chunk;
-                continue;
-            }
-            let kind = match self.decode_l2(dev, entry, at)? {
-                // In an external data file, guest cluster 0 may map to host offset 0.
-                L2Kind::Unallocated if self.data_file_size.is_some() && entry.is_copied() => {
-                    ExtentKind::Data { host: HostOffset(in_cluster) }
-                }
-                L2Kind::Unallocated => ExtentKind::Unallocated,
-                L2Kind::Zero { .. } => ExtentKind::Zero,
-                L2Kind::Normal { host, .. } => {
-                    let limit = self.data_file_size.unwrap_or(self.end_cluster.saturating_mul(cs)).next_multiple_of(cs);
-                    if host.0.checked_add(cs).is_none_or(|e| e > limit) {
-                        return Err(Error::corrupt("L2 entry points outside the file", at));
-                    }
-                    ExtentKind::Data { host: HostOffset(host.0 + in_cluster) }
-                }
-                L2Kind::Compressed { host, len } => ExtentKind::Compressed { host, len },
-            };
-            push(&mut extents, Extent { guest: GuestOffset(pos), len: chunk, kind });
-            pos += chunk;
-        }
-        Ok(extents)
+        extents(&mut Loading { meta: self, dev }, offset, len)
+    }
+
+    /// [`map`](Self::map) from cached pieces alone, under the shared lock: `None` when a piece is not cached or
+    /// anything needs more than a lookup (extended L2 entries, an entry that is not simply valid), and the caller
+    /// maps under the exclusive lock instead, which loads what is missing and reports what is wrong.
+    pub fn map_cached(&self, offset: u64, len: u64) -> Option<Vec<Extent>> {
+        extents(&mut Cached(self), offset, len).ok()
     }
 }
 
@@ -157,9 +247,9 @@ impl Meta {
                 return Err(self.signal_corruption(dev, "extended L2 entry offset is not cluster aligned", at))
             }
             Some(h)
-                if h.0
-                    .checked_add(cs)
-                    .is_none_or(|e| e > self.data_file_size.unwrap_or(self.end_cluster * cs).next_multiple_of(cs)) =>
+                if h.0.checked_add(cs).is_none_or(|e| {
+                    e > self.data_file_size.unwrap_or(self.alloc.end_cluster() * cs).next_multiple_of(cs)
+                }) =>
             {
                 return Err(Error::corrupt("extended L2 entry points outside the file", at))
             }
@@ -253,6 +343,9 @@ impl<D: BlockDevice> Image<D> {
             return Ok(Vec::new());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        self.meta().map(&self.dev, offset, end - offset)
+        if let Some(extents) = self.meta_shared(super::lock_timing::LockUse::Lookup).map_cached(offset, end - offset) {
+            return Ok(extents);
+        }
+        self.meta_for(super::lock_timing::LockUse::Lookup).map(&self.dev, offset, end - offset)
     }
 }

@@ -29,18 +29,12 @@ pub struct Meta {
     pub reftable_dirty: BTreeSet<u64>,
     /// Cached L1 clusters, L2 tables and refcount blocks.
     pub cache: MetadataCache,
-    /// The lowest host cluster that may be free.
-    pub free_hint: u64,
-    /// One past the highest host cluster the image uses or has reserved.
-    pub end_cluster: u64,
-    /// Host clusters whose refcount drops once the references removed from them are durable.
-    pub pending_frees: Vec<u64>,
+    /// Where new clusters go: the end of the file, the free hint, deferred decrements.
+    pub alloc: super::allocator::Allocator,
     /// The header changed and must be written back.
     pub header_dirty: bool,
     /// Lazy refcounts are on and the dirty bit has been set on disk.
     pub lazy_dirty: bool,
-    /// Where the next compressed cluster's bytes may go: inside the host cluster the previous one ended in.
-    pub free_byte_offset: u64,
     /// Size in bytes of the external data file, when guest data lives there instead of in the image file.
     pub data_file_size: Option<u64>,
     /// Where metadata lies, for refusing writes onto it.
@@ -55,6 +49,8 @@ pub struct Meta {
     pub read_grace: Arc<super::reclaim::ReadGrace>,
     /// Evidence that the refcounts can be trusted to say what is free ([`super::trust`]), once there is some.
     pub(super) trust: Option<super::trust::Trusted>,
+    /// The writeback outside the lock: whoever writes metadata to the device waits for its copies first.
+    pub(super) queue: Arc<super::writeback_queue::WritebackQueue>,
 }
 
 fn read_piece(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Box<[u8]>> {
@@ -70,7 +66,7 @@ pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()
         offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
     let info = dev.info();
     if end > info.size_bytes() {
-        dev.resize(end.div_ceil(info.sector_size.max(1)))?;
+        dev.grow_to(end.div_ceil(info.sector_size.max(1)))?;
     }
     dev.write_at(offset, bytes)
 }
@@ -78,7 +74,7 @@ pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()
 impl Meta {
     /// Bytes the device holds, rounded up to whole clusters: anything at or past this is outside the file.
     fn file_limit(&self) -> u64 {
-        self.end_cluster.saturating_mul(self.geo.cluster_size())
+        self.alloc.end_cluster().saturating_mul(self.geo.cluster_size())
     }
 
     fn check_table_offset(&self, offset: u64, what: &'static str, at: u64) -> Result<()> {
@@ -170,6 +166,28 @@ impl Meta {
             self.check_table_offset(l2.0, "L1 entry points outside the file", cluster + at as u64)?;
         }
         Ok(entry)
+    }
+
+    /// The L1 entry at `index` from a cached piece, for a lookup under the shared lock: `None` when the piece is
+    /// not cached or the entry is not simply valid (the exclusive lookup then loads it, or reports what is wrong).
+    pub fn l1_entry_cached(&self, index: u64) -> Option<L1Entry> {
+        let (cluster, at) = self.l1_slot(index).ok()?;
+        let (key, within) = self.cache.piece_of(TableKind::L1, cluster, at as u64);
+        let entry = L1Entry(self.cache.lookup_shared(key, TableKind::L1)?.get(within..within + 8).map(be64)?);
+        if entry.is_malformed(&self.geo) {
+            return None;
+        }
+        if let Some(l2) = entry.l2_offset() {
+            self.check_table_offset(l2.0, "L1 entry points outside the file", cluster + at as u64).ok()?;
+        }
+        Some(entry)
+    }
+
+    /// The L2 entry at `index` of the table at `l2` from a cached piece, for a lookup under the shared lock.
+    pub fn l2_entry_cached(&self, l2: HostOffset, index: u64) -> Option<L2Entry> {
+        let at = self.l2_byte(l2, index).ok()?;
+        let (key, within) = self.cache.piece_of(TableKind::L2, l2.0, at);
+        self.cache.lookup_shared(key, TableKind::L2)?.get(within..within + 8).map(be64).map(L2Entry)
     }
 
     /// Stores the L1 entry at `index` (in the cache; written back later).
@@ -299,13 +317,10 @@ impl Meta {
         self.set_refcount(dev, cluster, new)?;
         if new == 0 {
             self.reclaim.freed(cluster);
-            self.free_hint = self.free_hint.min(cluster);
+            // A freed cluster may be reused for anything: compressed data must not be appended to it.
+            self.alloc.freed(cluster, self.geo.cluster_bits);
             // A stale cached copy of a freed table must not pass for the cluster's next use.
             self.cache.remove(cluster << self.geo.cluster_bits);
-            // A freed cluster may be reused for anything: compressed data must not be appended to it.
-            if self.free_byte_offset >> self.geo.cluster_bits == cluster {
-                self.free_byte_offset = 0;
-            }
         }
         Ok(())
     }
@@ -339,16 +354,12 @@ impl Meta {
 
     /// Makes sure the device covers clusters below `end`.
     pub fn reserve_to(&mut self, dev: &dyn BlockDevice, end: u64) -> Result<()> {
-        if end > self.end_cluster {
-            self.end_cluster = end;
+        if self.alloc.reserve(end) {
             let bytes = end << self.geo.cluster_bits;
-            let have = dev.info().size_sectors;
             // Grown with extents allocated as zeros where the device can, not as a hole: a direct write of part
             // of a cluster then converts the extent, where into a hole the file system would allocate 4 KiB at a
             // time (slower, and fragmented). Either way the new clusters read as zeros.
-            if have < bytes / 512 && !dev.zero_range(have, bytes / 512 - have)? {
-                dev.resize(bytes / 512)?;
-            }
+            dev.grow_to(bytes / 512)?;
         }
         Ok(())
     }
@@ -366,14 +377,17 @@ impl Meta {
         if n == 1 {
             // Clusters the reclaimer has zeroed and flushed go first.
             while let Some(c) = self.reclaim.take_available() {
-                if c < self.end_cluster && self.refblock_offset(c / rbe)?.is_some() && self.refcount(dev, c)? == 0 {
+                if c < self.alloc.end_cluster()
+                    && self.refblock_offset(c / rbe)?.is_some()
+                    && self.refcount(dev, c)? == 0
+                {
                     self.set_refcount(dev, c, 1)?;
                     return Ok(c);
                 }
             }
         }
         loop {
-            let start = self.free_hint;
+            let start = self.alloc.hint();
             let mut first_free = None;
             let mut run_start = start;
             let mut run = 0;
@@ -382,7 +396,7 @@ impl Meta {
                 // Nothing in use lies past the end of the file, so a scan that gets there finds its run within
                 // `n` clusters; one that does not is reading refcount blocks that claim space the file lacks, and
                 // must not turn into a scan as long as the refcount table can describe.
-                if c >= self.end_cluster.saturating_add(n) {
+                if c >= self.alloc.end_cluster().saturating_add(n) {
                     return Err(Error::corrupt(
                         "refcount blocks claim clusters past the end of the file are in use",
                         self.header.refcount_table_offset.saturating_add(c / rbe * 8),
@@ -412,10 +426,10 @@ impl Meta {
             for cluster in run_start..run_start + n {
                 self.set_refcount(dev, cluster, 1)?;
             }
-            self.free_hint = match first_free {
+            self.alloc.set_hint(match first_free {
                 Some(f) if f < run_start => f,
                 _ => run_start + n,
-            };
+            });
             self.reserve_to(dev, run_start + n)?;
             return Ok(run_start);
         }
@@ -426,7 +440,7 @@ impl Meta {
     fn alloc_at_end(&mut self, dev: &dyn BlockDevice, n: u64) -> Result<u64> {
         let rbe = self.geo.refcount_block_entries();
         loop {
-            let start = self.end_cluster;
+            let start = self.alloc.end_cluster();
             let mut missing: Vec<u64> = Vec::new();
             loop {
                 let end = start + n + missing.len() as u64;
@@ -472,7 +486,7 @@ impl Meta {
     /// allocated next, otherwise at the start of a new cluster. Every cluster the bytes touch gains one reference.
     pub fn alloc_bytes(&mut self, dev: &dyn BlockDevice, len: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
-        let mut open = self.free_byte_offset;
+        let mut open = self.alloc.compressed_tail();
         if open != 0 {
             // A cluster freed since (or full of references) is not written into.
             let count = self.refcount(dev, open / cs)?;
@@ -494,12 +508,12 @@ impl Meta {
             }
         };
         let end = offset + len;
-        self.free_byte_offset = if end % cs == 0 { 0 } else { end };
+        self.alloc.set_compressed_tail(if end % cs == 0 { 0 } else { end });
         Ok(offset)
     }
 
     /// Queues a refcount decrement for after the reference's removal is durable.
     pub fn free_later(&mut self, cluster: u64) {
-        self.pending_frees.push(cluster);
+        self.alloc.free_later(cluster);
     }
 }

@@ -2,10 +2,13 @@
 //! [`BlockDevice`].
 //!
 //! # Locking
-//! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one mutex,
-//! `meta`. It is held to translate a guest range into extents, to allocate, and to update tables, and metadata
-//! cache misses and writebacks do their (cluster-sized) I/O under it. Guest data is never read or written while
-//! it is held. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
+//! All metadata (header, refcount table, and the cache of L1, L2 and refcount clusters) sits behind one
+//! read-write lock, `meta`. Reads whose tables are cached map a guest range under it shared; it is held
+//! exclusively to map what is not cached, to allocate, and to update tables; a cache miss reads one piece under
+//! it. Guest data is never read or written while it is held, and neither is the metadata
+//! a flush writes back: the [`writeback_queue`] copies the dirty pieces under it and writes them outside it, so
+//! a flush never stalls other requests. Structural changes that write metadata themselves wait, lock held, until
+//! no copies are being written. Writers serialise per guest cluster through [`RangeLocks`](ranges::RangeLocks), taken before
 //! `meta` and never while `meta` is held, so a cluster being allocated or copied cannot be raced. A resize
 //! takes `resize` for writing; every other operation takes it for reading. What writes need to know about the
 //! persistent bitmaps lives inside `resize` and changes only while it is held for writing; the bitmap set has a
@@ -28,6 +31,7 @@
 //! Truncation, junk erasing and compaction act on a refcount of zero only once the refcounts are known to agree
 //! with the metadata (see [`trust`]): an image whose refcounts are damaged is refused before anything changes.
 
+mod allocator;
 mod amend;
 mod backing;
 mod backing_change;
@@ -42,6 +46,7 @@ mod device;
 mod discard;
 mod empty;
 mod io;
+mod lock_timing;
 mod mapping;
 mod meta;
 mod metrics;
@@ -64,6 +69,7 @@ mod subcluster;
 mod trust;
 mod version;
 mod writeback;
+mod writeback_queue;
 mod zeroing;
 
 pub use amend::AmendOptions;
@@ -73,6 +79,7 @@ pub use commit::{CommitRange, CommitSummary};
 pub use compact::{CompactProgress, CompactSummary};
 pub use config::Config;
 pub use discard::DiscardStats;
+pub use lock_timing::{HoldTimes, LockHoldTimes};
 pub use mapping::{Extent, ExtentKind};
 pub use metrics::Metrics;
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
@@ -83,11 +90,12 @@ pub use seek::{MappedExtent, MappedKind};
 pub use snapshots::{SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::block::{BlockDevice, Padded};
 use crate::error::{Error, Result};
 use crate::format::{feature, CompressionType, Geometry};
+use lock_timing::{LockTimes, LockUse, MetaGuard, MetaReadGuard};
 use meta::Meta;
 use overlap::Corruption;
 use ranges::RangeLocks;
@@ -98,7 +106,7 @@ use ranges::RangeLocks;
 /// Dropping an image writes back its metadata on a best-effort basis; call [`Image::close`] to see errors.
 pub struct Image<D: BlockDevice> {
     dev: Padded<D>,
-    meta: Mutex<Meta>,
+    meta: RwLock<Meta>,
     ranges: RangeLocks,
     /// Held for reading by every operation, for writing by a resize; it also holds what writes need to know
     /// about the persistent bitmaps, which change only while it is held for writing.
@@ -129,6 +137,12 @@ pub struct Image<D: BlockDevice> {
     opened: std::time::Instant,
     /// The persistent dirty bitmaps, kept in memory while open and stored at close.
     bitmaps: bitmaps::Bitmaps,
+    /// The writeback that runs outside the metadata lock (shared with [`Meta`]).
+    writeback_queue: Arc<writeback_queue::WritebackQueue>,
+    /// Serialises growing an external data file (the image file's growth is serialised by [`Padded`]).
+    data_sizing: Mutex<()>,
+    /// How long the metadata lock is held, when [`Config::time_locks`] asks.
+    lock_times: LockTimes,
 }
 
 /// What `qemu-img info` says about an image, in typed form.
@@ -157,8 +171,30 @@ pub struct ImageInfo {
 }
 
 impl<D: BlockDevice> Image<D> {
-    fn meta(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    /// The metadata, for anything that may write metadata to the device: it waits, with the lock held, until no
+    /// writeback outside the lock is writing copies.
+    fn meta(&self) -> MetaGuard<'_> {
+        self.meta_waiting(LockUse::Other)
+    }
+
+    /// [`meta`](Self::meta), with its hold time recorded as `what`.
+    fn meta_waiting(&self, what: LockUse) -> MetaGuard<'_> {
+        let m = self.meta_for(what);
+        m.queue.wait_idle();
+        m
+    }
+
+    /// The metadata, for lookups and allocation on the guest I/O paths, which never wait for a writeback: what
+    /// they write to the device themselves (a header, a writeback under the lock) waits on its own.
+    fn meta_for(&self, what: LockUse) -> MetaGuard<'_> {
+        let guard = self.meta.write().unwrap_or_else(|e| e.into_inner());
+        MetaGuard::new(guard, self.config.time_locks.then_some(&self.lock_times), what)
+    }
+
+    /// The metadata, shared: for lookups of cached pieces, which many threads make at once.
+    fn meta_shared(&self, what: LockUse) -> MetaReadGuard<'_> {
+        let guard = self.meta.read().unwrap_or_else(|e| e.into_inner());
+        MetaReadGuard::new(guard, self.config.time_locks.then_some(&self.lock_times), what)
     }
 
     fn check_connected(&self) -> Result<()> {
@@ -267,22 +303,36 @@ impl<D: BlockDevice> Image<D> {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta();
-        self.unflushed_since.store(0, Ordering::Release);
-        let generation = m.reclaim.begin_flush();
-        if let Err(e) = m.writeback(&self.dev) {
-            self.note_unflushed();
-            return Err(e);
-        }
-        if self.config.runtime_asserts {
-            // The device now holds the whole image, and the lock keeps it so: the checker judges it as
-            // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
-            let report = crate::check::check(&self.dev, crate::check::Repair::None)?;
-            if !report.is_clean() {
-                return Err(runtime_assert_failure(&report, self.geo.cluster_size()));
+        let generation = if self.config.runtime_asserts || self.config.writeback_under_lock {
+            let mut m = self.meta_waiting(LockUse::Writeback);
+            self.unflushed_since.store(0, Ordering::Release);
+            let generation = m.reclaim.begin_flush();
+            if let Err(e) = m.writeback(&self.dev) {
+                self.note_unflushed();
+                return Err(e);
             }
-        }
-        drop(m);
+            if self.config.runtime_asserts {
+                // The device now holds the whole image, and the lock keeps it so: the checker judges it as
+                // `qemu-img check` would, and every stored refcount must equal the references, leaks included.
+                let report = crate::check::check(&self.dev, crate::check::Repair::None)?;
+                if !report.is_clean() {
+                    return Err(runtime_assert_failure(&report, self.geo.cluster_size()));
+                }
+            }
+            generation
+        } else {
+            // Lookups, overwrites and allocations go on while the metadata is written (see `writeback_queue`).
+            let generation = {
+                let mut m = self.meta_for(LockUse::Writeback);
+                self.unflushed_since.store(0, Ordering::Release);
+                m.reclaim.begin_flush()
+            };
+            if let Err(e) = self.write_back_unlocked(true) {
+                self.note_unflushed();
+                return Err(e);
+            }
+            generation
+        };
         if let Err(e) = self.dev.flush() {
             self.note_unflushed();
             return Err(e);

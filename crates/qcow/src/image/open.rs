@@ -99,7 +99,9 @@ impl<D: BlockDevice> Image<D> {
         let dirty = header.incompatible_features & feature::DIRTY != 0;
         let corruption = Arc::new(Corruption::default());
         let read_grace = Arc::new(super::reclaim::ReadGrace::default());
+        let writeback_queue = Arc::new(super::writeback_queue::WritebackQueue::default());
         let meta = Meta {
+            queue: Arc::clone(&writeback_queue),
             overlap: OverlapIndex::new(&header),
             corruption: Arc::clone(&corruption),
             writable: !read_only,
@@ -111,17 +113,14 @@ impl<D: BlockDevice> Image<D> {
             reftable,
             reftable_dirty: BTreeSet::new(),
             cache: MetadataCache::new(config.cache_size, cs),
-            free_hint: 0,
-            end_cluster,
-            pending_frees: Vec::new(),
+            alloc: super::allocator::Allocator::new(end_cluster),
             header_dirty: false,
             lazy_dirty: false,
-            free_byte_offset: 0,
             data_file_size: data_file.as_ref().map(|d| d.info().size_bytes()),
         };
         let image = Image {
             dev,
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             ranges: RangeLocks::default(),
             resize: RwLock::new(Default::default()),
             geo,
@@ -142,6 +141,9 @@ impl<D: BlockDevice> Image<D> {
             unflushed_since: AtomicU64::new(0),
             opened: std::time::Instant::now(),
             bitmaps: Default::default(),
+            writeback_queue,
+            data_sizing: Mutex::new(()),
+            lock_times: Default::default(),
         };
         if !read_only {
             image.prepare_for_writes(dirty)?;

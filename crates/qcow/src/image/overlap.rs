@@ -214,6 +214,8 @@ impl Meta {
         if self.writable && self.header.incompatible_features & feature::CORRUPT == 0 {
             self.header.incompatible_features |= feature::CORRUPT;
             if self.header.version >= 3 {
+                // A header copy being written outside the lock must not land after the bit and clear it.
+                self.queue.wait_idle();
                 let _ = mark_corrupt_on_disk(dev);
             }
         }

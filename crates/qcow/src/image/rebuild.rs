@@ -44,7 +44,7 @@ impl Meta {
         let geo = crate::format::Geometry { refcount_order, ..self.geo };
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
-        let start = self.end_cluster.max(counts.len() as u64);
+        let start = self.alloc.end_cluster().max(counts.len() as u64);
         let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(start, &geo);
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
@@ -86,7 +86,7 @@ impl Meta {
         self.overlap.reftable_replaced();
         self.reftable_dirty.clear();
         self.cache.clear_clean();
-        self.free_hint = 0;
+        self.alloc.set_hint(0);
         self.lazy_dirty = false;
         self.trust_own_refcounts();
         Ok(())

@@ -114,15 +114,14 @@ impl Meta {
     /// Truncates the device after the last cluster with a nonzero refcount. With the refcounts trusted, nothing
     /// past it is referenced by any table, snapshot, bitmap or the header.
     pub(super) fn trim_file(&mut self, dev: &dyn BlockDevice, _trusted: Trusted) -> Result<()> {
-        let mut end = self.end_cluster;
+        let mut end = self.alloc.end_cluster();
         // A cluster the reclaimer is erasing is written without the lock: the file must keep it.
         while end > 1 && self.refcount(dev, end - 1)? == 0 && !self.reclaim.is_busy(end - 1) {
             end -= 1;
         }
-        if end < self.end_cluster {
-            self.end_cluster = end;
+        if end < self.alloc.end_cluster() {
+            self.alloc.cut(end);
             self.reclaim.truncated(end);
-            self.free_hint = self.free_hint.min(end);
             dev.resize((end << self.geo.cluster_bits) / 512)?;
         }
         Ok(())

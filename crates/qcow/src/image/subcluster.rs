@@ -54,7 +54,7 @@ impl<D: BlockDevice> Image<D> {
                 Piece::Owned(whole)
             };
             self.flush_pieces(plan.target.0 + span_lo, &[piece])?;
-            let mut m = self.meta();
+            let mut m = self.meta_for(super::lock_timing::LockUse::Allocation);
             let guest = GuestOffset(cluster_start);
             let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;
             let index = self.geo.l2_index(guest);
@@ -65,10 +65,11 @@ impl<D: BlockDevice> Image<D> {
             for cluster in plan.release {
                 m.free_later(cluster);
             }
-            if m.cache.over_budget() {
-                m.writeback(&self.dev)?;
-            }
+            let over_budget = m.cache.over_budget();
             drop(m);
+            if over_budget {
+                self.write_back_unlocked(false)?;
+            }
             pos = cluster_start + hi;
         }
         Ok(())
@@ -76,7 +77,7 @@ impl<D: BlockDevice> Image<D> {
 
     fn plan_subclusters(&self, cluster_start: u64, touched: u32, span_lo: u64, span_hi: u64) -> Result<SubclusterPlan> {
         let cs = self.geo.cluster_size();
-        let mut m = self.meta();
+        let mut m = self.meta_for(super::lock_timing::LockUse::Allocation);
         m.corruption.check()?;
         m.mark_dirty(&self.dev)?;
         let guest = GuestOffset(cluster_start);

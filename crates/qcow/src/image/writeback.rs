@@ -14,6 +14,7 @@
 use super::cache::TableKind;
 use super::meta::{write_meta, Meta};
 use super::overlap::MetaKind;
+use super::writeback_queue::{Copies, PieceCopy};
 use crate::block::BlockDevice;
 use crate::error::Result;
 use crate::format::{feature, RefcountBlock};
@@ -66,14 +67,109 @@ impl Meta {
         Ok(!dirty.is_empty())
     }
 
+    /// The header as written: serialised, padded to whole sectors.
+    fn header_bytes(&self) -> Result<Vec<u8>> {
+        let mut bytes = self.header.serialize()?;
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
+        Ok(bytes)
+    }
+
     /// Writes the header (cluster 0's header area) now.
     pub fn write_header(&mut self, dev: &dyn BlockDevice) -> Result<()> {
         self.corruption.check()?;
-        let mut bytes = self.header.serialize()?;
-        bytes.resize(bytes.len().next_multiple_of(512), 0);
-        write_meta(dev, 0, &bytes)?;
+        self.queue.wait_idle();
+        write_meta(dev, 0, &self.header_bytes()?)?;
         self.header_dirty = false;
         Ok(())
+    }
+
+    /// Copies of the dirty pieces of one kind, each checked not to land on other metadata; L1 clusters are cut
+    /// where the table ends (it may end inside its last cluster, and the file with it).
+    fn piece_copies(&mut self, dev: &dyn BlockDevice, kind: TableKind) -> Result<Vec<PieceCopy>> {
+        let own = match kind {
+            TableKind::L1 => MetaKind::ActiveL1,
+            TableKind::L2 => MetaKind::ActiveL2,
+            TableKind::RefcountBlock => MetaKind::RefcountBlock,
+        };
+        let mut copies = self.cache.dirty_copies(kind);
+        let l1_end = self.header.l1_table_offset.saturating_add(self.l1_size() * 8);
+        for (offset, _, bytes) in &mut copies {
+            self.check_meta_write(dev, *offset, own)?;
+            if kind == TableKind::L1 {
+                let len = l1_end.saturating_sub(*offset).min(self.geo.cluster_size()).next_multiple_of(512);
+                let cut: Box<[u8]> = bytes.get(..len as usize).unwrap_or(&bytes[..]).into();
+                *bytes = cut;
+            }
+        }
+        Ok(copies)
+    }
+
+    /// Takes a consistent copy of the dirty metadata for a writeback outside the lock: every dirty piece, the
+    /// changed refcount-table clusters, the header and the deferred decrements with `everything`, else the
+    /// refcount blocks alone (what the decrements just changed). Answers `None` when nothing is dirty; otherwise
+    /// the copies are marked in flight, and the caller writes them and then calls
+    /// [`finish_copies`](Self::finish_copies). The caller holds the queue's turn.
+    pub(super) fn take_copies(&mut self, dev: &dyn BlockDevice, everything: bool) -> Result<Option<Copies>> {
+        self.corruption.check()?;
+        let mut copies = Copies { strict: !self.lazy_dirty, ..Copies::default() };
+        copies.refcount_blocks = self.piece_copies(dev, TableKind::RefcountBlock)?;
+        if everything {
+            copies.l2 = self.piece_copies(dev, TableKind::L2)?;
+            copies.l1 = self.piece_copies(dev, TableKind::L1)?;
+            if self.header_dirty {
+                copies.header = Some(self.header_bytes()?);
+            }
+            let cs = self.geo.cluster_size();
+            let per_cluster = (cs / 8) as usize;
+            for index in self.reftable_dirty.iter().copied().collect::<Vec<_>>() {
+                let offset = self.header.refcount_table_offset + index * cs;
+                self.check_meta_write(dev, offset, MetaKind::RefcountTable)?;
+                let start = usize::try_from(index).unwrap_or(usize::MAX).saturating_mul(per_cluster);
+                let bytes: Vec<u8> =
+                    self.reftable.iter().skip(start).take(per_cluster).flat_map(|e| e.to_be_bytes()).collect();
+                copies.reftable.push((index, offset, bytes));
+            }
+            self.reftable_dirty.clear();
+            copies.frees = self.alloc.take_frees();
+        }
+        if copies.is_empty() {
+            return Ok(None);
+        }
+        self.queue.begin();
+        Ok(Some(copies))
+    }
+
+    /// Records what a writeback outside the lock achieved: the pieces written and unchanged since are clean, and
+    /// the decrements are applied once the references they drop are durably gone, answering the copies of the
+    /// refcount blocks they changed, to be written the same way. After a failure everything not known to be
+    /// written stays dirty and the decrements stay deferred.
+    pub(super) fn finish_copies(
+        &mut self,
+        dev: &dyn BlockDevice,
+        copies: Copies,
+        written: Result<()>,
+    ) -> Result<Option<Copies>> {
+        if let Err(e) = written {
+            self.reftable_dirty.extend(copies.reftable.iter().map(|r| r.0));
+            self.alloc.restore_frees(copies.frees);
+            return Err(e);
+        }
+        for (key, version, _) in copies.refcount_blocks.iter().chain(&copies.l2).chain(&copies.l1) {
+            self.cache.mark_clean_if(*key, *version);
+        }
+        if let Some(header) = &copies.header {
+            if self.header_dirty && self.header_bytes()? == *header {
+                self.header_dirty = false;
+            }
+        }
+        if copies.frees.is_empty() {
+            self.cache.shrink();
+            return Ok(None);
+        }
+        for cluster in copies.frees {
+            self.adjust_refcount(dev, cluster, -1)?;
+        }
+        self.take_copies(dev, false)
     }
 
     /// Writes every dirty metadata cluster in crash-safe order and applies deferred decrements.
@@ -87,6 +183,7 @@ impl Meta {
         // Once corruption was found nothing more is written (QEMU makes the node unusable): the image keeps the
         // state of its last writeback plus the corrupt bit, for a repair to start from.
         self.corruption.check()?;
+        self.queue.wait_idle();
         let strict = !self.lazy_dirty;
         // Whether writes since the last flush must become durable before the next step writes.
         let mut unflushed = false;
@@ -101,6 +198,11 @@ impl Meta {
             barrier(&mut unflushed)?;
             unflushed |= self.write_reftable_clusters(dev)?;
         }
+        if self.cache.has_dirty(TableKind::L2) || self.cache.has_dirty(TableKind::L1) || self.header_dirty {
+            // Pointers come next: guest data written since the last flush must be durable before them even when
+            // no refcount changed (see `writeback_queue`).
+            unflushed = true;
+        }
         if self.cache.has_dirty(TableKind::L2) {
             barrier(&mut unflushed)?;
             unflushed |= self.write_dirty(dev, TableKind::L2)?;
@@ -112,12 +214,12 @@ impl Meta {
                 self.write_header(dev)?;
             }
         }
-        if !self.pending_frees.is_empty() {
+        if !self.alloc.pending_frees().is_empty() {
             // The decrements below must not reach the disk before the references they drop are gone, and the
             // clusters they free must not be handed out while a read that mapped them before is still reading.
             dev.flush()?;
             self.read_grace.wait_for_readers();
-            for cluster in std::mem::take(&mut self.pending_frees) {
+            for cluster in self.alloc.take_frees() {
                 self.adjust_refcount(dev, cluster, -1)?;
             }
             self.write_dirty(dev, TableKind::RefcountBlock)?;
@@ -158,7 +260,7 @@ impl Meta {
         let cs = self.geo.cluster_size();
         let rbe = self.geo.refcount_block_entries();
         let old_len = self.reftable.len() as u64;
-        let start = self.end_cluster;
+        let start = self.alloc.end_cluster();
         let mut entries = min_entries.max(old_len * 2).max(1);
         let (table_clusters, new_blocks) = loop {
             let table_clusters = (entries * 8).div_ceil(cs);

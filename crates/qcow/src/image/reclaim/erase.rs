@@ -69,7 +69,7 @@ impl<D: BlockDevice> Image<D> {
         let cs = self.geo.cluster_size();
         let claimed = {
             let mut m = self.meta();
-            let whole = (self.dev.info().size_bytes() / cs).min(m.end_cluster);
+            let whole = (self.dev.info().size_bytes() / cs).min(m.alloc.end_cluster());
             let trusted = m.still_trusted(trusted)?;
             let junk = m.find_junk(&self.dev, max, whole, trusted)?;
             m.reclaim.claim_for_erasing(&junk);

@@ -45,7 +45,7 @@ impl Meta {
     fn free_targets(&mut self, dev: &dyn BlockDevice, want: u64, below: u64, _trusted: Trusted) -> Result<Vec<u64>> {
         let per_block = self.geo.refcount_block_entries();
         let mut targets = Vec::new();
-        let mut c = self.free_hint.max(1);
+        let mut c = self.alloc.hint().max(1);
         while c < below && (targets.len() as u64) < want {
             let block = c / per_block;
             if self.reftable.get(block as usize).is_none_or(|e| RefcountTableEntry(*e).block_offset().is_none()) {
@@ -208,7 +208,7 @@ impl<D: BlockDevice> Image<D> {
     fn plan_online(&self, max_moves: u64, trusted: Trusted) -> Result<Vec<Planned>> {
         let (targets, l1_size, refblocks) = {
             let mut m = self.meta();
-            let end = m.end_cluster;
+            let end = m.alloc.end_cluster();
             let trusted = m.still_trusted(trusted)?;
             let targets = m.free_targets(&self.dev, max_moves, end, trusted)?;
             let refblocks: Vec<(u64, u64)> = m

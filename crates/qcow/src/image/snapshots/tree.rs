@@ -33,7 +33,7 @@ impl Meta {
             return Ok(Vec::new());
         }
         let offset = snapshot.l1_table_offset;
-        let limit = self.end_cluster.saturating_mul(cs);
+        let limit = self.alloc.end_cluster().saturating_mul(cs);
         if offset == 0 || offset.checked_add(bytes).is_none_or(|end| end > limit) {
             return Err(Error::corrupt("snapshot L1 table outside the file", offset));
         }
@@ -102,7 +102,7 @@ impl Meta {
     /// A referenced cluster must lie inside the file: raising the refcount of one far past it would grow the
     /// refcount structures to describe space that does not exist.
     fn check_reference(&self, host: u64, at: u64) -> Result<()> {
-        if host >> self.geo.cluster_bits >= self.end_cluster {
+        if host >> self.geo.cluster_bits >= self.alloc.end_cluster() {
             return Err(Error::corrupt("a table entry points past the end of the file", at));
         }
         Ok(())
