@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::thread::Thread;
 use std::time::Instant;
 
-use qcow::block::{BlockDevice, FileDevice, FileOptions};
+use qcow::block::{BlockDevice, FileDevice, FileOptions, Locking};
 use qcow::{Config, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
@@ -335,8 +335,15 @@ fn open_target(args: &Args, cache: &Cache) -> Result<Target> {
         None => open::probe(path)?,
     };
     let writable = args.write || args.flusher_ms.is_some();
-    let file = FileDevice::open(path, &FileOptions { read_only: !writable, direct: cache.direct })
-        .context(|| format!("could not open '{}'", path.display()))?;
+    let file = FileDevice::open(
+        path,
+        &FileOptions {
+            read_only: !writable,
+            direct: cache.direct,
+            locking: if !writable && crate::open::forced_share() { Locking::ForceShare } else { Locking::Qemu },
+        },
+    )
+    .context(|| format!("could not open '{}'", path.display()))?;
     let dev = BenchDevice { file, ignore_flush: cache.ignore_flush };
     Ok(match format {
         Format::Raw => Target::Raw(dev),

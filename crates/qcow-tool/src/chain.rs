@@ -15,7 +15,7 @@ use qcow::convert::AllocationMap;
 use qcow::{ExtentKind, Image};
 
 use crate::error::{Error, Result};
-use crate::open::{self, Format};
+use crate::open::{self, ChainReads, Format};
 
 /// Longest chain followed, as a guard against loops.
 const MAX_DEPTH: usize = 64;
@@ -117,6 +117,11 @@ pub fn backing_name(image: &str, backing: &str) -> String {
 impl Chain {
     /// Opens `path` (as `format`, or probed) and every backing file under it.
     pub fn open(path: &Path, format: Option<Format>) -> Result<Self> {
+        Self::open_with(path, format, ChainReads::Locked)
+    }
+
+    /// As [`open`](Self::open), every layer opened with the locks of `reads`.
+    pub fn open_with(path: &Path, format: Option<Format>, reads: ChainReads) -> Result<Self> {
         let mut layers = Vec::new();
         let mut name = path.display().to_string();
         let mut recorded = None;
@@ -131,13 +136,13 @@ impl Chain {
             let here = PathBuf::from(&name);
             match format {
                 Format::Raw => {
-                    let dev = open::file(&here, true)?;
+                    let dev = open::chain_file(&here, reads)?;
                     let size = dev.len_bytes();
                     layers.push(Layer { name, recorded, size, body: Body::Raw(dev) });
                     break;
                 }
                 Format::Qcow2 => {
-                    let image = open::image_metadata(&here)?;
+                    let image = open::image_metadata_with(&here, reads)?;
                     let header = image.header();
                     if header.has_external_data_file() {
                         return Err(Error::msg(format!(

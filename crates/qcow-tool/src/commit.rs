@@ -13,7 +13,7 @@ use qcow::{CommitRange, Config};
 
 use crate::chain::{backing_name, Chain};
 use crate::error::{Error, Result};
-use crate::open::{self, Format};
+use crate::open::{self, ChainReads, Format};
 use crate::progress::{Progress, ProgressArgs};
 use crate::rebase::quiet_progress;
 use crate::rw::print;
@@ -63,7 +63,9 @@ pub fn run(args: &Args) -> Result<()> {
     let base_path = PathBuf::from(chain.name(depth));
     let base_format = chain.layer_format(depth).unwrap_or(Format::Qcow2);
     drop(chain);
-    let top = open::image(path, drop_top)?;
+    // The base is opened read-write below, with QEMU's lock, which keeps every other writer out; our own reads of
+    // the chain share it, or they would refuse that open.
+    let top = open::image_over(path, drop_top, ChainReads::Shared)?;
     let base = match base_format {
         Format::Raw => Base::Raw(open::file(&base_path, false)?),
         // Discard makes zeros cheap in the base: zero clusters instead of written ones.
@@ -139,7 +141,7 @@ fn find_base(chain: &Chain, base: &str) -> Option<usize> {
 /// The ranges of `top` answered by a layer above `base_depth` (allocated there, or reading zeros past the end of
 /// a shorter layer), merged.
 fn ranges_above(top: &Path, base_depth: usize, size: u64) -> Result<Vec<CommitRange>> {
-    let chain = Chain::open(top, Some(Format::Qcow2))?;
+    let chain = Chain::open_with(top, Some(Format::Qcow2), ChainReads::Shared)?;
     let mut ranges: Vec<CommitRange> = Vec::new();
     for s in chain.status(0, size)? {
         if s.depth >= base_depth || (!s.present && !s.zero) {

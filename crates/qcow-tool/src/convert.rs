@@ -276,7 +276,7 @@ fn copy(args: &Args, source: &Source<'_>, target: &dyn Target, options: &Options
 fn to_raw(args: &Args, input: &Input, size: u64) -> Result<()> {
     let path = &args.dst;
     let dev = if args.no_create {
-        let dev = open::file(path, false)?;
+        let dev = open::target_file(path)?;
         if dev.len_bytes() < size {
             return Err(Error::msg(format!(
                 "'{}' is {} bytes, smaller than the source's {size} (-n writes into the existing file)",
@@ -310,7 +310,7 @@ fn to_qcow2(args: &Args, input: &Input, size: u64, lists: &[String], level: Opti
         if !lists.is_empty() || args.backing.is_some() {
             return Err(Error::msg("-n writes into an existing image: -o and -B do not apply"));
         }
-        let file = open::file(path, false)?;
+        let file = open::target_file(path)?;
         return if args.cache == Cache::Unsafe {
             into_qcow2(args, input, size, level, Unsynced::new(file), None)
         } else {

@@ -54,6 +54,10 @@ struct Cli {
     /// are followed, so that an image cannot make the tool open arbitrary host files).
     #[arg(long, global = true)]
     allow_absolute_backing: bool,
+    /// Open images that are only read without stopping others from writing them (qemu-img's -U): what is read
+    /// may be inconsistent while another process writes.
+    #[arg(short = 'U', long = "force-share", global = true)]
+    force_share: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,6 +130,7 @@ enum Command {
 /// Runs a command; `Ok` holds the exit code, which only `check` makes other than 0.
 fn run(cli: Cli) -> Result<u8> {
     open::allow_absolute_backing(cli.allow_absolute_backing);
+    open::force_share(cli.force_share);
     match cli.command {
         Command::Create(args) => create::run(&args).map(|()| 0),
         Command::Info(args) => info::run(&args).map(|()| 0),

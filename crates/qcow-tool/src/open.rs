@@ -4,13 +4,17 @@
 //! Backing files are followed under the library's default [`BackingPolicy`]: relative names only (resolved
 //! against the overlay's directory), formats taken from the image and never probed. `--allow-absolute-backing`
 //! also lets absolute names through; it is set once, before any command runs.
+//!
+//! Files are locked as QEMU locks them, so that a running QEMU and this tool refuse each other's writes.
+//! `-U`/`--force-share` (also set once) opens what is only read without asking others to stop writing, as
+//! qemu-img's `-U` does, and is refused where the command would write the image.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use qcow::block::{FileDevice, FileOptions, MemoryDevice};
+use qcow::block::{FileDevice, FileOptions, Locking, MemoryDevice};
 use qcow::format::FormatError;
 use qcow::{Backing, BackingPolicy, BackingResolver, Config, Image};
 
@@ -24,9 +28,65 @@ pub fn allow_absolute_backing(allow: bool) {
     ALLOW_ABSOLUTE.store(allow, Ordering::Relaxed);
 }
 
-/// The policy every image is opened under.
+/// Whether what is only read is opened sharing everything (`-U`, `--force-share`).
+static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
+
+/// Opens what is only read without QEMU's lock against writers.
+pub fn force_share(on: bool) {
+    FORCE_SHARE.store(on, Ordering::Relaxed);
+}
+
+/// Whether `-U` was given.
+pub fn forced_share() -> bool {
+    FORCE_SHARE.load(Ordering::Relaxed)
+}
+
+/// The locks a file opened read-only (or not) takes.
+fn locking(read_only: bool) -> Locking {
+    if read_only && forced_share() {
+        Locking::ForceShare
+    } else {
+        Locking::Qemu
+    }
+}
+
+/// The policy every image is opened under; backing files are read-only, so `-U` applies to them.
 pub fn policy() -> BackingPolicy {
-    BackingPolicy { allow_absolute: ALLOW_ABSOLUTE.load(Ordering::Relaxed), ..BackingPolicy::default() }
+    BackingPolicy {
+        allow_absolute: ALLOW_ABSOLUTE.load(Ordering::Relaxed),
+        locking: locking(true),
+        ..BackingPolicy::default()
+    }
+}
+
+/// The policy for an image opened with `read_only` by path: like [`policy`], with the image's own lock.
+fn policy_for(read_only: bool) -> BackingPolicy {
+    BackingPolicy { locking: locking(read_only), ..policy() }
+}
+
+/// qemu-img's refusal of `-U` for an image the command would write.
+pub fn refuse_force_share(path: &Path, read_only: bool) -> Result<()> {
+    if read_only || !forced_share() {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "Could not open '{}': force-share=on can only be used with read-only images",
+        path.display()
+    )))
+}
+
+/// qemu-img's words for a file another process holds, when `e` says so: the locked file may be a backing file.
+pub fn locked(e: &qcow::Error) -> Option<Error> {
+    let found = match e {
+        qcow::Error::Backing(inner) => inner.as_ref(),
+        e => e,
+    };
+    let qcow::Error::Locked { path, permission, shared } = found else { return None };
+    let shown = path.display();
+    let shared = if *shared { "shared " } else { "" };
+    Some(Error::msg(format!(
+        "Could not open '{shown}': Failed to get {shared}\"{permission}\" lock. Is another process using the image [{shown}]?"
+    )))
 }
 
 /// An image format, as `-f` and `-O` name it.
@@ -67,8 +127,55 @@ pub fn probe(path: &Path) -> Result<Format> {
 
 /// Opens a file as a device.
 pub fn file(path: &Path, read_only: bool) -> Result<FileDevice> {
-    FileDevice::open(path, &FileOptions { read_only, direct: false })
-        .context(|| format!("could not open '{}'", path.display()))
+    refuse_force_share(path, read_only)?;
+    open_file(path, read_only)
+}
+
+/// Opens a file that a command writes into besides what it reads (convert's existing target): `-U` is about the
+/// sources, so the target takes its locks whatever `-U` says.
+pub fn target_file(path: &Path) -> Result<FileDevice> {
+    open_file(path, false)
+}
+
+fn open_file(path: &Path, read_only: bool) -> Result<FileDevice> {
+    open_locked(path, read_only, locking(read_only))
+}
+
+fn open_locked(path: &Path, read_only: bool, locking: Locking) -> Result<FileDevice> {
+    FileDevice::open(path, &FileOptions { read_only, locking, ..FileOptions::default() })
+        .map_err(|e| locked(&e).unwrap_or_else(|| Error::wrap(format!("could not open '{}'", path.display()), e)))
+}
+
+/// Which locks a command's reads of a backing chain take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainReads {
+    /// As every other read-only open: QEMU's lock unless `-U`.
+    Locked,
+    /// Sharing everything: for a command that itself holds a layer of the chain read-write with QEMU's lock
+    /// (commit's base), which keeps other writers out, and whose own read-only opens would otherwise refuse it.
+    Shared,
+}
+
+impl ChainReads {
+    fn locking(self) -> Locking {
+        match self {
+            ChainReads::Locked => locking(true),
+            ChainReads::Shared => Locking::ForceShare,
+        }
+    }
+}
+
+/// Opens a file read-only, for a chain's reads.
+pub fn chain_file(path: &Path, reads: ChainReads) -> Result<FileDevice> {
+    open_locked(path, true, reads.locking())
+}
+
+/// Opens a qcow2 image whose backing chain is read with `reads`' locks; the image itself takes its own.
+pub fn image_over(path: &Path, read_only: bool, reads: ChainReads) -> Result<Image<FileDevice>> {
+    refuse_force_share(path, read_only)?;
+    let dev = open_file(path, read_only)?;
+    let policy = BackingPolicy { locking: reads.locking(), ..policy() };
+    Image::open_with(dev, config(read_only), &qcow::FileResolver::new(path, policy)).map_err(|e| open_error(path, e))
 }
 
 fn config(read_only: bool) -> Config {
@@ -81,12 +188,15 @@ fn config(read_only: bool) -> Config {
 
 /// Opens a qcow2 image and its backing chain.
 pub fn image(path: &Path, read_only: bool) -> Result<Image<FileDevice>> {
-    Image::open_path_with(path, config(read_only), policy()).map_err(|e| open_error(path, e))
+    refuse_force_share(path, read_only)?;
+    Image::open_path_with(path, config(read_only), policy_for(read_only)).map_err(|e| open_error(path, e))
 }
 
 /// Opens a qcow2 image read-write with `config` (for commands that need discard or other runtime settings).
 pub fn image_with(path: &Path, config: Config) -> Result<Image<FileDevice>> {
-    Image::open_path_with(path, config, policy()).map_err(|e| open_error(path, e))
+    refuse_force_share(path, config.read_only)?;
+    let policy = policy_for(config.read_only);
+    Image::open_path_with(path, config, policy).map_err(|e| open_error(path, e))
 }
 
 /// A failure while working on an open image, naming the file.
@@ -116,7 +226,12 @@ impl BackingResolver for NotOpened {
 /// Opens a qcow2 image read-only for its metadata only: the backing file and the external data file are named
 /// but never opened, so guest data must not be read through this image.
 pub fn image_metadata(path: &Path) -> Result<Image<FileDevice>> {
-    let dev = file(path, true)?;
+    image_metadata_with(path, ChainReads::Locked)
+}
+
+/// As [`image_metadata`], with the locks of `reads`.
+pub fn image_metadata_with(path: &Path, reads: ChainReads) -> Result<Image<FileDevice>> {
+    let dev = chain_file(path, reads)?;
     Image::open_with(dev, Config::read_only(), &NotOpened).map_err(|e| open_error(path, e))
 }
 
@@ -166,6 +281,9 @@ pub fn hint(e: &qcow::Error) -> String {
 
 /// An open failure, naming the file.
 pub fn open_error(path: &Path, e: qcow::Error) -> Error {
+    if let Some(locked) = locked(&e) {
+        return locked;
+    }
     Error::wrap(format!("could not open '{}' as qcow2{}", path.display(), hint(&e)), e)
 }
 

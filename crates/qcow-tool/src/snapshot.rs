@@ -33,9 +33,6 @@ pub struct Args {
     /// Print nothing but the list.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Share the image with writers (list only).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
     /// Image format; probed from the file's magic when not given.
     #[arg(short = 'f', value_enum)]
     format: Option<Format>,
@@ -70,11 +67,7 @@ pub fn run(args: &Args) -> Result<()> {
     let path = &args.file;
     let shown = path.display().to_string();
     let list = matches!(action, Action::List);
-    if args.force_share && !list {
-        return Err(Error::msg(format!(
-            "Could not open '{shown}': force-share=on can only be used with read-only images"
-        )));
-    }
+    open::refuse_force_share(path, list)?;
     // qemu-img's words for a file it cannot open, before the qcow2 layer says anything.
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(!list).open(path) {
         let why = e.to_string();

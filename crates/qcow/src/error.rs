@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The caller passed an argument that cannot be honoured.
     InvalidArgument,
+    /// Another process (or another open in this one) holds the file with locks that exclude this open.
+    Locked,
 }
 
 /// An error from a block device or an image.
@@ -106,6 +108,18 @@ pub enum Error {
     /// A change to the image (rebase, commit, amend) was refused before anything was written.
     #[error(transparent)]
     Refused(#[from] crate::image::Refusal),
+    /// Another open of the file holds locks that exclude this one: QEMU's image locks, which a running QEMU,
+    /// qemu-img or this library take. Nothing was read or written.
+    #[error("{}: failed to get {}\"{permission}\" lock: another process is using the image", path.display(), if *shared { "shared " } else { "" })]
+    Locked {
+        /// The file that is locked.
+        path: std::path::PathBuf,
+        /// The permission that conflicts, in QEMU's words ("write", "resize", ...).
+        permission: &'static str,
+        /// True when the other open uses the permission and this one would not share it; false when this open
+        /// wants the permission and the other does not share it.
+        shared: bool,
+    },
     /// An argument the caller passed cannot be honoured.
     #[error("invalid argument to {op}: {reason}")]
     InvalidArgument {
@@ -131,6 +145,7 @@ impl Error {
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Snapshot { why, .. } => why.kind(),
             Error::InvalidArgument { .. } | Error::Refused(_) => ErrorKind::InvalidArgument,
+            Error::Locked { .. } => ErrorKind::Locked,
         }
     }
 

@@ -29,8 +29,11 @@ fn open_rw(path: &Path) -> Image<FileDevice> {
 }
 
 fn open_ro(path: &Path) -> Image<FileDevice> {
-    Image::open(FileDevice::open(path, &FileOptions { read_only: true, direct: false }).unwrap(), Config::read_only())
-        .unwrap()
+    Image::open(
+        FileDevice::open(path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() }).unwrap(),
+        Config::read_only(),
+    )
+    .unwrap()
 }
 
 fn autoclear(path: &Path) -> u64 {

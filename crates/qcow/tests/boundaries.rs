@@ -77,7 +77,7 @@ fn guards(model: &BTreeMap<u64, u8>, size: u64) -> Vec<u64> {
 }
 
 fn open_ours(path: &Path, read_only: bool) -> Image<FileDevice> {
-    let dev = FileDevice::open(path, &FileOptions { read_only, direct: false }).unwrap();
+    let dev = FileDevice::open(path, &FileOptions { read_only, direct: false, ..FileOptions::default() }).unwrap();
     let config = if read_only { Config::read_only() } else { Config::default() };
     Image::open(dev, config).unwrap_or_else(|e| panic!("Image::open({}): {e}", path.display()))
 }

@@ -73,7 +73,11 @@ fn peek64(path: &Path, offset: u64) -> u64 {
 }
 
 fn ours(path: &Path, repair: Repair) -> CheckReport {
-    let dev = FileDevice::open(path, &FileOptions { read_only: repair == Repair::None, direct: false }).unwrap();
+    let dev = FileDevice::open(
+        path,
+        &FileOptions { read_only: repair == Repair::None, direct: false, ..FileOptions::default() },
+    )
+    .unwrap();
     check(&dev, repair).unwrap_or_else(|e| panic!("our check of {} failed: {e}", path.display()))
 }
 

@@ -41,7 +41,7 @@ fn open_rw(path: &Path) -> qcow::Result<Image<FileDevice>> {
 }
 
 fn open_ro(path: &Path) -> qcow::Result<Image<FileDevice>> {
-    let opts = FileOptions { read_only: true, direct: false };
+    let opts = FileOptions { read_only: true, direct: false, ..FileOptions::default() };
     Image::open(FileDevice::open(path, &opts)?, Config::read_only())
 }
 

@@ -215,7 +215,7 @@ fn qemu_reads(path: &Path) -> Option<Vec<u8>> {
 
 /// What we read from an image, read-only, if we can read it.
 fn we_read(path: &Path) -> Option<Vec<u8>> {
-    let dev = FileDevice::open(path, &FileOptions { read_only: true, direct: false }).ok()?;
+    let dev = FileDevice::open(path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() }).ok()?;
     let image = Image::open(dev, Config::read_only()).ok()?;
     let mut bytes = vec![0u8; image.virtual_size() as usize];
     image.read_at(0, &mut bytes).ok()?;

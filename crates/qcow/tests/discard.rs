@@ -13,7 +13,9 @@ use qcow::{BackingPolicy, Config, ErrorKind, FileResolver, Image};
 use support::{assert_clean, assert_matches_model, qemu, qemu_create, qemu_io, qemu_to_raw, run_ok, Rng};
 
 fn open(path: &Path, config: Config) -> Image<FileDevice> {
-    let dev = FileDevice::open(path, &FileOptions { read_only: config.read_only, direct: false }).unwrap();
+    let dev =
+        FileDevice::open(path, &FileOptions { read_only: config.read_only, direct: false, ..FileOptions::default() })
+            .unwrap();
     let resolver = FileResolver::new(path, BackingPolicy::default());
     Image::open_with(dev, config, &resolver).unwrap()
 }

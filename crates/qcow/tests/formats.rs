@@ -1027,7 +1027,8 @@ fn extended_l2_and_external_data_files_are_refused_by_name_or_handled_like_qemu(
     };
     let qemu_view = |img: &Path| {
         let raw = dir.path().join("expected.raw");
-        run_ok(in_dir("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", s(img), s(&raw)]));
+        // -U: the image is still open while QEMU reads it.
+        run_ok(in_dir("qemu-img").args(["convert", "-U", "-f", "qcow2", "-O", "raw", s(img), s(&raw)]));
         std::fs::read(&raw).unwrap()
     };
     let l2 = dir.path().join("l2.qcow2");

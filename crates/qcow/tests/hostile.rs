@@ -172,7 +172,7 @@ fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 }
 
 fn open_file(path: &Path, read_write: bool) -> qcow::Result<FileDevice> {
-    FileDevice::open(path, &FileOptions { read_only: !read_write, direct: false })
+    FileDevice::open(path, &FileOptions { read_only: !read_write, direct: false, ..FileOptions::default() })
 }
 
 /// What a read-only open and a full chunked read gave.

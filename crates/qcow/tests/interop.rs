@@ -32,7 +32,7 @@ const REFCOUNT_WIDTHS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
 // ---------------------------------------------------------------------------------------------------------------
 
 fn open_ours_read_only(path: &Path) -> Image<FileDevice> {
-    let dev = FileDevice::open(path, &FileOptions { read_only: true, direct: false })
+    let dev = FileDevice::open(path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() })
         .unwrap_or_else(|e| panic!("FileDevice::open({}) read-only: {e}", path.display()));
     Image::open(dev, Config::read_only()).unwrap_or_else(|e| panic!("Image::open({}) read-only: {e}", path.display()))
 }

@@ -317,6 +317,8 @@ fn disconnect_stops_the_background_worker() {
     assert_eq!(image.reclaimer_error(), None, "a disconnect is a clean stop, not an error");
     assert!(image.start_reclaimer(ReclaimerOptions::default()).is_err(), "a disconnected image cannot reclaim");
     assert_clean(&path);
+    // Closed, so that its lock lets the read-only open below in.
+    drop(image);
     let read_only =
         Arc::new(Image::open(FileDevice::open(&path, &FileOptions::default()).unwrap(), Config::read_only()).unwrap());
     assert!(read_only.start_reclaimer(ReclaimerOptions::default()).is_err());

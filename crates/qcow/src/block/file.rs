@@ -22,6 +22,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::file_lock::{self, Locking};
 use super::{check_request, BlockDevice, Info, SECTOR_SIZE};
 use crate::error::{Error, Result};
 
@@ -42,6 +43,8 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Open with `O_DIRECT`, bypassing the page cache. Not every filesystem supports it.
     pub direct: bool,
+    /// The locks taken on the file against other users; QEMU's by default.
+    pub locking: Locking,
 }
 
 /// A block device stored in a file.
@@ -82,8 +85,12 @@ impl FileDevice {
         }
         let path = path.as_ref();
         let mut oo = OpenOptions::new();
-        oo.read(true).write(true).create(true).truncate(true);
-        Self::open_with(path, &mut oo, opts)
+        // Truncated only once locked: a file another process holds must not lose its contents to the refusal.
+        oo.read(true).write(true).create(true);
+        let dev = Self::open_with(path, &mut oo, opts)?;
+        dev.file.set_len(0).map_err(|e| Error::io("create", 0, e))?;
+        dev.len.store(0, Ordering::Release);
+        Ok(dev)
     }
 
     fn open_with(path: &Path, oo: &mut OpenOptions, opts: &FileOptions) -> Result<Self> {
@@ -104,6 +111,7 @@ impl FileDevice {
                 Error::io("open", 0, e)
             }
         })?;
+        file_lock::lock(&file, path, !opts.read_only, opts.locking)?;
         Self::new(file, !opts.read_only, opts.direct)
     }
 
@@ -817,7 +825,12 @@ mod tests {
         assert!(buf[8 * 512..14 * 512].iter().all(|&b| b == 0xaa));
         assert!(buf[14 * 512..].iter().all(|&b| b == 0));
         assert!(d.zero_range(3, 0).unwrap(), "an empty range is done");
-        let ro = FileDevice::open(dir.path().join("disk"), &FileOptions { read_only: true, direct: false }).unwrap();
+        // A second open of the same file in this process: without locks, or the first open's would refuse it.
+        let ro = FileDevice::open(
+            dir.path().join("disk"),
+            &FileOptions { read_only: true, locking: Locking::Off, ..FileOptions::default() },
+        )
+        .unwrap();
         assert_eq!(ro.zero_range(0, 1).unwrap_err().kind(), ErrorKind::ReadOnly);
     }
 
@@ -842,7 +855,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk");
         std::fs::write(&path, vec![3u8; 2048]).unwrap();
-        let opts = FileOptions { read_only: true, direct: false };
+        let opts = FileOptions { read_only: true, direct: false, ..FileOptions::default() };
         let d = FileDevice::open(&path, &opts).unwrap();
         assert!(!d.info().read_write);
         assert_eq!(d.write(0, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
@@ -961,7 +974,7 @@ mod tests {
     }
 
     fn open_direct(path: &Path, create: bool) -> Option<FileDevice> {
-        let opts = FileOptions { read_only: false, direct: true };
+        let opts = FileOptions { read_only: false, direct: true, ..FileOptions::default() };
         let r = if create { FileDevice::create(path, &opts) } else { FileDevice::open(path, &opts) };
         match r {
             Ok(d) => Some(d),
@@ -1083,7 +1096,7 @@ mod tests {
             println!("note: no /dev/shm, skipping");
             return;
         };
-        let opts = FileOptions { read_only: false, direct: true };
+        let opts = FileOptions { read_only: false, direct: true, ..FileOptions::default() };
         match FileDevice::create(dir.path().join("d"), &opts) {
             Ok(d) => {
                 d.resize(1).unwrap();

@@ -9,12 +9,14 @@
 
 mod faulty;
 mod file;
+mod file_lock;
 mod memory;
 mod padded;
 mod unsynced;
 
 pub use faulty::{FaultyDevice, FaultyOp};
 pub use file::{FileDevice, FileOptions};
+pub use file_lock::Locking;
 pub use memory::MemoryDevice;
 pub use padded::Padded;
 pub use unsynced::Unsynced;

@@ -172,7 +172,8 @@ fn a_sparse_file_reports_its_holes() {
     file.write_all(&pattern(1 << 20, 11)).unwrap();
     file.sync_all().unwrap();
     drop(file);
-    let dev = FileDevice::open(&path, &FileOptions { read_only: true, direct: false }).unwrap();
+    let dev =
+        FileDevice::open(&path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() }).unwrap();
     let ranges = dev.data_ranges(0, 64 << 20).unwrap();
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     // The data is always reported; file systems without hole support report everything.
@@ -326,7 +327,8 @@ fn a_mapped_source_gives_what_a_read_one_does() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("src.raw");
     std::fs::write(&path, &bytes).unwrap();
-    let dev = FileDevice::open(&path, &FileOptions { read_only: true, direct: false }).unwrap();
+    let dev =
+        FileDevice::open(&path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() }).unwrap();
     let map = FileMap::new(dev.file()).unwrap();
     let dst = MemoryDevice::new(size as u64);
     let source = Source { device: &dev, map: &dev, size: size as u64, base: None, direct: Some(&map) };

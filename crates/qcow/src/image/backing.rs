@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Config, ExtentKind, Image};
-use crate::block::{BlockDevice, FileDevice, FileOptions, Padded};
+use crate::block::{BlockDevice, FileDevice, FileOptions, Locking, Padded};
 use crate::error::{Error, Result};
 
 /// What a backing file name in an image may make us open.
@@ -27,11 +27,20 @@ pub struct BackingPolicy {
     pub default_format: Option<String>,
     /// Longest chain followed, counting the overlay's backing file as 1.
     pub max_depth: u32,
+    /// The locks taken on every file opened under this policy: the image itself when opened by path, its backing
+    /// files (always read-only) and its external data file. QEMU's locks by default.
+    pub locking: Locking,
 }
 
 impl Default for BackingPolicy {
     fn default() -> Self {
-        BackingPolicy { follow: true, allow_absolute: false, default_format: None, max_depth: 64 }
+        BackingPolicy {
+            follow: true,
+            allow_absolute: false,
+            default_format: None,
+            max_depth: 64,
+            locking: Locking::Qemu,
+        }
     }
 }
 
@@ -276,7 +285,10 @@ impl FileResolver {
 impl BackingResolver for FileResolver {
     fn open_data_file(&self, name: &str, read_only: bool) -> Result<Box<dyn BlockDevice>> {
         let path = self.resolve("external data file", name)?;
-        let file = FileDevice::open(&path, &FileOptions { read_only, direct: false })?;
+        let file = FileDevice::open(
+            &path,
+            &FileOptions { read_only, locking: self.policy.locking, ..FileOptions::default() },
+        )?;
         Ok(Box::new(Padded::new(file)))
     }
 
@@ -292,7 +304,10 @@ impl BackingResolver for FileResolver {
         let format = format
             .or(self.policy.default_format.as_deref())
             .ok_or_else(|| refuse("the image does not record the backing format, and formats are never probed"))?;
-        let file = FileDevice::open(&canonical, &FileOptions { read_only: true, direct: false })?;
+        let file = FileDevice::open(
+            &canonical,
+            &FileOptions { read_only: true, locking: self.policy.locking, ..FileOptions::default() },
+        )?;
         match format {
             "raw" => {
                 let size = file.len_bytes();
@@ -331,12 +346,15 @@ impl Image<FileDevice> {
     /// As [`Image::create`], plus refusals of the backing file by the default policy.
     pub fn create_path(path: impl AsRef<Path>, options: &super::CreateOptions, config: Config) -> Result<Self> {
         let path = path.as_ref();
-        let resolver = FileResolver::new(path, BackingPolicy::default());
+        let policy = BackingPolicy::default();
+        let opts = FileOptions { locking: policy.locking, ..FileOptions::default() };
+        let resolver = FileResolver::new(path, policy);
         if let Some(name) = &options.data_file {
             let data = resolver.dir.join(name);
-            FileDevice::create(&data, &FileOptions::default())?;
+            // Closed again before the image opens it: two opens of one file in one process exclude each other.
+            drop(FileDevice::create(&data, &opts)?);
         }
-        let file = FileDevice::create(path, &FileOptions::default())?;
+        let file = FileDevice::create(path, &opts)?;
         Image::create_with(file, options, config, &resolver)
     }
 
@@ -346,7 +364,10 @@ impl Image<FileDevice> {
     /// As [`Image::open`], plus refusals of the backing file by the policy.
     pub fn open_path_with(path: impl AsRef<Path>, config: Config, policy: BackingPolicy) -> Result<Self> {
         let path = path.as_ref();
-        let file = FileDevice::open(path, &FileOptions { read_only: config.read_only, direct: false })?;
+        let file = FileDevice::open(
+            path,
+            &FileOptions { read_only: config.read_only, locking: policy.locking, ..FileOptions::default() },
+        )?;
         Image::open_with(file, config, &FileResolver::new(path, policy))
     }
 }

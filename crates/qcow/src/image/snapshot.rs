@@ -78,7 +78,7 @@ impl Image<FileDevice> {
     /// As [`Image::open_snapshot`].
     pub fn open_snapshot_path(path: impl AsRef<Path>, name: &str) -> Result<Self> {
         let path = path.as_ref();
-        let file = FileDevice::open(path, &FileOptions { read_only: true, direct: false })?;
+        let file = FileDevice::open(path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() })?;
         Image::open_snapshot(file, name, &FileResolver::new(path, BackingPolicy::default()))
     }
 }

@@ -77,7 +77,7 @@ pub fn as_triples(offset: u64, runs: &[BitmapRun]) -> Vec<(u64, u64, bool)> {
 }
 
 /// What QEMU says the bitmap `name` of `path` holds: `nbdinfo --map=qemu:dirty-bitmap:NAME` of a read-only
-/// `qemu-nbd -B NAME` export, as `(offset, len, dirty)` runs.
+/// `qemu-nbd -B NAME` export (sharing the image, which a test may hold open), as `(offset, len, dirty)` runs.
 pub fn qemu_bitmap_map(path: &Path, name: &str) -> Vec<(u64, u64, bool)> {
     let found = Command::new("nbdinfo").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(found, "nbdinfo not found: install libnbd-bin (apt-get install -y libnbd-bin)");
@@ -86,8 +86,12 @@ pub fn qemu_bitmap_map(path: &Path, name: &str) -> Vec<(u64, u64, bool)> {
         Command::new("nbdinfo")
             .arg("--json")
             .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-            .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
-            .arg(path)
+            // qemu-nbd has no -U: force-share=on through --image-opts, since a test may still hold the image.
+            .args(["--", "[", "qemu-nbd", "-r", "--image-opts", "-B", name])
+            .arg(format!(
+                "driver=qcow2,force-share=on,read-only=on,file.driver=file,file.filename={}",
+                path.display().to_string().replace(',', ",,")
+            ))
             .arg("]"),
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -75,9 +75,9 @@ impl Check {
     }
 }
 
-/// Runs `qemu-img check --output=json`.
+/// Runs `qemu-img check --output=json`, with `-U` so that it also judges an image a test still holds open.
 pub fn qemu_check(path: &Path) -> Check {
-    let out = qemu("qemu-img").args(["check", "--output=json", "-f", "qcow2"]).arg(path).output().unwrap();
+    let out = qemu("qemu-img").args(["check", "-U", "--output=json", "-f", "qcow2"]).arg(path).output().unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "qemu-img check printed no JSON: {}{}",
@@ -100,18 +100,19 @@ pub fn assert_not_corrupt(path: &Path) {
     assert_eq!((c.corruptions(), c.check_errors()), (0, 0), "qemu-img check: {:#}", c.json);
 }
 
-/// `qemu-img convert -O raw` of an image, read back into memory.
+/// `qemu-img convert -O raw` of an image (with `-U`: the image may still be open), read back into memory.
 pub fn qemu_to_raw(path: &Path, dir: &Path) -> Vec<u8> {
     let raw = dir.join(format!("{}.expected.raw", path.file_name().unwrap().to_string_lossy()));
-    run_ok(qemu("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(path).arg(&raw));
+    run_ok(qemu("qemu-img").args(["convert", "-U", "-f", "qcow2", "-O", "raw"]).arg(path).arg(&raw));
     let bytes = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).ok();
     bytes
 }
 
-/// `qemu-img compare -f qcow2 -F raw IMG RAW`: true when identical.
+/// `qemu-img compare -U -f qcow2 -F raw IMG RAW`: true when identical.
 pub fn qemu_compare_raw(image: &Path, raw: &Path) -> bool {
-    let out = qemu("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(image).arg(raw).output().unwrap();
+    let out =
+        qemu("qemu-img").args(["compare", "-U", "-f", "qcow2", "-F", "raw"]).arg(image).arg(raw).output().unwrap();
     match out.status.code() {
         Some(0) => true,
         Some(1) => false,
