@@ -1,7 +1,8 @@
 //! The block-device contract from the seed, and the devices that implement it.
 //!
 //! A device has a sector size and a size in sectors and is read-write or read-only. Reads and writes move whole
-//! sectors, starting at a sector, through a list of buffers that are each a whole number of sectors long. Every
+//! sectors, starting at a sector, through a list of buffers that are each a whole number of sectors long: the
+//! standard library's [`IoSliceMut`] and [`IoSlice`], as `preadv`/`pwritev` and `Read::read_vectored` take them. Every
 //! operation takes `&self`: devices are shared between threads, and positional I/O means there is no cursor to
 //! race on. After [`BlockDevice::disconnect`] every operation fails with [`Error::Disconnected`].
 //!
@@ -18,6 +19,8 @@ pub use file::{FileDevice, FileOptions};
 pub use memory::MemoryDevice;
 pub use padded::Padded;
 pub use unsynced::Unsynced;
+
+use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, Result};
 
@@ -56,13 +59,13 @@ pub trait BlockDevice: Send + Sync {
     /// `InvalidArgument` when a buffer is not a whole number of sectors or the range runs past the end;
     /// `Disconnected` after [`disconnect`](Self::disconnect); `Io` when the storage fails, in which case some
     /// buffers may be unfilled.
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()>;
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()>;
 
     /// Writes `bufs`, in order, to consecutive sectors starting at `sector`.
     ///
     /// # Errors
     /// As [`read`](Self::read), plus `ReadOnly` (nothing written). On `Io` part of the data may have been written.
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()>;
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()>;
 
     /// Makes every write completed before this call durable.
     ///
@@ -121,7 +124,7 @@ pub trait BlockDevice: Send + Sync {
     /// As [`read`](Self::read).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let sector = sector_of(self.info().sector_size, offset, "read")?;
-        self.read(sector, &mut [buf])
+        self.read(sector, &mut [IoSliceMut::new(buf)])
     }
 
     /// Writes `buf` at byte `offset`; both must be sector multiples.
@@ -130,7 +133,7 @@ pub trait BlockDevice: Send + Sync {
     /// As [`write`](Self::write).
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let sector = sector_of(self.info().sector_size, offset, "write")?;
-        self.write(sector, &[buf])
+        self.write(sector, &[IoSlice::new(buf)])
     }
 }
 
@@ -223,12 +226,12 @@ macro_rules! forward_block_device_methods {
         }
     };
     (@one $field:tt read) => {
-        fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> $crate::Result<()> {
+        fn read(&self, sector: u64, bufs: &mut [::std::io::IoSliceMut<'_>]) -> $crate::Result<()> {
             self.$field.read(sector, bufs)
         }
     };
     (@one $field:tt write) => {
-        fn write(&self, sector: u64, bufs: &[&[u8]]) -> $crate::Result<()> {
+        fn write(&self, sector: u64, bufs: &[::std::io::IoSlice<'_>]) -> $crate::Result<()> {
             self.$field.write(sector, bufs)
         }
     };
@@ -278,10 +281,10 @@ macro_rules! forward_block_device {
             fn info(&self) -> Info {
                 (**self).info()
             }
-            fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+            fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
                 (**self).read(sector, bufs)
             }
-            fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+            fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
                 (**self).write(sector, bufs)
             }
             fn flush(&self) -> Result<()> {

@@ -15,7 +15,7 @@ impl<D: BlockDevice> BlockDevice for Image<D> {
         }
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> Result<()> {
         self.check_connected()?;
         check_request(&BlockDevice::info(self), "read", sector, bufs.iter().map(|b| b.len()))?;
         let mut offset = sector * SECTOR_SIZE;
@@ -26,7 +26,7 @@ impl<D: BlockDevice> BlockDevice for Image<D> {
         Ok(())
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
         self.check_writable("write")?;
         check_request(&BlockDevice::info(self), "write", sector, bufs.iter().map(|b| b.len()))?;
         let mut offset = sector * SECTOR_SIZE;

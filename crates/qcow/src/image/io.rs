@@ -5,6 +5,8 @@
 //! contents (copy-on-write) or zeros around the new data, and only then linked into its L2 table. A shared
 //! cluster is never written in place.
 
+use std::io::IoSlice;
+
 use super::lock_timing::LockUse;
 use super::meta::Meta;
 use super::ranges::RangeGuard;
@@ -596,11 +598,11 @@ impl<D: BlockDevice> Image<D> {
     }
 
     pub(super) fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {
-        let bufs: Vec<&[u8]> = pieces
+        let bufs: Vec<IoSlice<'_>> = pieces
             .iter()
             .map(|p| match p {
-                Piece::Borrowed(b) => *b,
-                Piece::Owned(v) => v.as_slice(),
+                Piece::Borrowed(b) => IoSlice::new(b),
+                Piece::Owned(v) => IoSlice::new(v),
             })
             .collect();
         let device = self.data_device();
