@@ -157,6 +157,26 @@ pub fn write_zeros(dev: &(impl BlockDevice + ?Sized), offset: u64, len: u64) -> 
     Ok(())
 }
 
+/// Fills `bufs`, in order, from byte `offset` (a sector multiple): [`BlockDevice::read`] addressed in bytes, as
+/// [`BlockDevice::read_at`] is for one buffer.
+///
+/// # Errors
+/// As [`BlockDevice::read`], and `InvalidArgument` for an offset that is not a sector multiple.
+pub fn read_vectored_at(dev: &(impl BlockDevice + ?Sized), offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+    let sector = sector_of(dev.info().sector_size, offset, "read")?;
+    dev.read(sector, bufs)
+}
+
+/// Writes `bufs`, in order, at byte `offset` (a sector multiple): [`BlockDevice::write`] addressed in bytes, as
+/// [`BlockDevice::write_at`] is for one buffer.
+///
+/// # Errors
+/// As [`BlockDevice::write`], and `InvalidArgument` for an offset that is not a sector multiple.
+pub fn write_vectored_at(dev: &(impl BlockDevice + ?Sized), offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    let sector = sector_of(dev.info().sector_size, offset, "write")?;
+    dev.write(sector, bufs)
+}
+
 fn sector_of(sector_size: u64, offset: u64, op: &'static str) -> Result<u64> {
     if sector_size == 0 || offset % sector_size != 0 {
         return Err(Error::invalid(

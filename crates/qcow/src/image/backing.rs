@@ -10,6 +10,7 @@
 //! `qemu:allocation-depth`): a qcow2 backing image is kept as a [`LayeredDevice`] so it can say so for its own
 //! chain, while any other backing device (a raw file) counts as allocated everywhere, as QEMU counts it.
 
+use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
 
 use super::{Config, ExtentKind, Image};
@@ -119,6 +120,27 @@ impl Backing {
         let skip = (offset - start) as usize;
         if let Some(src) = bounce.get(skip..skip + inside.len()) {
             inside.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Fills `pieces`, in order, from guest offset `offset`, as [`read`](Self::read) fills one buffer: with one
+    /// vectored read of the backing device when the range lies inside it in whole sectors.
+    pub(crate) fn read_pieces(&self, offset: u64, pieces: &mut [&mut [u8]]) -> Result<()> {
+        let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let whole = offset % 512 == 0 && pieces.iter().all(|p| p.len() % 512 == 0);
+        if whole && offset.checked_add(total).is_some_and(|end| end <= self.size) {
+            let mut iov: Vec<IoSliceMut<'_>> = pieces.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+            let read = match &self.layer {
+                Layer::Flat(device) => crate::block::read_vectored_at(device.as_ref(), offset, &mut iov),
+                Layer::Layered(device) => crate::block::read_vectored_at(device.as_ref(), offset, &mut iov),
+            };
+            return read.map_err(|e| Error::Backing(Box::new(e)));
+        }
+        let mut pos = offset;
+        for piece in pieces.iter_mut() {
+            self.read(pos, piece)?;
+            pos = pos.saturating_add(piece.len() as u64);
         }
         Ok(())
     }

@@ -46,6 +46,7 @@ mod device;
 mod discard;
 mod empty;
 mod io;
+mod iov;
 mod lock_timing;
 mod mapping;
 mod meta;
