@@ -166,7 +166,7 @@ fn vectored_writes_across_cluster_boundaries_pass_qemu_img_check_and_compare() {
                     layout.name
                 );
             }
-            drop(image);
+            image.close().unwrap();
         }
         assert_clean(&top);
         assert_matches_model(&top, &model);

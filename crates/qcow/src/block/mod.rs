@@ -8,12 +8,16 @@
 //!
 //! Devices stack: [`Padded`] wraps any device, and a qcow2 [`Image`](crate::Image) is itself a device.
 
+// A test double for fault injection: built for the crate's own unit tests, and for other tests (this crate's
+// integration tests, the tools' tests) through the `test-utils` feature, so that it is no part of the normal API.
+#[cfg(any(test, feature = "test-utils"))]
 mod faulty;
 mod file;
 mod memory;
 mod padded;
 mod unsynced;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub use faulty::{FaultyDevice, FaultyOp};
 pub use file::{FileDevice, FileOptions};
 pub use memory::MemoryDevice;
