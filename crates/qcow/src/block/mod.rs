@@ -181,6 +181,56 @@ pub fn write_vectored_at(dev: &(impl BlockDevice + ?Sized), offset: u64, bufs: &
     dev.write(sector, bufs)
 }
 
+/// Reads `buf` from byte `offset` of `dev` as if the device were `limit` bytes long and zeros followed: bytes at
+/// or past `limit` read as zeros without touching the device. Neither `offset` nor `buf` need be sector aligned;
+/// the sectors holding the rest are read whole and only the asked-for bytes kept. Pass the device's own size as
+/// `limit` to read past its end, or a smaller one (a backing file's guest size, a file length a check trusts).
+///
+/// # Errors
+/// As [`BlockDevice::read_at`]; `InvalidArgument` when the range's sectors overflow.
+pub fn read_padded(dev: &(impl BlockDevice + ?Sized), limit: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let avail = limit.saturating_sub(offset).min(buf.len() as u64);
+    let (inside, past) = buf.split_at_mut(usize::try_from(avail).unwrap_or(usize::MAX));
+    past.fill(0);
+    if inside.is_empty() {
+        return Ok(());
+    }
+    let sector_size = dev.info().sector_size.max(1);
+    let start = offset - offset % sector_size;
+    let end = offset
+        .checked_add(avail)
+        .and_then(|e| e.checked_next_multiple_of(sector_size))
+        .ok_or_else(|| Error::invalid("read", format!("range {offset:#x}+{avail:#x} overflows")))?;
+    if start == offset && end == offset + avail {
+        return dev.read_at(offset, inside);
+    }
+    let mut sectors = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
+    dev.read_at(start, &mut sectors)?;
+    let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+    let src = sectors
+        .get(skip..skip.saturating_add(inside.len()))
+        .ok_or_else(|| Error::invalid("read", format!("range {offset:#x}+{avail:#x} is outside its sectors")))?;
+    inside.copy_from_slice(src);
+    Ok(())
+}
+
+/// Writes `buf` at byte `offset` (both sector multiples), first growing the device with
+/// [`grow_to`](BlockDevice::grow_to) when the write ends past it, for files that may end short of what is
+/// written into them (qemu-img leaves images that end inside their last cluster).
+///
+/// # Errors
+/// As [`BlockDevice::grow_to`] and [`BlockDevice::write_at`]; `InvalidArgument` when the range overflows.
+pub fn write_growing(dev: &(impl BlockDevice + ?Sized), offset: u64, buf: &[u8]) -> Result<()> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .ok_or_else(|| Error::invalid("write", format!("range {offset:#x}+{:#x} overflows", buf.len())))?;
+    let info = dev.info();
+    if end > info.size_bytes() {
+        dev.grow_to(end.div_ceil(info.sector_size.max(1)))?;
+    }
+    dev.write_at(offset, buf)
+}
+
 fn sector_of(sector_size: u64, offset: u64, op: &'static str) -> Result<u64> {
     if sector_size == 0 || offset % sector_size != 0 {
         return Err(Error::invalid(
@@ -341,4 +391,52 @@ forward_block_device! {
     std::sync::Arc<T> => |d| d.disconnect(),
     Box<T> => |d| d.disconnect(),
     &T => |_| {},
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    /// Four sectors whose bytes are their sector number plus one.
+    fn device() -> MemoryDevice {
+        MemoryDevice::from_bytes((0..4u8).flat_map(|s| [s + 1; 512]).collect())
+    }
+
+    #[test]
+    fn read_padded_reads_any_bytes_and_zeros_from_the_limit() {
+        let d = device();
+        let mut buf = [0xffu8; 1024];
+        // Aligned and inside: a plain read.
+        read_padded(&d, 2048, 512, &mut buf).unwrap();
+        assert_eq!((buf[0], buf[1023]), (2, 3));
+        // Unaligned, crossing the limit inside a sector: the device's bytes past it do not show.
+        let mut buf = [0xffu8; 700];
+        read_padded(&d, 1500, 1000, &mut buf).unwrap();
+        assert_eq!(&buf[..24], &[2; 24][..]);
+        assert_eq!(&buf[24..500], &[3; 476][..]);
+        assert!(buf[500..].iter().all(|&b| b == 0));
+        // Past the device's own end, and entirely past the limit.
+        let mut buf = [0xffu8; 1024];
+        read_padded(&d, d.info().size_bytes(), 1536, &mut buf).unwrap();
+        assert_eq!((buf[0], buf[511], buf[512], buf[1023]), (4, 4, 0, 0));
+        let mut buf = [0xffu8; 10];
+        read_padded(&d, 100, 4096, &mut buf).unwrap();
+        assert_eq!(buf, [0; 10]);
+    }
+
+    #[test]
+    fn write_growing_grows_only_when_the_write_ends_past_the_device() {
+        let d = device();
+        write_growing(&d, 512, &[9u8; 512]).unwrap();
+        assert_eq!(d.info().size_sectors, 4);
+        write_growing(&d, 3 * 512, &[7u8; 1536]).unwrap();
+        assert_eq!(d.info().size_sectors, 6);
+        let mut back = [0u8; 1536];
+        d.read_at(3 * 512, &mut back).unwrap();
+        assert_eq!(back, [7u8; 1536]);
+        let mut buf = [0u8; 512];
+        d.read_at(512, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+    }
 }
