@@ -101,7 +101,7 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
             let len = buf.len() as u64;
             if remaining >= len {
                 remaining -= len;
-                prefix.push(IoSliceMut::new(&mut **buf));
+                prefix.push(IoSliceMut::new(buf));
             } else {
                 let split = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
                 let (head, tail) = buf.split_at_mut(split);
