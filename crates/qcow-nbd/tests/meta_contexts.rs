@@ -42,10 +42,10 @@ impl BlockDevice for Bitmapped {
     fn info(&self) -> qcow::block::Info {
         BlockDevice::info(&self.image)
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         BlockDevice::read(&self.image, sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> qcow::Result<()> {
         BlockDevice::write(&self.image, sector, bufs)
     }
     fn flush(&self) -> qcow::Result<()> {

@@ -59,18 +59,6 @@ impl Disk {
     /// zeros, so a disk whose size is not a sector multiple reads whole sectors.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> qcow::Result<()> {
         let dev = self.device();
-        let dev_len = dev.info().size_bytes();
-        let end = offset.saturating_add(buf.len() as u64);
-        if end <= dev_len {
-            return dev.read_at(offset, buf);
-        }
-        buf.fill(0);
-        let inside = dev_len.saturating_sub(offset);
-        if inside > 0 {
-            if let Some(head) = buf.get_mut(..inside as usize) {
-                dev.read_at(offset, head)?;
-            }
-        }
-        Ok(())
+        qcow::block::read_padded(dev, dev.info().size_bytes(), offset, buf)
     }
 }

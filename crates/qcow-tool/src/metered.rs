@@ -80,7 +80,7 @@ fn estimate(dev: &FileDevice) -> Option<u64> {
 
 impl BlockDevice for Metered<'_> {
     qcow::forward_block_device_methods!(inner; info, write, flush, resize, discard, zero_range, disconnect, write_at);
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.inner.read(sector, bufs)?;
         self.count(bytes);

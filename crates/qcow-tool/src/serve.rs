@@ -106,7 +106,15 @@ pub fn run(args: &Args) -> Result<()> {
                     .start_reclaimer(ReclaimerOptions::default())
                     .map_err(|e| Error::wrap("could not start the reclaimer", open::io_error(&args.file, e)))?;
             }
-            serve(image, args)
+            let served = serve(Arc::clone(&image), args);
+            // Closed here, once the server is done with it, so that a failed last writeback is a failed exit
+            // rather than a drop that cannot report. A metrics endpoint still holds the image, and the process
+            // ends without dropping it: its metadata is at least written back and flushed.
+            let closed = match Arc::try_unwrap(image) {
+                Ok(image) => image.close(),
+                Err(shared) => shared.flush(),
+            };
+            served.and(closed.map_err(|e| open::io_error(&args.file, e)))
         }
     }
 }

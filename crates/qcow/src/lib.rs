@@ -30,9 +30,10 @@ pub mod stream;
 
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
-    parse_size, AmendOptions, Backing, BackingPolicy, BackingResolver, BitmapInfo, BitmapRun, ClusterState,
-    CommitRange, CommitSummary, CompactProgress, CompactSummary, Compat, Config, CreateOptions, DepthRun, DirtyRanges,
-    DiscardStats, Extent, ExtentKind, FileResolver, HoldTimes, Image, ImageInfo, LayeredDevice, LockHoldTimes,
-    MappedExtent, MappedKind, Metrics, NewBacking, NoBacking, OnlineCompaction, Preallocation, RebaseOptions,
-    RebaseSummary, ReclaimPass, ReclaimerOptions, Refusal, SnapshotRefusal, MAX_SNAPSHOTS, MAX_SNAPSHOT_NAME,
+    failed_drops, parse_size, AmendOptions, Backing, BackingPolicy, BackingResolver, BitmapInfo, BitmapRun,
+    ClusterState, CommitRange, CommitSummary, CompactProgress, CompactSummary, Compat, Config, CreateOptions, DepthRun,
+    DirtyRanges, DiscardStats, Extent, ExtentKind, FileResolver, HoldTimes, Image, ImageInfo, LayeredDevice,
+    LockHoldTimes, MappedExtent, MappedKind, Metrics, NewBacking, NoBacking, OnlineCompaction, Preallocation,
+    RebaseOptions, RebaseSummary, ReclaimPass, ReclaimerOptions, Refusal, SnapshotRefusal, MAX_SNAPSHOTS,
+    MAX_SNAPSHOT_NAME,
 };

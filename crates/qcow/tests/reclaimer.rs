@@ -23,10 +23,10 @@ impl<D: BlockDevice> BlockDevice for NoPunch<D> {
     fn info(&self) -> Info {
         self.0.info()
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         self.0.read(sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> qcow::Result<()> {
         self.0.write(sector, bufs)
     }
     fn flush(&self) -> qcow::Result<()> {
@@ -159,10 +159,10 @@ impl BlockDevice for Interposer {
     fn info(&self) -> Info {
         self.inner.info()
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         self.inner.read(sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> qcow::Result<()> {
         if sector * 512 == self.at {
             let hook = self.hook.lock().unwrap().take();
             if let Some(hook) = hook {

@@ -36,10 +36,10 @@ impl BlockDevice for HeldFlush {
     fn info(&self) -> Info {
         self.inner.info()
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         self.inner.read(sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> qcow::Result<()> {
         self.inner.write(sector, bufs)
     }
     fn flush(&self) -> qcow::Result<()> {

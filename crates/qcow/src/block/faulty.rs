@@ -12,6 +12,7 @@
 //! the order in which operations completed; once crashed or disconnected, the device stays so.
 
 use std::fmt;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{check_request, BlockDevice, Info};
@@ -91,11 +92,11 @@ struct State {
 ///
 /// # fn main() -> Result<(), qcow::Error> {
 /// let dev = FaultyDevice::new(MemoryDevice::new(4096));
-/// dev.write(0, &[&[1; 512]])?;
+/// dev.write(0, &[std::io::IoSlice::new(&[1; 512])])?;
 /// dev.flush()?;
-/// dev.write(1, &[&[2; 512]])?;
+/// dev.write(1, &[std::io::IoSlice::new(&[2; 512])])?;
 /// dev.power_loss_keep_none()?;
-/// assert!(dev.read(0, &mut [&mut [0; 512]]).is_err());
+/// assert!(dev.read(0, &mut [std::io::IoSliceMut::new(&mut [0; 512])]).is_err());
 /// let survived = dev.into_inner().snapshot();
 /// assert_eq!(&survived[..512], &[1; 512][..]);
 /// assert_eq!(&survived[512..1024], &[0; 512][..]);
@@ -232,7 +233,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
                         self.inner.resize(end)?;
                     }
                 }
-                self.inner.write(*sector, &[data])
+                self.inner.write(*sector, &[std::io::IoSlice::new(data)])
             }
             Entry::Resize { sectors } => self.inner.resize(*sectors),
             Entry::Discard { sector, count } => match self.inner.discard(*sector, *count) {
@@ -354,7 +355,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         self.view_info(&st)
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         let info = self.view_info(&st);
@@ -370,7 +371,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             let inside = (durable - sector).saturating_mul(ss).min(total);
             if let Some(prefix) = view.get_mut(..to_usize(inside)) {
                 if !prefix.is_empty() {
-                    self.inner.read(sector, &mut [prefix])?;
+                    self.inner.read(sector, &mut [std::io::IoSliceMut::new(prefix)])?;
                 }
             }
         }
@@ -395,7 +396,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         Ok(())
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let mut st = self.lock();
         st.writes = st.writes.saturating_add(1);
         Self::check_alive(&st)?;
@@ -488,6 +489,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
 mod tests {
     use super::*;
     use crate::block::MemoryDevice;
+    use std::io::{IoSlice, IoSliceMut};
 
     fn dev(sectors: u64) -> FaultyDevice<MemoryDevice> {
         FaultyDevice::new(MemoryDevice::new(sectors * 512))
@@ -495,7 +497,7 @@ mod tests {
 
     fn read_sector<D: BlockDevice>(d: &D, sector: u64) -> Vec<u8> {
         let mut buf = vec![0u8; 512];
-        d.read(sector, &mut [&mut buf]).unwrap();
+        d.read(sector, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         buf
     }
 
@@ -507,9 +509,9 @@ mod tests {
     fn fail_next_fails_the_nth_call_once() {
         let d = dev(4);
         d.fail_next(FaultyOp::Write, 2);
-        d.write(0, &[&[1; 512]]).unwrap();
-        d.write(1, &[&[1; 512]]).unwrap();
-        match d.write(2, &[&[1; 512]]).unwrap_err() {
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
+        d.write(1, &[IoSlice::new(&[1; 512])]).unwrap();
+        match d.write(2, &[IoSlice::new(&[1; 512])]).unwrap_err() {
             Error::Io { op, offset, source } => {
                 assert_eq!(op, "write");
                 assert_eq!(offset, 1024);
@@ -517,11 +519,11 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        d.write(2, &[&[1; 512]]).unwrap();
+        d.write(2, &[IoSlice::new(&[1; 512])]).unwrap();
         assert_eq!(d.pending_writes(), 3);
 
         d.fail_next(FaultyOp::Read, 0);
-        assert_eq!(d.read(0, &mut [&mut [0; 512]]).unwrap_err().kind(), ErrorKind::Io);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut [0; 512])]).unwrap_err().kind(), ErrorKind::Io);
         assert_eq!(read_sector(&d, 0), vec![1; 512]);
 
         d.fail_next(FaultyOp::Flush, 0);
@@ -537,7 +539,7 @@ mod tests {
         d.fail_next(FaultyOp::Write, 0);
         d.fail_next(FaultyOp::Flush, 1);
         d.clear_faults();
-        d.write(3, &[&[1; 512]]).unwrap();
+        d.write(3, &[IoSlice::new(&[1; 512])]).unwrap();
         d.flush().unwrap();
         d.flush().unwrap();
         assert_eq!(d.inner().snapshot(), vec![1; 2048]);
@@ -546,8 +548,8 @@ mod tests {
     #[test]
     fn journal_is_visible_before_flush_and_durable_after() {
         let d = dev(4);
-        d.write(1, &[&[7; 512], &[8; 512]]).unwrap();
-        d.write(2, &[&[9; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[7; 512]), IoSlice::new(&[8; 512])]).unwrap();
+        d.write(2, &[IoSlice::new(&[9; 512])]).unwrap();
         assert_eq!(d.pending_writes(), 2);
         assert_eq!(read_sector(&d, 1), vec![7; 512]);
         assert_eq!(read_sector(&d, 2), vec![9; 512], "later entries win");
@@ -555,7 +557,7 @@ mod tests {
         // A vectored read across journal and durable data.
         let mut a = vec![0xffu8; 1024];
         let mut b = vec![0xffu8; 1024];
-        d.read(0, &mut [&mut a, &mut b]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)]).unwrap();
         assert_eq!(&a[..512], &[0; 512][..]);
         assert_eq!(&a[512..], &[7; 512][..]);
         assert_eq!(&b[..512], &[9; 512][..]);
@@ -574,12 +576,12 @@ mod tests {
     fn requests_are_validated_against_the_journaled_view() {
         let d = dev(2);
         let mut odd = vec![0u8; 100];
-        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(d.write(2, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut odd)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.write(2, &[IoSlice::new(&[0; 512])]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.resize(4).unwrap();
         assert_eq!(d.info().size_sectors, 4);
         assert_eq!(d.inner().info().size_sectors, 2);
-        d.write(3, &[&[5; 512]]).unwrap();
+        d.write(3, &[IoSlice::new(&[5; 512])]).unwrap();
         assert_eq!(read_sector(&d, 2), vec![0; 512]);
         assert_eq!(read_sector(&d, 3), vec![5; 512]);
         assert_eq!(d.discard(3, 2).unwrap_err().kind(), ErrorKind::InvalidArgument);
@@ -594,7 +596,7 @@ mod tests {
         d.resize(1).unwrap();
         d.resize(4).unwrap();
         let mut buf = vec![0xffu8; 4 * 512];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..512], &[3; 512][..]);
         assert_eq!(&buf[512..], &vec![0; 3 * 512][..]);
         d.flush().unwrap();
@@ -619,11 +621,11 @@ mod tests {
     #[test]
     fn power_loss_keeps_the_chosen_subset() {
         let d = dev(4);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.flush().unwrap();
-        d.write(0, &[&[2; 512]]).unwrap(); // 0
-        d.write(1, &[&[3; 512]]).unwrap(); // 1
-        d.write(2, &[&[4; 512]]).unwrap(); // 2
+        d.write(0, &[IoSlice::new(&[2; 512])]).unwrap(); // 0
+        d.write(1, &[IoSlice::new(&[3; 512])]).unwrap(); // 1
+        d.write(2, &[IoSlice::new(&[4; 512])]).unwrap(); // 2
         d.power_loss(&|i| i != 1).unwrap();
         assert!(d.is_crashed());
         assert_eq!(d.pending_writes(), 0);
@@ -634,8 +636,8 @@ mod tests {
 
         // A dead machine answers nothing.
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(0, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&buf)]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         assert!(matches!(d.resize(8), Err(Error::Disconnected)));
         assert!(matches!(d.discard(0, 1), Err(Error::Disconnected)));
@@ -647,14 +649,14 @@ mod tests {
     #[test]
     fn power_loss_conveniences() {
         let d = dev(2);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.power_loss_keep_none().unwrap();
         assert_eq!(d.inner().snapshot(), vec![0; 1024]);
 
         let d = dev(2);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.discard(0, 1).unwrap();
-        d.write(1, &[&[2; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[2; 512])]).unwrap();
         d.power_loss_keep_all().unwrap();
         let snap = d.inner().snapshot();
         assert_eq!(sector(&snap, 0), &[0; 512][..]);
@@ -665,14 +667,14 @@ mod tests {
     fn resizes_are_kept_or_dropped_as_units() {
         let d = dev(2);
         d.resize(4).unwrap(); // 0
-        d.write(3, &[&[6; 512]]).unwrap(); // 1
+        d.write(3, &[IoSlice::new(&[6; 512])]).unwrap(); // 1
         d.power_loss(&|i| i == 0).unwrap();
         assert_eq!(d.inner().info().size_sectors, 4);
         assert_eq!(d.inner().snapshot(), vec![0; 2048]);
 
         let d = dev(2);
         d.resize(4).unwrap();
-        d.write(0, &[&[6; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[6; 512])]).unwrap();
         d.power_loss(&|i| i == 1).unwrap();
         assert_eq!(d.inner().info().size_sectors, 2, "the dropped resize leaves the size as it was");
         assert_eq!(sector(&d.inner().snapshot(), 0), &[6; 512][..]);
@@ -680,7 +682,7 @@ mod tests {
         // A kept write past a lost resize grows the device as a file would grow.
         let d = dev(2);
         d.resize(4).unwrap();
-        d.write(3, &[&[6; 512]]).unwrap();
+        d.write(3, &[IoSlice::new(&[6; 512])]).unwrap();
         d.power_loss(&|i| i == 1).unwrap();
         assert_eq!(d.inner().info().size_sectors, 4);
         assert_eq!(sector(&d.inner().snapshot(), 3), &[6; 512][..]);
@@ -690,11 +692,11 @@ mod tests {
     fn crash_after_writes_cuts_at_the_next_write() {
         let d = dev(4);
         d.crash_after_writes(2);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.flush().unwrap();
-        d.write(1, &[&[2; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[2; 512])]).unwrap();
         assert_eq!(read_sector(&d, 1), vec![2; 512]);
-        assert!(matches!(d.write(2, &[&[3; 512]]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(2, &[IoSlice::new(&[3; 512])]), Err(Error::Disconnected)));
         assert!(d.is_crashed());
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         let snap = d.inner().snapshot();
@@ -706,17 +708,17 @@ mod tests {
         // Zero: the very next write finds the machine dead.
         let d = dev(1);
         d.crash_after_writes(0);
-        assert!(matches!(d.write(0, &[&[1; 512]]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&[1; 512])]), Err(Error::Disconnected)));
         assert_eq!(d.inner().snapshot(), vec![0; 512]);
 
         // A failed write does not count as completed.
         let d = dev(2);
         d.crash_after_writes(1);
         d.fail_next(FaultyOp::Write, 0);
-        assert_eq!(d.write(0, &[&[1; 512]]).unwrap_err().kind(), ErrorKind::Io);
-        d.write(0, &[&[1; 512]]).unwrap();
+        assert_eq!(d.write(0, &[IoSlice::new(&[1; 512])]).unwrap_err().kind(), ErrorKind::Io);
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.flush().unwrap();
-        assert!(matches!(d.write(1, &[&[1; 512]]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(1, &[IoSlice::new(&[1; 512])]), Err(Error::Disconnected)));
         assert_eq!(sector(&d.inner().snapshot(), 0), &[1; 512][..]);
     }
 
@@ -724,9 +726,9 @@ mod tests {
     fn crash_after_flushes_cuts_at_the_next_flush() {
         let d = dev(2);
         d.crash_after_flushes(1);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.flush().unwrap();
-        d.write(1, &[&[2; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[2; 512])]).unwrap();
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         let snap = d.inner().snapshot();
         assert_eq!(sector(&snap, 0), &[1; 512][..]);
@@ -740,7 +742,7 @@ mod tests {
     fn cutting_a_workload_at_every_write() {
         fn workload(d: &FaultyDevice<MemoryDevice>) -> Result<()> {
             for i in 0..6u8 {
-                d.write(u64::from(i % 3), &[&[i + 1; 512]])?;
+                d.write(u64::from(i % 3), &[IoSlice::new(&[i + 1; 512])])?;
                 if i % 2 == 1 {
                     d.flush()?;
                 }
@@ -776,7 +778,7 @@ mod tests {
     fn read_only_inner_refuses_changes() {
         let d = FaultyDevice::new(MemoryDevice::new(1024).read_only());
         assert!(!d.info().read_write);
-        assert_eq!(d.write(0, &[&[1; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(d.write(0, &[IoSlice::new(&[1; 512])]).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.resize(4).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::ReadOnly);
         d.flush().unwrap();
@@ -786,11 +788,11 @@ mod tests {
     #[test]
     fn disconnect_keeps_inner_usable_and_journal_decidable() {
         let d = dev(2);
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.disconnect();
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(0, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&buf)]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         assert!(matches!(d.resize(1), Err(Error::Disconnected)));
         assert!(matches!(d.discard(0, 1), Err(Error::Disconnected)));
@@ -806,10 +808,10 @@ mod tests {
         fn info(&self) -> Info {
             self.0.info()
         }
-        fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
             self.0.read(sector, bufs)
         }
-        fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+        fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
             self.0.write(sector, bufs)
         }
         fn flush(&self) -> Result<()> {
@@ -838,9 +840,9 @@ mod tests {
     fn failed_flush_keeps_unapplied_entries() {
         // Stacked: the outer device's flush applies its journal to an inner faulty device that fails the resize.
         let d = FaultyDevice::new(dev(2));
-        d.write(0, &[&[1; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
         d.resize(1).unwrap();
-        d.write(0, &[&[2; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[2; 512])]).unwrap();
         d.inner().fail_next(FaultyOp::Resize, 0);
         assert_eq!(d.flush().unwrap_err().kind(), ErrorKind::Io);
         assert_eq!(d.pending_writes(), 2, "the write before the failure was applied");

@@ -14,7 +14,7 @@
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -201,7 +201,7 @@ impl FileDevice {
     }
 
     /// Fills `bufs` from byte `offset`, zero-filling whatever lies past the end of the file.
-    fn read_bytes(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read_bytes(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         if !self.direct || Self::is_aligned(offset, bufs.iter().map(|b| (b.len(), b.as_ptr() as usize))) {
             return self.preadv_all(offset, bufs);
         }
@@ -213,7 +213,7 @@ impl FileDevice {
             let (ws, we) = window(pos, end);
             let hi = end.min(we);
             let win = bounce.slice_mut(to_usize(we - ws))?;
-            self.preadv_all(ws, &mut [&mut *win])?;
+            self.preadv_all(ws, &mut [IoSliceMut::new(win)])?;
             let src = win.get(to_usize(pos - ws)..to_usize(hi - ws)).ok_or_else(|| internal("read", pos))?;
             scatter(bufs, to_usize(pos - offset), src);
             pos = hi;
@@ -222,7 +222,7 @@ impl FileDevice {
     }
 
     /// Writes `bufs` at byte `offset`, extending the file if they run past its end.
-    fn write_bytes(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write_bytes(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let end = offset.saturating_add(total);
         if !self.direct {
@@ -250,16 +250,16 @@ impl FileDevice {
                 let block = to_usize(DIRECT_ALIGN);
                 if pos > ws {
                     let head = win.get_mut(..block).ok_or_else(|| internal("write", ws))?;
-                    self.preadv_all(ws, &mut [head])?;
+                    self.preadv_all(ws, &mut [IoSliceMut::new(head)])?;
                 }
                 if hi < we {
                     let at = win.len().saturating_sub(block);
                     let tail = win.get_mut(at..).ok_or_else(|| internal("write", we))?;
-                    self.preadv_all(we - DIRECT_ALIGN, &mut [tail])?;
+                    self.preadv_all(we - DIRECT_ALIGN, &mut [IoSliceMut::new(tail)])?;
                 }
                 let dst = win.get_mut(to_usize(pos - ws)..to_usize(hi - ws)).ok_or_else(|| internal("write", pos))?;
                 gather(bufs, to_usize(pos - offset), dst);
-                self.pwritev_all(ws, &[&*win])?;
+                self.pwritev_all(ws, &[IoSlice::new(win)])?;
                 written_end = we;
                 pos = hi;
             }
@@ -277,7 +277,7 @@ impl FileDevice {
     }
 
     /// `preadv` until `bufs` are full, zero-filling past the end of the file.
-    fn preadv_all(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn preadv_all(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
         let mut at = Cursor::default();
         let mut pos = offset;
@@ -324,14 +324,14 @@ impl FileDevice {
     }
 
     /// `pwritev` until all of `bufs` is written.
-    fn pwritev_all(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn pwritev_all(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
         let mut at = Cursor::default();
         let mut pos = offset;
         loop {
             let mut iov: Vec<libc::iovec> = Vec::new();
             for (i, buf) in bufs.iter().enumerate().skip(at.idx) {
-                let part = if i == at.idx { buf.get(at.skip..).unwrap_or_default() } else { *buf };
+                let part = if i == at.idx { buf.get(at.skip..).unwrap_or_default() } else { &**buf };
                 if part.is_empty() {
                     continue;
                 }
@@ -404,7 +404,7 @@ impl FileDevice {
         while pos < end {
             let n = (end - pos).min(chunk.len() as u64);
             let part = chunk.get(..to_usize(n)).ok_or_else(|| internal("discard", pos))?;
-            self.write_bytes(pos, &[part])?;
+            self.write_bytes(pos, &[IoSlice::new(part)])?;
             pos += n;
         }
         Ok(())
@@ -420,13 +420,13 @@ impl BlockDevice for FileDevice {
         }
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         self.check_connected()?;
         check_request(&self.info(), "read", sector, bufs.iter().map(|b| b.len()))?;
         self.read_bytes(sector.saturating_mul(SECTOR_SIZE), bufs)
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         self.check_writable("write")?;
         check_request(&self.info(), "write", sector, bufs.iter().map(|b| b.len()))?;
         self.write_bytes(sector.saturating_mul(SECTOR_SIZE), bufs)
@@ -543,7 +543,7 @@ impl Cursor {
     }
 }
 
-fn zero_from(bufs: &mut [&mut [u8]], at: Cursor) {
+fn zero_from(bufs: &mut [IoSliceMut<'_>], at: Cursor) {
     for (i, buf) in bufs.iter_mut().enumerate().skip(at.idx) {
         let start = if i == at.idx { at.skip } else { 0 };
         if let Some(rest) = buf.get_mut(start..) {
@@ -553,7 +553,7 @@ fn zero_from(bufs: &mut [&mut [u8]], at: Cursor) {
 }
 
 /// Copies `src` into the concatenation of `bufs`, starting `pos` bytes in.
-fn scatter(bufs: &mut [&mut [u8]], mut pos: usize, mut src: &[u8]) {
+fn scatter(bufs: &mut [IoSliceMut<'_>], mut pos: usize, mut src: &[u8]) {
     for buf in bufs.iter_mut() {
         if src.is_empty() {
             return;
@@ -574,7 +574,7 @@ fn scatter(bufs: &mut [&mut [u8]], mut pos: usize, mut src: &[u8]) {
 }
 
 /// Copies from the concatenation of `bufs`, starting `pos` bytes in, until `dst` is full.
-fn gather(bufs: &[&[u8]], mut pos: usize, mut dst: &mut [u8]) {
+fn gather(bufs: &[IoSlice<'_>], mut pos: usize, mut dst: &mut [u8]) {
     for buf in bufs {
         if dst.is_empty() {
             return;
@@ -665,6 +665,7 @@ mod tests {
     use super::*;
     use crate::error::ErrorKind;
     use std::io::Write as _;
+    use std::io::{IoSlice, IoSliceMut};
     use std::os::unix::fs::FileExt;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -682,9 +683,9 @@ mod tests {
         assert_eq!(d.info().size_sectors, 16);
         assert_eq!(d.len_bytes(), 16 * 512);
         let data = pattern(2048, 1);
-        d.write(3, &[&data]).unwrap();
+        d.write(3, &[IoSlice::new(&data)]).unwrap();
         let mut back = vec![0u8; 2048];
-        d.read(3, &mut [&mut back]).unwrap();
+        d.read(3, &mut [IoSliceMut::new(&mut back)]).unwrap();
         assert_eq!(back, data);
         d.flush().unwrap();
         let mut raw = vec![0u8; 2048];
@@ -704,11 +705,15 @@ mod tests {
         let a = pattern(512, 1);
         let b = pattern(3 * 512, 2);
         let c = pattern(1024, 3);
-        d.write(4, &[&a, &[], &b, &c]).unwrap();
+        d.write(4, &[IoSlice::new(&a), IoSlice::new(&[]), IoSlice::new(&b), IoSlice::new(&c)]).unwrap();
         let mut x = vec![0u8; 1024];
         let mut y = vec![0u8; 2048];
         let mut z = vec![0u8; 1536];
-        d.read(3, &mut [&mut x, &mut [], &mut y, &mut z]).unwrap();
+        d.read(
+            3,
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut []), IoSliceMut::new(&mut y), IoSliceMut::new(&mut z)],
+        )
+        .unwrap();
         let mut got = Vec::new();
         got.extend_from_slice(&x);
         got.extend_from_slice(&y);
@@ -727,10 +732,10 @@ mod tests {
         let d = FileDevice::create(dir.path().join("disk"), &FileOptions::default()).unwrap();
         d.resize(2100).unwrap();
         let blocks: Vec<Vec<u8>> = (0..2100).map(|i| vec![(i % 251) as u8; 512]).collect();
-        let refs: Vec<&[u8]> = blocks.iter().map(|b| b.as_slice()).collect();
+        let refs: Vec<IoSlice<'_>> = blocks.iter().map(|b| IoSlice::new(b)).collect();
         d.write(0, &refs).unwrap();
         let mut back: Vec<Vec<u8>> = (0..2100).map(|_| vec![0xffu8; 512]).collect();
-        let mut refs: Vec<&mut [u8]> = back.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let mut refs: Vec<IoSliceMut<'_>> = back.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         d.read(0, &mut refs).unwrap();
         assert_eq!(back, blocks);
     }
@@ -746,17 +751,17 @@ mod tests {
         assert_eq!(d.info().size_sectors, 2);
         let mut a = vec![0xffu8; 512];
         let mut b = vec![0xffu8; 512];
-        d.read(0, &mut [&mut a, &mut b]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)]).unwrap();
         assert_eq!(&a[..], &data[..512]);
         assert_eq!(&b[..488], &data[512..]);
         assert_eq!(&b[488..], &[0; 24][..]);
         let mut last = vec![0xffu8; 512];
-        d.read(1, &mut [&mut last]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut last)]).unwrap();
         assert_eq!(last, b);
         let mut too_far = vec![0u8; 512];
-        assert_eq!(d.read(2, &mut [&mut too_far]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(2, &mut [IoSliceMut::new(&mut too_far)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Writing the last sector makes the length a sector multiple and the size does not change.
-        d.write(1, &[&[5; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[5; 512])]).unwrap();
         assert_eq!(d.len_bytes(), 1024);
         assert_eq!(d.info().size_sectors, 2);
     }
@@ -766,14 +771,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = FileDevice::create(dir.path().join("disk"), &FileOptions::default()).unwrap();
         d.resize(4).unwrap();
-        d.write(0, &[&[9; 2048]]).unwrap();
+        d.write(0, &[IoSlice::new(&[9; 2048])]).unwrap();
         d.resize(2).unwrap();
         assert_eq!(d.info().size_sectors, 2);
         assert_eq!(d.file().metadata().unwrap().len(), 1024);
         let mut buf = vec![0u8; 1536];
-        assert_eq!(d.read(0, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.resize(3).unwrap();
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..1024], &[9; 1024][..]);
         assert_eq!(&buf[1024..], &[0; 512][..]);
         assert_eq!(d.resize(u64::MAX).unwrap_err().kind(), ErrorKind::InvalidArgument);
@@ -784,14 +789,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = FileDevice::create(dir.path().join("disk"), &FileOptions::default()).unwrap();
         d.resize(64).unwrap();
-        d.write(0, &[&vec![0xaa; 64 * 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&vec![0xaa; 64 * 512])]).unwrap();
         d.discard(8, 24).unwrap();
         d.discard(63, 1).unwrap();
         d.discard(0, 0).unwrap();
         assert_eq!(d.len_bytes(), 64 * 512);
         assert_eq!(d.file().metadata().unwrap().len(), 64 * 512);
         let mut buf = vec![0u8; 64 * 512];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..8 * 512], &vec![0xaa; 8 * 512][..]);
         assert_eq!(&buf[8 * 512..32 * 512], &vec![0; 24 * 512][..]);
         assert_eq!(&buf[32 * 512..63 * 512], &vec![0xaa; 31 * 512][..]);
@@ -805,12 +810,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = FileDevice::create(dir.path().join("disk"), &FileOptions::default()).unwrap();
         d.resize(16).unwrap();
-        d.write(0, &[&vec![0xaa; 16 * 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&vec![0xaa; 16 * 512])]).unwrap();
         if !d.zero_range(4, 4).unwrap() {
             // A filesystem without FALLOC_FL_ZERO_RANGE: nothing changed, and the device stops asking.
             assert!(!d.zero_range(0, 1).unwrap());
             let mut buf = vec![0u8; 16 * 512];
-            d.read(0, &mut [&mut buf]).unwrap();
+            d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
             assert!(buf.iter().all(|&b| b == 0xaa));
             return;
         }
@@ -819,7 +824,7 @@ mod tests {
         assert_eq!(d.len_bytes(), 20 * 512);
         assert_eq!(d.file().metadata().unwrap().len(), 20 * 512);
         let mut buf = vec![0u8; 20 * 512];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert!(buf[..4 * 512].iter().all(|&b| b == 0xaa));
         assert!(buf[4 * 512..8 * 512].iter().all(|&b| b == 0));
         assert!(buf[8 * 512..14 * 512].iter().all(|&b| b == 0xaa));
@@ -845,7 +850,7 @@ mod tests {
         assert_eq!(d.len_bytes(), 1000);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1000);
         let mut buf = vec![0xffu8; 1024];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..512], &[0x11; 512][..]);
         assert_eq!(&buf[512..], &[0; 512][..]);
     }
@@ -858,12 +863,12 @@ mod tests {
         let opts = FileOptions { read_only: true, direct: false, ..FileOptions::default() };
         let d = FileDevice::open(&path, &opts).unwrap();
         assert!(!d.info().read_write);
-        assert_eq!(d.write(0, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(d.write(0, &[IoSlice::new(&[0; 512])]).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.resize(1).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::ReadOnly);
         d.flush().unwrap();
         let mut buf = vec![0u8; 512];
-        d.read(3, &mut [&mut buf]).unwrap();
+        d.read(3, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, vec![3; 512]);
         assert_eq!(std::fs::read(&path).unwrap(), vec![3u8; 2048]);
         assert_eq!(FileDevice::create(&path, &opts).unwrap_err().kind(), ErrorKind::InvalidArgument);
@@ -898,7 +903,7 @@ mod tests {
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let d = FileDevice::from_file(file, true).unwrap();
         let mut buf = vec![0u8; 512];
-        match d.read(3, &mut [&mut buf]).unwrap_err() {
+        match d.read(3, &mut [IoSliceMut::new(&mut buf)]).unwrap_err() {
             Error::Io { op, offset, .. } => {
                 assert_eq!(op, "read");
                 assert_eq!(offset, 3 * 512);
@@ -914,8 +919,8 @@ mod tests {
         d.resize(2).unwrap();
         d.disconnect();
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(0, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&buf)]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         assert!(matches!(d.resize(4), Err(Error::Disconnected)));
         assert!(matches!(d.discard(0, 1), Err(Error::Disconnected)));
@@ -931,7 +936,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for i in 0..8u64 {
-                        d.write(u64::from(t) * 8 + i, &[&[t + 1; 512]]).unwrap();
+                        d.write(u64::from(t) * 8 + i, &[IoSlice::new(&[t + 1; 512])]).unwrap();
                     }
                 })
             })
@@ -940,7 +945,7 @@ mod tests {
             t.join().unwrap();
         }
         let mut buf = vec![0u8; 64 * 512];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         for (i, chunk) in buf.chunks(512).enumerate() {
             assert!(chunk.iter().all(|&b| b == (i / 8) as u8 + 1));
         }
@@ -959,11 +964,11 @@ mod tests {
 
         let mut a = [0u8; 3];
         let mut b = [0u8; 4];
-        scatter(&mut [&mut a, &mut b], 2, &[1, 2, 3]);
+        scatter(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)], 2, &[1, 2, 3]);
         assert_eq!(a, [0, 0, 1]);
         assert_eq!(b, [2, 3, 0, 0]);
         let mut out = [0u8; 4];
-        gather(&[&[1, 2], &[], &[3, 4, 5]], 1, &mut out);
+        gather(&[IoSlice::new(&[1, 2]), IoSlice::new(&[]), IoSlice::new(&[3, 4, 5])], 1, &mut out);
         assert_eq!(out, [2, 3, 4, 5]);
     }
 
@@ -998,19 +1003,19 @@ mod tests {
         let mut aligned = AlignedBuf::new(8192).unwrap();
         let pat = pattern(8192, 9);
         aligned.slice_mut(8192).unwrap().copy_from_slice(&pat);
-        d.write(8, &[aligned.slice_mut(8192).unwrap()]).unwrap();
+        d.write(8, &[IoSlice::new(aligned.slice_mut(8192).unwrap())]).unwrap();
         let mut back = AlignedBuf::new(8192).unwrap();
-        d.read(8, &mut [back.slice_mut(8192).unwrap()]).unwrap();
+        d.read(8, &mut [IoSliceMut::new(back.slice_mut(8192).unwrap())]).unwrap();
         assert_eq!(back.slice_mut(8192).unwrap(), &pat[..]);
 
         // Unaligned offset, lengths and addresses: bounced, read-modify-write keeps the neighbours.
         let small = pattern(512, 3);
-        d.write(9, &[&small]).unwrap();
+        d.write(9, &[IoSlice::new(&small)]).unwrap();
         let odd = pattern(3 * 512, 4);
-        d.write(1, &[&odd[..512], &odd[512..]]).unwrap();
+        d.write(1, &[IoSlice::new(&odd[..512]), IoSlice::new(&odd[512..])]).unwrap();
         let mut whole = vec![0u8; 64 * 512];
         let (first, rest) = whole.split_at_mut(512 * 3);
-        d.read(0, &mut [first, rest]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(first), IoSliceMut::new(rest)]).unwrap();
         let mut want = vec![0u8; 64 * 512];
         want[8 * 512..24 * 512].copy_from_slice(&pat);
         want[9 * 512..10 * 512].copy_from_slice(&small);
@@ -1026,9 +1031,9 @@ mod tests {
         // A bounced request larger than the bounce buffer.
         let big = pattern(3 << 20, 5);
         d.resize(8192).unwrap();
-        d.write(1, &[&big]).unwrap();
+        d.write(1, &[IoSlice::new(&big)]).unwrap();
         let mut big_back = vec![0u8; 3 << 20];
-        d.read(1, &mut [&mut big_back]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut big_back)]).unwrap();
         assert_eq!(big_back, big);
     }
 
@@ -1046,7 +1051,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for round in 0..20u8 {
-                        d.write(u64::from(t), &[&[t.wrapping_mul(20).wrapping_add(round); 512]]).unwrap();
+                        d.write(u64::from(t), &[IoSlice::new(&[t.wrapping_mul(20).wrapping_add(round); 512])]).unwrap();
                     }
                 })
             })
@@ -1055,7 +1060,7 @@ mod tests {
             t.join().unwrap();
         }
         let mut buf = vec![0u8; 4096];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         for (t, chunk) in buf.chunks(512).enumerate() {
             assert!(chunk.iter().all(|&b| b == (t as u8) * 20 + 19), "sector {t} lost its last write");
         }
@@ -1069,22 +1074,22 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let Some(d) = open_direct(&path, false) else { return };
         let mut buf = vec![0xffu8; 1024];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..1000], &data[..]);
         assert_eq!(&buf[1000..], &[0; 24][..]);
         // A bounced write must not leave the file longer than the written range.
-        d.write(0, &[&[7; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[7; 512])]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1000);
         assert_eq!(d.len_bytes(), 1000);
-        d.write(1, &[&[8; 512]]).unwrap();
+        d.write(1, &[IoSlice::new(&[8; 512])]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1024);
         assert_eq!(d.len_bytes(), 1024);
         let mut want = vec![7u8; 512];
         want.extend_from_slice(&[8; 512]);
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, want);
         d.discard(0, 1).unwrap();
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[..512], &[0; 512][..]);
         assert_eq!(&buf[512..], &[8; 512][..]);
     }
@@ -1100,7 +1105,7 @@ mod tests {
         match FileDevice::create(dir.path().join("d"), &opts) {
             Ok(d) => {
                 d.resize(1).unwrap();
-                d.write(0, &[&[1; 512]]).unwrap();
+                d.write(0, &[IoSlice::new(&[1; 512])]).unwrap();
             }
             Err(Error::Io { op, source, .. }) => {
                 assert_eq!(op, "open");

@@ -5,6 +5,7 @@
 //! that then serves it, so a concurrent resize can never make a validated request run past the end. Once
 //! disconnected, a device stays disconnected.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -115,7 +116,7 @@ impl BlockDevice for MemoryDevice {
         self.info_for(&self.data_read())
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         self.check_connected()?;
         let data = self.data_read();
         check_request(&self.info_for(&data), "read", sector, bufs.iter().map(|b| b.len()))?;
@@ -130,7 +131,7 @@ impl BlockDevice for MemoryDevice {
         Ok(())
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         self.check_writable("write")?;
         let mut data = self.data_write();
         check_request(&self.info_for(&data), "write", sector, bufs.iter().map(|b| b.len()))?;
@@ -206,6 +207,7 @@ impl BlockDevice for MemoryDevice {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use std::io::{IoSlice, IoSliceMut};
 
     #[test]
     fn new_rounds_up_to_sectors() {
@@ -234,10 +236,10 @@ mod tests {
         let d = MemoryDevice::new(8 * 512);
         let a = vec![1u8; 512];
         let b = vec![2u8; 1024];
-        d.write(2, &[&a, &b]).unwrap();
+        d.write(2, &[IoSlice::new(&a), IoSlice::new(&b)]).unwrap();
         let mut x = vec![0u8; 1024];
         let mut y = vec![0u8; 1024];
-        d.read(1, &mut [&mut x, &mut y]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)]).unwrap();
         assert_eq!(&x[..512], &[0; 512][..]);
         assert_eq!(&x[512..], &[1; 512][..]);
         assert_eq!(y, vec![2; 1024]);
@@ -253,11 +255,11 @@ mod tests {
     fn requests_are_validated() {
         let d = MemoryDevice::new(4 * 512);
         let mut odd = vec![0u8; 100];
-        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut odd)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         let mut two = vec![0u8; 1024];
-        assert_eq!(d.read(3, &mut [&mut two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(d.write(3, &[&two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(d.read(u64::MAX, &mut [&mut two]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(3, &mut [IoSliceMut::new(&mut two)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.write(3, &[IoSlice::new(&two)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(u64::MAX, &mut [IoSliceMut::new(&mut two)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Empty requests at the end are fine; past the end they are not.
         d.read(4, &mut []).unwrap();
         d.write(4, &[]).unwrap();
@@ -275,10 +277,10 @@ mod tests {
         d.resize(1).unwrap();
         assert_eq!(d.snapshot(), vec![5; 512]);
         let mut buf = vec![0u8; 1024];
-        assert_eq!(d.read(0, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Growing again must not resurrect the old bytes.
         d.resize(2).unwrap();
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(&buf[512..], &[0; 512][..]);
         assert_eq!(d.resize(u64::MAX).unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
@@ -300,12 +302,12 @@ mod tests {
     fn read_only_refuses_changes() {
         let d = MemoryDevice::from_bytes(vec![1; 1024]).read_only();
         assert!(!d.info().read_write);
-        assert_eq!(d.write(0, &[&[0; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(d.write(0, &[IoSlice::new(&[0; 512])]).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.resize(8).unwrap_err().kind(), ErrorKind::ReadOnly);
         assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::ReadOnly);
         d.flush().unwrap();
         let mut buf = vec![0u8; 512];
-        d.read(1, &mut [&mut buf]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, vec![1; 512]);
         assert_eq!(d.snapshot(), vec![1; 1024]);
     }
@@ -313,11 +315,11 @@ mod tests {
     #[test]
     fn disconnect_fails_everything() {
         let d = MemoryDevice::new(1024);
-        d.write(0, &[&[4; 512]]).unwrap();
+        d.write(0, &[IoSlice::new(&[4; 512])]).unwrap();
         d.disconnect();
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(0, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&buf)]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         assert!(matches!(d.resize(4), Err(Error::Disconnected)));
         assert!(matches!(d.discard(0, 1), Err(Error::Disconnected)));
@@ -333,7 +335,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for i in 0..8u64 {
-                        d.write(u64::from(t) * 8 + i, &[&[t + 1; 512]]).unwrap();
+                        d.write(u64::from(t) * 8 + i, &[IoSlice::new(&[t + 1; 512])]).unwrap();
                     }
                 })
             })

@@ -1,12 +1,16 @@
 //! The block-device contract from the seed, and the devices that implement it.
 //!
 //! A device has a sector size and a size in sectors and is read-write or read-only. Reads and writes move whole
-//! sectors, starting at a sector, through a list of buffers that are each a whole number of sectors long. Every
+//! sectors, starting at a sector, through a list of buffers that are each a whole number of sectors long: the
+//! standard library's [`IoSliceMut`] and [`IoSlice`], as `preadv`/`pwritev` and `Read::read_vectored` take them. Every
 //! operation takes `&self`: devices are shared between threads, and positional I/O means there is no cursor to
 //! race on. After [`BlockDevice::disconnect`] every operation fails with [`Error::Disconnected`].
 //!
 //! Devices stack: [`Padded`] wraps any device, and a qcow2 [`Image`](crate::Image) is itself a device.
 
+// A test double for fault injection: built for the crate's own unit tests, and for other tests (this crate's
+// integration tests, the tools' tests) through the `test-utils` feature, so that it is no part of the normal API.
+#[cfg(any(test, feature = "test-utils"))]
 mod faulty;
 mod file;
 mod file_lock;
@@ -14,12 +18,15 @@ mod memory;
 mod padded;
 mod unsynced;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub use faulty::{FaultyDevice, FaultyOp};
 pub use file::{FileDevice, FileOptions};
 pub use file_lock::Locking;
 pub use memory::MemoryDevice;
 pub use padded::Padded;
 pub use unsynced::Unsynced;
+
+use std::io::{IoSlice, IoSliceMut};
 
 use crate::error::{Error, Result};
 
@@ -58,13 +65,13 @@ pub trait BlockDevice: Send + Sync {
     /// `InvalidArgument` when a buffer is not a whole number of sectors or the range runs past the end;
     /// `Disconnected` after [`disconnect`](Self::disconnect); `Io` when the storage fails, in which case some
     /// buffers may be unfilled.
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()>;
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()>;
 
     /// Writes `bufs`, in order, to consecutive sectors starting at `sector`.
     ///
     /// # Errors
     /// As [`read`](Self::read), plus `ReadOnly` (nothing written). On `Io` part of the data may have been written.
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()>;
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()>;
 
     /// Makes every write completed before this call durable.
     ///
@@ -123,7 +130,7 @@ pub trait BlockDevice: Send + Sync {
     /// As [`read`](Self::read).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let sector = sector_of(self.info().sector_size, offset, "read")?;
-        self.read(sector, &mut [buf])
+        self.read(sector, &mut [IoSliceMut::new(buf)])
     }
 
     /// Writes `buf` at byte `offset`; both must be sector multiples.
@@ -132,7 +139,7 @@ pub trait BlockDevice: Send + Sync {
     /// As [`write`](Self::write).
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let sector = sector_of(self.info().sector_size, offset, "write")?;
-        self.write(sector, &[buf])
+        self.write(sector, &[IoSlice::new(buf)])
     }
 }
 
@@ -154,6 +161,76 @@ pub fn write_zeros(dev: &(impl BlockDevice + ?Sized), offset: u64, len: u64) -> 
         pos += n;
     }
     Ok(())
+}
+
+/// Fills `bufs`, in order, from byte `offset` (a sector multiple): [`BlockDevice::read`] addressed in bytes, as
+/// [`BlockDevice::read_at`] is for one buffer.
+///
+/// # Errors
+/// As [`BlockDevice::read`], and `InvalidArgument` for an offset that is not a sector multiple.
+pub fn read_vectored_at(dev: &(impl BlockDevice + ?Sized), offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+    let sector = sector_of(dev.info().sector_size, offset, "read")?;
+    dev.read(sector, bufs)
+}
+
+/// Writes `bufs`, in order, at byte `offset` (a sector multiple): [`BlockDevice::write`] addressed in bytes, as
+/// [`BlockDevice::write_at`] is for one buffer.
+///
+/// # Errors
+/// As [`BlockDevice::write`], and `InvalidArgument` for an offset that is not a sector multiple.
+pub fn write_vectored_at(dev: &(impl BlockDevice + ?Sized), offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+    let sector = sector_of(dev.info().sector_size, offset, "write")?;
+    dev.write(sector, bufs)
+}
+
+/// Reads `buf` from byte `offset` of `dev` as if the device were `limit` bytes long and zeros followed: bytes at
+/// or past `limit` read as zeros without touching the device. Neither `offset` nor `buf` need be sector aligned;
+/// the sectors holding the rest are read whole and only the asked-for bytes kept. Pass the device's own size as
+/// `limit` to read past its end, or a smaller one (a backing file's guest size, a file length a check trusts).
+///
+/// # Errors
+/// As [`BlockDevice::read_at`]; `InvalidArgument` when the range's sectors overflow.
+pub fn read_padded(dev: &(impl BlockDevice + ?Sized), limit: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let avail = limit.saturating_sub(offset).min(buf.len() as u64);
+    let (inside, past) = buf.split_at_mut(usize::try_from(avail).unwrap_or(usize::MAX));
+    past.fill(0);
+    if inside.is_empty() {
+        return Ok(());
+    }
+    let sector_size = dev.info().sector_size.max(1);
+    let start = offset - offset % sector_size;
+    let end = offset
+        .checked_add(avail)
+        .and_then(|e| e.checked_next_multiple_of(sector_size))
+        .ok_or_else(|| Error::invalid("read", format!("range {offset:#x}+{avail:#x} overflows")))?;
+    if start == offset && end == offset + avail {
+        return dev.read_at(offset, inside);
+    }
+    let mut sectors = vec![0u8; usize::try_from(end - start).unwrap_or(usize::MAX)];
+    dev.read_at(start, &mut sectors)?;
+    let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
+    let src = sectors
+        .get(skip..skip.saturating_add(inside.len()))
+        .ok_or_else(|| Error::invalid("read", format!("range {offset:#x}+{avail:#x} is outside its sectors")))?;
+    inside.copy_from_slice(src);
+    Ok(())
+}
+
+/// Writes `buf` at byte `offset` (both sector multiples), first growing the device with
+/// [`grow_to`](BlockDevice::grow_to) when the write ends past it, for files that may end short of what is
+/// written into them (qemu-img leaves images that end inside their last cluster).
+///
+/// # Errors
+/// As [`BlockDevice::grow_to`] and [`BlockDevice::write_at`]; `InvalidArgument` when the range overflows.
+pub fn write_growing(dev: &(impl BlockDevice + ?Sized), offset: u64, buf: &[u8]) -> Result<()> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .ok_or_else(|| Error::invalid("write", format!("range {offset:#x}+{:#x} overflows", buf.len())))?;
+    let info = dev.info();
+    if end > info.size_bytes() {
+        dev.grow_to(end.div_ceil(info.sector_size.max(1)))?;
+    }
+    dev.write_at(offset, buf)
 }
 
 fn sector_of(sector_size: u64, offset: u64, op: &'static str) -> Result<u64> {
@@ -225,12 +302,12 @@ macro_rules! forward_block_device_methods {
         }
     };
     (@one $field:tt read) => {
-        fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> $crate::Result<()> {
+        fn read(&self, sector: u64, bufs: &mut [::std::io::IoSliceMut<'_>]) -> $crate::Result<()> {
             self.$field.read(sector, bufs)
         }
     };
     (@one $field:tt write) => {
-        fn write(&self, sector: u64, bufs: &[&[u8]]) -> $crate::Result<()> {
+        fn write(&self, sector: u64, bufs: &[::std::io::IoSlice<'_>]) -> $crate::Result<()> {
             self.$field.write(sector, bufs)
         }
     };
@@ -280,10 +357,10 @@ macro_rules! forward_block_device {
             fn info(&self) -> Info {
                 (**self).info()
             }
-            fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+            fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
                 (**self).read(sector, bufs)
             }
-            fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+            fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
                 (**self).write(sector, bufs)
             }
             fn flush(&self) -> Result<()> {
@@ -316,4 +393,52 @@ forward_block_device! {
     std::sync::Arc<T> => |d| d.disconnect(),
     Box<T> => |d| d.disconnect(),
     &T => |_| {},
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    /// Four sectors whose bytes are their sector number plus one.
+    fn device() -> MemoryDevice {
+        MemoryDevice::from_bytes((0..4u8).flat_map(|s| [s + 1; 512]).collect())
+    }
+
+    #[test]
+    fn read_padded_reads_any_bytes_and_zeros_from_the_limit() {
+        let d = device();
+        let mut buf = [0xffu8; 1024];
+        // Aligned and inside: a plain read.
+        read_padded(&d, 2048, 512, &mut buf).unwrap();
+        assert_eq!((buf[0], buf[1023]), (2, 3));
+        // Unaligned, crossing the limit inside a sector: the device's bytes past it do not show.
+        let mut buf = [0xffu8; 700];
+        read_padded(&d, 1500, 1000, &mut buf).unwrap();
+        assert_eq!(&buf[..24], &[2; 24][..]);
+        assert_eq!(&buf[24..500], &[3; 476][..]);
+        assert!(buf[500..].iter().all(|&b| b == 0));
+        // Past the device's own end, and entirely past the limit.
+        let mut buf = [0xffu8; 1024];
+        read_padded(&d, d.info().size_bytes(), 1536, &mut buf).unwrap();
+        assert_eq!((buf[0], buf[511], buf[512], buf[1023]), (4, 4, 0, 0));
+        let mut buf = [0xffu8; 10];
+        read_padded(&d, 100, 4096, &mut buf).unwrap();
+        assert_eq!(buf, [0; 10]);
+    }
+
+    #[test]
+    fn write_growing_grows_only_when_the_write_ends_past_the_device() {
+        let d = device();
+        write_growing(&d, 512, &[9u8; 512]).unwrap();
+        assert_eq!(d.info().size_sectors, 4);
+        write_growing(&d, 3 * 512, &[7u8; 1536]).unwrap();
+        assert_eq!(d.info().size_sectors, 6);
+        let mut back = [0u8; 1536];
+        d.read_at(3 * 512, &mut back).unwrap();
+        assert_eq!(back, [7u8; 1536]);
+        let mut buf = [0u8; 512];
+        d.read_at(512, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+    }
 }

@@ -9,6 +9,7 @@
 //! resize, discard, disconnect) is the inner device's answer, so writes past the end fail as the inner device fails
 //! them. Once disconnected, every operation answers `Disconnected`, including reads that touch no inner sector.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -56,7 +57,7 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
         self.inner.info()
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         self.check_connected()?;
         let info = self.inner.info();
         let sector_size = info.sector_size;
@@ -95,26 +96,26 @@ impl<D: BlockDevice> BlockDevice for Padded<D> {
         // The request straddles the end: lend the inner device the prefix, which ends on a sector boundary and so
         // splits the buffers into whole sectors, and zero the rest.
         let mut remaining = inside_bytes;
-        let mut prefix: Vec<&mut [u8]> = Vec::with_capacity(bufs.len());
+        let mut prefix: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len());
         for buf in bufs.iter_mut() {
             let len = buf.len() as u64;
             if remaining >= len {
                 remaining -= len;
-                prefix.push(&mut **buf);
+                prefix.push(IoSliceMut::new(buf));
             } else {
                 let split = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
                 let (head, tail) = buf.split_at_mut(split);
                 tail.fill(0);
                 remaining = 0;
                 if !head.is_empty() {
-                    prefix.push(head);
+                    prefix.push(IoSliceMut::new(head));
                 }
             }
         }
         self.inner.read(sector, &mut prefix)
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         self.check_connected()?;
         self.inner.write(sector, bufs)
     }
@@ -163,6 +164,7 @@ mod tests {
     use super::*;
     use crate::block::MemoryDevice;
     use crate::error::ErrorKind;
+    use std::io::{IoSlice, IoSliceMut};
     use std::sync::Arc;
 
     /// Four sectors whose bytes are their sector number plus one.
@@ -189,12 +191,12 @@ mod tests {
     fn read_fully_inside() {
         let d = device();
         let mut buf = vec![0xffu8; 1024];
-        d.read(1, &mut [&mut buf]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(sector_of(&buf, 0), &[2; 512][..]);
         assert_eq!(sector_of(&buf, 1), &[3; 512][..]);
         // Up to exactly the end is still "inside".
         let mut buf = vec![0xffu8; 2048];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         for i in 0..4 {
             assert_eq!(sector_of(&buf, i), &[i as u8 + 1; 512][..]);
         }
@@ -204,7 +206,7 @@ mod tests {
     fn read_straddling_the_end() {
         let d = device();
         let mut buf = vec![0xffu8; 4 * 512];
-        d.read(2, &mut [&mut buf]).unwrap();
+        d.read(2, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(sector_of(&buf, 0), &[3; 512][..]);
         assert_eq!(sector_of(&buf, 1), &[4; 512][..]);
         assert_eq!(sector_of(&buf, 2), &[0; 512][..]);
@@ -215,10 +217,10 @@ mod tests {
     fn read_fully_past_the_end() {
         let d = device();
         let mut buf = vec![0xffu8; 1024];
-        d.read(4, &mut [&mut buf]).unwrap();
+        d.read(4, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, vec![0; 1024]);
         let mut buf = vec![0xffu8; 512];
-        d.read(1_000_000, &mut [&mut buf]).unwrap();
+        d.read(1_000_000, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, vec![0; 512]);
     }
 
@@ -229,9 +231,9 @@ mod tests {
         d.read(4, &mut []).unwrap();
         d.read(100, &mut []).unwrap();
         let mut empty: [u8; 0] = [];
-        d.read(2, &mut [&mut empty]).unwrap();
+        d.read(2, &mut [IoSliceMut::new(&mut empty)]).unwrap();
         let mut empty2: [u8; 0] = [];
-        d.read(9, &mut [&mut empty, &mut empty2]).unwrap();
+        d.read(9, &mut [IoSliceMut::new(&mut empty), IoSliceMut::new(&mut empty2)]).unwrap();
     }
 
     #[test]
@@ -241,7 +243,7 @@ mod tests {
         let mut a = vec![0xffu8; 512];
         let mut b = vec![0xffu8; 4 * 512];
         let mut c = vec![0xffu8; 512];
-        d.read(1, &mut [&mut a, &mut b, &mut c]).unwrap();
+        d.read(1, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b), IoSliceMut::new(&mut c)]).unwrap();
         assert_eq!(a, vec![2; 512]);
         assert_eq!(sector_of(&b, 0), &[3; 512][..]);
         assert_eq!(sector_of(&b, 1), &[4; 512][..]);
@@ -253,7 +255,7 @@ mod tests {
         let mut a = vec![0xffu8; 1024];
         let mut empty: [u8; 0] = [];
         let mut b = vec![0xffu8; 1024];
-        d.read(2, &mut [&mut a, &mut empty, &mut b]).unwrap();
+        d.read(2, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut empty), IoSliceMut::new(&mut b)]).unwrap();
         assert_eq!(sector_of(&a, 0), &[3; 512][..]);
         assert_eq!(sector_of(&a, 1), &[4; 512][..]);
         assert_eq!(b, vec![0; 1024]);
@@ -263,33 +265,36 @@ mod tests {
     fn non_sector_buffers_are_refused() {
         let d = device();
         let mut odd = vec![0u8; 100];
-        assert_eq!(d.read(0, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(0, &mut [IoSliceMut::new(&mut odd)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // Also past the end, where nothing would be read from the inner device.
-        assert_eq!(d.read(10, &mut [&mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(10, &mut [IoSliceMut::new(&mut odd)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         let mut good = vec![0u8; 512];
-        assert_eq!(d.read(3, &mut [&mut good, &mut odd]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            d.read(3, &mut [IoSliceMut::new(&mut good), IoSliceMut::new(&mut odd)]).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
         let mut buf = vec![0u8; 1024];
-        assert_eq!(d.read(u64::MAX, &mut [&mut buf]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.read(u64::MAX, &mut [IoSliceMut::new(&mut buf)]).unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]
     fn writes_and_the_rest_pass_through() {
         let d = device();
-        d.write(3, &[&[9; 512]]).unwrap();
+        d.write(3, &[IoSlice::new(&[9; 512])]).unwrap();
         assert_eq!(&d.inner().snapshot()[3 * 512..], &[9; 512][..]);
         // Writes past the end fail as the inner device fails them.
-        assert_eq!(d.write(4, &[&[9; 512]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(d.write(3, &[&[9; 1024]]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.write(4, &[IoSlice::new(&[9; 512])]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(d.write(3, &[IoSlice::new(&[9; 1024])]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         d.flush().unwrap();
         d.resize(6).unwrap();
         assert_eq!(d.info().size_sectors, 6);
-        d.write(5, &[&[8; 512]]).unwrap();
+        d.write(5, &[IoSlice::new(&[8; 512])]).unwrap();
         d.discard(5, 1).unwrap();
         let mut buf = vec![0xffu8; 1024];
-        d.read(5, &mut [&mut buf]).unwrap();
+        d.read(5, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(buf, vec![0; 1024]);
         let ro = Padded::new(MemoryDevice::new(512).read_only());
-        assert_eq!(ro.write(0, &[&[1; 512]]).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(ro.write(0, &[IoSlice::new(&[1; 512])]).unwrap_err().kind(), ErrorKind::ReadOnly);
         let inner = d.into_inner();
         assert_eq!(inner.info().size_sectors, 6);
     }
@@ -299,10 +304,13 @@ mod tests {
         let d = device();
         d.disconnect();
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(0, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.read(3, &mut [&mut buf, &mut vec![0u8; 512]]), Err(Error::Disconnected)));
-        assert!(matches!(d.read(100, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.write(0, &[&buf]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(0, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(
+            d.read(3, &mut [IoSliceMut::new(&mut buf), IoSliceMut::new(&mut vec![0u8; 512])]),
+            Err(Error::Disconnected)
+        ));
+        assert!(matches!(d.read(100, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(d.write(0, &[IoSlice::new(&buf)]), Err(Error::Disconnected)));
         assert!(matches!(d.flush(), Err(Error::Disconnected)));
         assert!(matches!(d.resize(1), Err(Error::Disconnected)));
         assert!(matches!(d.discard(0, 1), Err(Error::Disconnected)));
@@ -316,8 +324,11 @@ mod tests {
         let d = Padded::new(inner.clone());
         inner.disconnect();
         let mut buf = vec![0u8; 512];
-        assert!(matches!(d.read(10, &mut [&mut buf]), Err(Error::Disconnected)));
-        assert!(matches!(d.read(1, &mut [&mut buf, &mut vec![0u8; 512]]), Err(Error::Disconnected)));
+        assert!(matches!(d.read(10, &mut [IoSliceMut::new(&mut buf)]), Err(Error::Disconnected)));
+        assert!(matches!(
+            d.read(1, &mut [IoSliceMut::new(&mut buf), IoSliceMut::new(&mut vec![0u8; 512])]),
+            Err(Error::Disconnected)
+        ));
     }
 
     #[test]
@@ -325,7 +336,7 @@ mod tests {
         let d = device();
         d.resize(2).unwrap();
         let mut buf = vec![0xffu8; 2048];
-        d.read(0, &mut [&mut buf]).unwrap();
+        d.read(0, &mut [IoSliceMut::new(&mut buf)]).unwrap();
         assert_eq!(sector_of(&buf, 0), &[1; 512][..]);
         assert_eq!(sector_of(&buf, 1), &[2; 512][..]);
         assert_eq!(&buf[1024..], &[0; 1024][..]);

@@ -1,8 +1,8 @@
 //! What the header says, read for a check: the parsed header, the geometry, the refcount table and the snapshot
 //! list. A header that fails validation refuses the check, as QEMU refuses to open such an image.
 
-use crate::block::BlockDevice;
-use crate::error::{Error, Result};
+use crate::block::{read_padded, BlockDevice};
+use crate::error::Result;
 use crate::format::be64;
 use crate::format::{
     feature, parse_snapshot_table_for_check, Geometry, Header, Snapshot, SnapshotDefect, SnapshotError,
@@ -96,24 +96,4 @@ fn read_snapshots(
             result => return result.map_err(|e| e.to_string()),
         }
     }
-}
-
-/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros, as QEMU reads them.
-pub fn read_padded(dev: &dyn BlockDevice, file_len: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-    buf.fill(0);
-    if offset >= file_len {
-        return Ok(());
-    }
-    let avail = (file_len - offset).min(buf.len() as u64);
-    let start = offset & !511;
-    let end = (offset + avail).next_multiple_of(512);
-    let mut sectors = vec![0u8; (end - start) as usize];
-    dev.read_at(start, &mut sectors)?;
-    let skip = (offset - start) as usize;
-    let src =
-        sectors.get(skip..skip + avail as usize).ok_or_else(|| Error::invalid("check", "read outside the buffer"))?;
-    if let Some(dst) = buf.get_mut(..avail as usize) {
-        dst.copy_from_slice(src);
-    }
-    Ok(())
 }

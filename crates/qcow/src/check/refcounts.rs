@@ -6,9 +6,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::layout::{read_padded, Layout};
+use super::layout::Layout;
 use super::problem::{Problem, Referrer, Structure};
 use super::walk::Sink;
+use crate::block::read_padded;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{RefcountBlock, RefcountTableEntry};

@@ -2,10 +2,11 @@
 //! dirty and corrupt bits. Each step is ordered so that a crash at any point leaves an image no worse than
 //! before it (see the module documentation of [`check`](super)).
 
-use super::layout::{read_padded, Layout};
+use super::layout::Layout;
 use super::problem::{Problem, Structure};
 use super::refcounts::{Implied, Stored};
 use super::CheckReport;
+use crate::block::read_padded;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{be64, serialize_snapshot_table};

@@ -7,8 +7,9 @@
 
 use std::collections::HashSet;
 
-use super::layout::{read_padded, Layout};
+use super::layout::Layout;
 use super::problem::{Problem, Referrer, Structure};
+use crate::block::read_padded;
 use crate::block::BlockDevice;
 use crate::error::Result;
 use crate::format::{

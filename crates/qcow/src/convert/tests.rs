@@ -26,10 +26,10 @@ impl BlockDevice for Counting {
     fn info(&self) -> crate::block::Info {
         self.inner.info()
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> Result<()> {
         self.inner.read(sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
         self.write_count.fetch_add(1, Ordering::Relaxed);
         self.writes.lock().unwrap().push((sector * SECTOR_SIZE, bufs.iter().map(|b| b.len()).sum()));
         self.inner.write(sector, bufs)

@@ -10,6 +10,7 @@
 //! `qemu:allocation-depth`): a qcow2 backing image is kept as a [`LayeredDevice`] so it can say so for its own
 //! chain, while any other backing device (a raw file) counts as allocated everywhere, as QEMU counts it.
 
+use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
 
 use super::{Config, ExtentKind, Image};
@@ -100,34 +101,35 @@ impl Backing {
         Backing { layer: Layer::Layered(device), size }
     }
 
-    fn read_device(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match &self.layer {
-            Layer::Flat(device) => device.read_at(offset, buf),
-            Layer::Layered(device) => device.read_at(offset, buf),
-        }
-    }
-
     /// Fills `buf` with the backing contents at guest offset `offset`; bytes past the backing's end are zeros.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(avail);
-        past.fill(0);
-        if inside.is_empty() {
-            return Ok(());
-        }
-        // The backing's last sector may be partial; read whole sectors and keep what was asked.
-        let start = offset & !511;
-        let end = (offset + inside.len() as u64).next_multiple_of(512);
+        // The backing's last sector may be partial: what lies past its guest size is zeros, whatever the device
+        // holds there.
+        let read = match &self.layer {
+            Layer::Flat(device) => crate::block::read_padded(device.as_ref(), self.size, offset, buf),
+            Layer::Layered(device) => crate::block::read_padded(device.as_ref(), self.size, offset, buf),
+        };
         // Its errors are its own: corruption met there must not mark the overlay corrupt.
-        let own = |e| Error::Backing(Box::new(e));
-        if start == offset && end == offset + inside.len() as u64 {
-            return self.read_device(offset, inside).map_err(own);
+        read.map_err(|e| Error::Backing(Box::new(e)))
+    }
+
+    /// Fills `pieces`, in order, from guest offset `offset`, as [`read`](Self::read) fills one buffer: with one
+    /// vectored read of the backing device when the range lies inside it in whole sectors.
+    pub(crate) fn read_pieces(&self, offset: u64, pieces: &mut [&mut [u8]]) -> Result<()> {
+        let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let whole = offset % 512 == 0 && pieces.iter().all(|p| p.len() % 512 == 0);
+        if whole && offset.checked_add(total).is_some_and(|end| end <= self.size) {
+            let mut iov: Vec<IoSliceMut<'_>> = pieces.iter_mut().map(|p| IoSliceMut::new(p)).collect();
+            let read = match &self.layer {
+                Layer::Flat(device) => crate::block::read_vectored_at(device.as_ref(), offset, &mut iov),
+                Layer::Layered(device) => crate::block::read_vectored_at(device.as_ref(), offset, &mut iov),
+            };
+            return read.map_err(|e| Error::Backing(Box::new(e)));
         }
-        let mut bounce = vec![0u8; (end - start) as usize];
-        self.read_device(start, &mut bounce).map_err(own)?;
-        let skip = (offset - start) as usize;
-        if let Some(src) = bounce.get(skip..skip + inside.len()) {
-            inside.copy_from_slice(src);
+        let mut pos = offset;
+        for piece in pieces.iter_mut() {
+            self.read(pos, piece)?;
+            pos = pos.saturating_add(piece.len() as u64);
         }
         Ok(())
     }

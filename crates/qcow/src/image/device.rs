@@ -15,26 +15,16 @@ impl<D: BlockDevice> BlockDevice for Image<D> {
         }
     }
 
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> Result<()> {
         self.check_connected()?;
         check_request(&BlockDevice::info(self), "read", sector, bufs.iter().map(|b| b.len()))?;
-        let mut offset = sector * SECTOR_SIZE;
-        for buf in bufs.iter_mut() {
-            self.read_at(offset, buf)?;
-            offset += buf.len() as u64;
-        }
-        Ok(())
+        self.read_vectored(sector * SECTOR_SIZE, bufs)
     }
 
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
         self.check_writable("write")?;
         check_request(&BlockDevice::info(self), "write", sector, bufs.iter().map(|b| b.len()))?;
-        let mut offset = sector * SECTOR_SIZE;
-        for buf in bufs {
-            self.write_at(offset, buf)?;
-            offset += buf.len() as u64;
-        }
-        Ok(())
+        self.write_vectored(sector * SECTOR_SIZE, bufs)
     }
 
     fn flush(&self) -> Result<()> {

@@ -5,6 +5,8 @@
 //! contents (copy-on-write) or zeros around the new data, and only then linked into its L2 table. A shared
 //! cluster is never written in place.
 
+use std::io::{IoSlice, IoSliceMut};
+
 use super::lock_timing::LockUse;
 use super::meta::Meta;
 use super::ranges::RangeGuard;
@@ -13,6 +15,7 @@ use crate::block::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{GuestOffset, HostOffset, L1Entry, L2Entry, L2Kind};
 
+use super::iov::{self, Gather, Scatter};
 use super::mapping::ExtentKind;
 
 /// What a write does to one guest cluster.
@@ -219,63 +222,69 @@ impl<D: BlockDevice> Image<D> {
     /// `InvalidArgument` for a misaligned or out-of-range request, `Corrupt` for bad metadata on the way,
     /// `Unsupported` for clusters this version cannot decode, `Io`, `Disconnected`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.observe(self.read_guest(offset, buf))
+        self.observe(self.read_guest(offset, Scatter::one(buf)))
     }
 
-    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Fills `bufs`, in order, from guest offset `offset`, as one request: the range of all of them is mapped
+    /// once, and each extent's data lands in whichever buffers it covers. Every length must be a multiple of 512.
+    pub(super) fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        self.observe(self.read_guest(offset, Scatter::new(bufs)))
+    }
+
+    fn read_guest(&self, offset: u64, bufs: Scatter<'_>) -> Result<()> {
         self.check_connected()?;
-        check_aligned("read", offset, buf.len())?;
+        let len = bufs.len();
+        check_aligned("read", offset, bufs.misfit(512).unwrap_or(0))?;
         let limit = self.virtual_size().next_multiple_of(512);
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
-            return Err(Error::invalid(
-                "read",
-                format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len()),
-            ));
+        if offset.checked_add(len).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("read", format!("range {offset:#x}+{len:#x} is past the end ({limit:#x})")));
         }
-        if buf.is_empty() {
+        if len == 0 {
             return Ok(());
         }
         let _resize = self.resize.read().unwrap_or_else(|e| e.into_inner());
-        self.read_mapped(offset, buf)?;
-        super::metrics::Counters::add(&self.counters.read_bytes, buf.len() as u64);
+        self.read_mapped(offset, bufs)?;
+        super::metrics::Counters::add(&self.counters.read_bytes, len);
         Ok(())
     }
 
     /// Reads guest data through the current mapping; the caller holds the resize lock.
-    pub(super) fn read_mapped(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub(super) fn read_mapped(&self, offset: u64, mut bufs: Scatter<'_>) -> Result<()> {
+        let len = bufs.len();
         let (extents, _reading) = {
             // Most reads find their tables cached and map under the shared lock; the rest map exclusively. Either
             // way the read registers before the lock is released, so no cluster it maps is reused until it is
             // done (a reference is removed only under the exclusive lock, before the grace period it waits out).
             let shared = self.meta_shared(LockUse::Lookup);
-            match shared.map_cached(offset, buf.len() as u64) {
+            match shared.map_cached(offset, len) {
                 Some(extents) => (extents, self.read_grace.enter()),
                 None => {
                     drop(shared);
                     let mut m = self.meta_for(LockUse::Lookup);
-                    let extents = m.map(&self.dev, offset, buf.len() as u64)?;
+                    let extents = m.map(&self.dev, offset, len)?;
                     (extents, self.read_grace.enter())
                 }
             }
         };
-        let mut rest = buf;
         for extent in extents {
-            let (part, tail) = std::mem::take(&mut rest).split_at_mut(extent.len as usize);
-            rest = tail;
+            let mut parts = bufs.take(extent.len);
             match extent.kind {
-                ExtentKind::Data { host } => self.data_device().read_at(host.0, part)?,
-                ExtentKind::Zero => part.fill(0),
+                ExtentKind::Data { host } => {
+                    let mut iov: Vec<IoSliceMut<'_>> = parts.into_iter().map(IoSliceMut::new).collect();
+                    crate::block::read_vectored_at(self.data_device(), host.0, &mut iov)?;
+                }
+                ExtentKind::Zero => parts.iter_mut().for_each(|p| p.fill(0)),
                 ExtentKind::Unallocated => match &self.backing {
-                    Some(backing) => backing.read(extent.guest.0, part)?,
-                    None => part.fill(0),
+                    Some(backing) => backing.read_pieces(extent.guest.0, &mut parts)?,
+                    None => parts.iter_mut().for_each(|p| p.fill(0)),
                 },
                 ExtentKind::Compressed { host, len } => {
                     let cs = self.geo.cluster_size();
                     let mut cluster = vec![0u8; cs as usize];
                     self.read_compressed(host, len, &mut cluster)?;
                     let at = self.geo.offset_in_cluster(extent.guest.0) as usize;
-                    match cluster.get(at..at + part.len()) {
-                        Some(src) => part.copy_from_slice(src),
+                    match cluster.get(at..).filter(|src| src.len() as u64 >= extent.len) {
+                        Some(src) => iov::scatter_from(&mut parts, src),
                         None => return Err(Error::corrupt("compressed extent outside its cluster", host.0)),
                     }
                 }
@@ -313,33 +322,38 @@ impl<D: BlockDevice> Image<D> {
     /// `ReadOnly`, `InvalidArgument`, `Corrupt`, `Unsupported`, `Io`, `Disconnected`. On `Io` part of the data
     /// may have been written, and clusters may leak; no mapping ever points at unwritten data.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.observe(self.write_guest(offset, buf, true))
+        self.observe(self.write_guest(offset, &Gather::one(buf), true))
+    }
+
+    /// Writes `bufs`, in order, at guest offset `offset`, as one request: the clusters of all of them are planned,
+    /// allocated and linked together, and each cluster's data is taken from whichever buffers cover it. Every
+    /// length must be a multiple of 512.
+    pub(super) fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        self.observe(self.write_guest(offset, &Gather::new(bufs), true))
     }
 
     /// A write that no bitmap records: the zeros a resize writes past the old end, which is not a guest write.
     pub(super) fn write_untracked(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.observe(self.write_guest(offset, buf, false))
+        self.observe(self.write_guest(offset, &Gather::one(buf), false))
     }
 
-    fn write_guest(&self, offset: u64, buf: &[u8], tracked: bool) -> Result<()> {
+    fn write_guest(&self, offset: u64, buf: &Gather<'_>, tracked: bool) -> Result<()> {
         self.check_writable("write")?;
-        check_aligned("write", offset, buf.len())?;
+        let len = buf.len();
+        check_aligned("write", offset, buf.misfit(512).unwrap_or(0))?;
         let limit = self.virtual_size().next_multiple_of(512);
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > limit) {
-            return Err(Error::invalid(
-                "write",
-                format!("range {offset:#x}+{:#x} is past the end ({limit:#x})", buf.len()),
-            ));
+        if offset.checked_add(len).is_none_or(|end| end > limit) {
+            return Err(Error::invalid("write", format!("range {offset:#x}+{len:#x} is past the end ({limit:#x})")));
         }
-        if buf.is_empty() {
+        if len == 0 {
             return Ok(());
         }
         // Shared for the whole write; the bitmaps record its range before any data moves.
-        let _resize = self.lock_for_write(offset, buf.len() as u64, tracked)?;
+        let _resize = self.lock_for_write(offset, len, tracked)?;
         let cb = self.geo.cluster_bits;
         let first = offset >> cb;
-        let last = (offset + buf.len() as u64 - 1) >> cb;
-        super::metrics::Counters::add(&self.counters.written_bytes, buf.len() as u64);
+        let last = (offset + len - 1) >> cb;
+        super::metrics::Counters::add(&self.counters.written_bytes, len);
         self.note_unflushed();
         if self.geo.extended_l2 {
             // Subcluster bitmaps change even on in-place writes: always exclusive.
@@ -372,7 +386,7 @@ impl<D: BlockDevice> Image<D> {
             }
             let past_end =
                 m.data_file_size.is_none() && plans.iter().all(|p| p.fill == Fill::InPlace || p.target.0 >= file_end);
-            if past_end && self.zero_filled_in_part(offset, buf.len() as u64, &plans) {
+            if past_end && self.zero_filled_in_part(offset, len, &plans) {
                 // Linked in the same critical section that allocated them: the writers queued on these clusters
                 // wait for no I/O at all. (Growing the file gave them zeros; writeback flushes before it writes
                 // the L2 tables, so the growth is durable before the links.)
@@ -386,7 +400,7 @@ impl<D: BlockDevice> Image<D> {
             }
             break (owned, plans);
         };
-        if self.zero_filled_in_part(offset, buf.len() as u64, &plans) && self.zero_fresh_clusters(&plans)? {
+        if self.zero_filled_in_part(offset, len, &plans) && self.zero_fresh_clusters(&plans)? {
             // The fresh clusters read as what the guest had there (zeros) already: they are linked now, before
             // their data arrives, and the write goes on as an overwrite, sharing its clusters with the writers
             // that were waiting for them instead of holding them off until its data is on disk. A flush in between
@@ -479,9 +493,9 @@ impl<D: BlockDevice> Image<D> {
     }
 
     /// Does the data I/O of a planned write, one vectored device write per physically contiguous run.
-    fn write_planned(&self, offset: u64, buf: &[u8], plans: &[ClusterPlan]) -> Result<()> {
+    fn write_planned(&self, offset: u64, buf: &Gather<'_>, plans: &[ClusterPlan]) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let end = offset + buf.len() as u64;
+        let end = offset + buf.len();
         let mut run_start: Option<u64> = None;
         let mut run_end = 0u64;
         let mut pieces: Vec<Piece<'_>> = Vec::new();
@@ -489,13 +503,14 @@ impl<D: BlockDevice> Image<D> {
             let cluster_start = plan.guest_cluster * cs;
             let lo = offset.max(cluster_start);
             let hi = end.min(cluster_start + cs);
-            let data = buf.get((lo - offset) as usize..(hi - offset) as usize).unwrap_or(&[]);
+            // The caller's bytes for this cluster, which may lie in several of its buffers.
+            let data = || buf.range(lo - offset, hi - offset).into_iter().map(Piece::Borrowed);
             let whole_cluster = lo == cluster_start && hi == cluster_start + cs;
             let (host, mut these) = match plan.fill {
-                _ if whole_cluster => (plan.target.0, vec![Piece::Borrowed(data)]),
-                Fill::InPlace => (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)]),
+                _ if whole_cluster => (plan.target.0, data().collect()),
+                Fill::InPlace => (plan.target.0 + (lo - cluster_start), data().collect()),
                 Fill::Zeros if self.zero_cluster(plan.target.0)? => {
-                    (plan.target.0 + (lo - cluster_start), vec![Piece::Borrowed(data)])
+                    (plan.target.0 + (lo - cluster_start), data().collect())
                 }
                 Fill::Zeros => {
                     let head = (lo - cluster_start) as usize;
@@ -504,7 +519,7 @@ impl<D: BlockDevice> Image<D> {
                     if head > 0 {
                         v.push(Piece::Borrowed(self.zeros.get(..head).unwrap_or(&[])));
                     }
-                    v.push(Piece::Borrowed(data));
+                    v.extend(data());
                     if tail > 0 {
                         v.push(Piece::Borrowed(self.zeros.get(..tail).unwrap_or(&[])));
                     }
@@ -519,7 +534,7 @@ impl<D: BlockDevice> Image<D> {
                         _ => {}
                     }
                     if let Some(dst) = whole.get_mut((lo - cluster_start) as usize..(hi - cluster_start) as usize) {
-                        dst.copy_from_slice(data);
+                        buf.copy_to(lo - offset, dst);
                     }
                     (plan.target.0, vec![Piece::Owned(whole)])
                 }
@@ -571,7 +586,7 @@ impl<D: BlockDevice> Image<D> {
 
     /// Writes the data of a write whose clusters are all linked already, as an overwrite: the range turns shared,
     /// so the writers queued on those clusters run beside this one.
-    fn write_linked(&self, offset: u64, buf: &[u8], owned: RangeGuard<'_>, plans: &[ClusterPlan]) -> Result<()> {
+    fn write_linked(&self, offset: u64, buf: &Gather<'_>, owned: RangeGuard<'_>, plans: &[ClusterPlan]) -> Result<()> {
         let _shared = owned.share();
         let in_place: Vec<ClusterPlan> =
             plans.iter().map(|p| ClusterPlan { allocate: false, fill: Fill::InPlace, release: None, ..*p }).collect();
@@ -596,11 +611,11 @@ impl<D: BlockDevice> Image<D> {
     }
 
     pub(super) fn flush_pieces(&self, host: u64, pieces: &[Piece<'_>]) -> Result<()> {
-        let bufs: Vec<&[u8]> = pieces
+        let bufs: Vec<IoSlice<'_>> = pieces
             .iter()
             .map(|p| match p {
-                Piece::Borrowed(b) => *b,
-                Piece::Owned(v) => v.as_slice(),
+                Piece::Borrowed(b) => IoSlice::new(b),
+                Piece::Owned(v) => IoSlice::new(v),
             })
             .collect();
         let device = self.data_device();

@@ -62,13 +62,10 @@ fn read_piece(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Box<[u8]>>
 /// Writes metadata bytes, growing the device first when they end past it (qemu-img leaves files that end
 /// inside their last cluster).
 pub fn write_meta(dev: &dyn BlockDevice, offset: u64, bytes: &[u8]) -> Result<()> {
-    let end =
-        offset.checked_add(bytes.len() as u64).ok_or_else(|| Error::corrupt("metadata offset overflows", offset))?;
-    let info = dev.info();
-    if end > info.size_bytes() {
-        dev.grow_to(end.div_ceil(info.sector_size.max(1)))?;
+    if offset.checked_add(bytes.len() as u64).is_none() {
+        return Err(Error::corrupt("metadata offset overflows", offset));
     }
-    dev.write_at(offset, bytes)
+    crate::block::write_growing(dev, offset, bytes)
 }
 
 impl Meta {

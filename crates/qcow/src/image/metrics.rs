@@ -8,6 +8,21 @@ use super::Image;
 use crate::block::BlockDevice;
 use crate::error::Result;
 
+/// Images dropped without [`Image::close`] whose last writeback, marking clean or flush failed. Process-wide,
+/// because the image that failed is gone by the time anyone can ask.
+static FAILED_DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// How many images in this process were dropped (not closed) and could not write back their metadata, mark
+/// themselves clean or flush on the way. Dropping is best effort and the crate does not log, so this count is
+/// the only trace of such a failure; [`Image::close`] returns the error instead.
+pub fn failed_drops() -> u64 {
+    FAILED_DROPS.load(Ordering::Relaxed)
+}
+
+pub(super) fn note_failed_drop() {
+    FAILED_DROPS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Counters shared by every thread using the image.
 #[derive(Debug, Default)]
 pub struct Counters {

@@ -46,6 +46,7 @@ mod device;
 mod discard;
 mod empty;
 mod io;
+mod iov;
 mod lock_timing;
 mod mapping;
 mod meta;
@@ -81,7 +82,7 @@ pub use config::Config;
 pub use discard::DiscardStats;
 pub use lock_timing::{HoldTimes, LockHoldTimes};
 pub use mapping::{Extent, ExtentKind};
-pub use metrics::Metrics;
+pub use metrics::{failed_drops, Metrics};
 pub use options::{parse_size, Compat, CreateOptions, Preallocation};
 pub use rebase::{NewBacking, RebaseOptions, RebaseSummary};
 pub use reclaim::{ClusterState, OnlineCompaction, ReclaimPass, ReclaimerOptions};
@@ -342,11 +343,14 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
-    /// Stores the persistent bitmaps, writes everything back, marks a lazy-refcount image clean, and releases the
-    /// device.
+    /// Stores the persistent bitmaps, writes everything back, marks a lazy-refcount image clean, flushes, and
+    /// releases the device: what dropping the image does, with the first failure returned instead of lost. Call it
+    /// wherever an error in that last writeback must be seen (a command's exit status); dropping the image
+    /// afterwards does nothing more.
     ///
     /// # Errors
-    /// As [`flush`](Self::flush); the device is released either way.
+    /// As [`flush`](Self::flush), for the first step that failed (the later steps still run, except that an image
+    /// whose metadata was not all written back is not marked clean); the device is released either way.
     pub fn close(self) -> Result<()> {
         self.stop_reclaimer();
         let result = self.shutdown();
@@ -363,19 +367,25 @@ impl<D: BlockDevice> Image<D> {
         // Bitmaps first, as QEMU stores them before it flushes at close; whatever happens to them, the rest of
         // the metadata is still written back.
         let stored = self.observe(self.store_bitmaps_now());
-        let mut m = self.meta();
-        m.writeback(&self.dev)?;
-        m.mark_clean(&self.dev)?;
-        self.dev.flush()?;
-        stored
+        let written = {
+            let mut m = self.meta();
+            // Marked clean only once everything it covers is written back.
+            m.writeback(&self.dev).and_then(|()| m.mark_clean(&self.dev))
+        };
+        // Flushed even after a failed writeback, so that whatever did reach the device is durable.
+        let flushed = self.dev.flush();
+        // The first failure is the one to report: the later ones usually follow from it.
+        stored.and(written).and(flushed)
     }
 }
 
 impl<D: BlockDevice> Drop for Image<D> {
+    /// Best effort: what [`Image::close`] does, unless it (or a disconnect) already ran. The crate does not log,
+    /// and nobody is left to hand the error to, so a failure is only counted: see [`failed_drops`](crate::failed_drops).
     fn drop(&mut self) {
         self.stop_reclaimer();
-        if !self.disconnected.load(Ordering::Acquire) {
-            let _ = self.shutdown();
+        if !self.disconnected.load(Ordering::Acquire) && self.shutdown().is_err() {
+            metrics::note_failed_drop();
         }
     }
 }

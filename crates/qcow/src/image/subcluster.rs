@@ -7,6 +7,7 @@
 //! file. Shared and compressed clusters are copied whole into a new cluster, all of it allocated.
 
 use super::io::Piece;
+use super::iov::{Gather, Scatter};
 use super::Image;
 use crate::block::BlockDevice;
 use crate::error::{Error, Result};
@@ -27,10 +28,10 @@ struct SubclusterPlan {
 
 impl<D: BlockDevice> Image<D> {
     /// The extended-L2 write path; the caller holds the resize lock and owns the clusters of the range.
-    pub(super) fn write_subclusters(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    pub(super) fn write_subclusters(&self, offset: u64, buf: &Gather<'_>) -> Result<()> {
         let cs = self.geo.cluster_size();
         let sub = cs / 32;
-        let end = offset + buf.len() as u64;
+        let end = offset + buf.len();
         let mut pos = offset;
         while pos < end {
             let cluster_start = pos - self.geo.offset_in_cluster(pos);
@@ -40,20 +41,19 @@ impl<D: BlockDevice> Image<D> {
             let last_sc = (hi - 1) / sub;
             let touched = SubclusterBitmap::span(first_sc, last_sc + 1);
             let plan = self.plan_subclusters(cluster_start, touched, first_sc * sub, (last_sc + 1) * sub)?;
-            let data = buf.get((pos - offset) as usize..(pos - offset + hi - lo) as usize).unwrap_or(&[]);
             let (span_lo, span_hi) = plan.span;
-            let piece = if span_lo == lo && span_hi == hi {
-                Piece::Borrowed(data)
+            let pieces: Vec<Piece<'_>> = if span_lo == lo && span_hi == hi {
+                buf.range(pos - offset, pos - offset + hi - lo).into_iter().map(Piece::Borrowed).collect()
             } else {
                 // Pad the partial subclusters with what the guest sees there now.
                 let mut whole = vec![0u8; (span_hi - span_lo) as usize];
-                self.read_mapped(cluster_start + span_lo, &mut whole)?;
+                self.read_mapped(cluster_start + span_lo, Scatter::one(&mut whole))?;
                 if let Some(dst) = whole.get_mut((lo - span_lo) as usize..(hi - span_lo) as usize) {
-                    dst.copy_from_slice(data);
+                    buf.copy_to(pos - offset, dst);
                 }
-                Piece::Owned(whole)
+                vec![Piece::Owned(whole)]
             };
-            self.flush_pieces(plan.target.0 + span_lo, &[piece])?;
+            self.flush_pieces(plan.target.0 + span_lo, &pieces)?;
             let mut m = self.meta_for(super::lock_timing::LockUse::Allocation);
             let guest = GuestOffset(cluster_start);
             let l2 = m.l2_for_write(&self.dev, self.geo.l1_index(guest))?;

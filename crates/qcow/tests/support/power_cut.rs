@@ -69,10 +69,10 @@ impl BlockDevice for PowerCut {
     fn info(&self) -> Info {
         self.faulty.info()
     }
-    fn read(&self, sector: u64, bufs: &mut [&mut [u8]]) -> qcow::Result<()> {
+    fn read(&self, sector: u64, bufs: &mut [std::io::IoSliceMut<'_>]) -> qcow::Result<()> {
         self.faulty.read(sector, bufs)
     }
-    fn write(&self, sector: u64, bufs: &[&[u8]]) -> qcow::Result<()> {
+    fn write(&self, sector: u64, bufs: &[std::io::IoSlice<'_>]) -> qcow::Result<()> {
         self.maybe_cut()?;
         self.faulty.write(sector, bufs)
     }
