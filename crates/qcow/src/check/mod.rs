@@ -156,12 +156,14 @@ impl CheckReport {
 
 /// Checks the qcow2 image on `dev`, repairing what `repair` allows.
 ///
-/// With [`Repair::None`] nothing is written. Time and memory follow the file's real size, not what its header
-/// claims.
+/// With [`Repair::None`] nothing is written. Time and memory follow what the metadata references and the
+/// refcount blocks describe, not the file's length (a sparse file of terabytes checks as fast as a small one) nor
+/// what its header claims.
 ///
 /// # Errors
-/// The check could not run at all: the header fails validation or needs an unsupported feature (QEMU refuses to
-/// open such an image too), or the device failed. Everything else is a finding in the report.
+/// The check could not run at all: the header fails validation, needs an unsupported feature or has trusted
+/// bitmaps that break QEMU's rules (QEMU refuses to open such an image too), the device failed, or memory for the
+/// counts ran out (`Io`, out of memory). Everything else is a finding in the report.
 pub fn check<D: BlockDevice>(dev: &D, repair: Repair) -> Result<CheckReport> {
     run(dev, repair)
 }
