@@ -245,9 +245,12 @@ impl<'a> Stored<'a> {
     /// refcounts read zero.
     pub fn described_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let per_block = self.layout.geo.refcount_block_entries();
-        self.layout.reftable.iter().enumerate().filter_map(move |(i, &raw)| {
-            (RefcountTableEntry(raw).offset_field() != 0).then(|| ((i as u64).saturating_mul(per_block), per_block))
-        })
+        self.layout
+            .reftable
+            .iter()
+            .enumerate()
+            .filter(|&(_, &raw)| RefcountTableEntry(raw).offset_field() != 0)
+            .map(move |(i, _)| ((i as u64).saturating_mul(per_block), per_block))
     }
 
     /// The stored refcount of `cluster`.
