@@ -14,9 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use qcow::block::{BlockDevice, FileDevice, FileOptions, Padded, Unsynced, SECTOR_SIZE};
-use qcow::convert::{
-    AllocationMap, Compression, DeviceTarget, Direct, FileMap, ImageMap, ImageTarget, Options, Source, Target, Union,
-};
+use qcow::convert::{AllocationMap, Compression, DeviceTarget, ImageTarget, Options, Source, Target, Union, Watch};
 use qcow::{Config, CreateOptions, FileResolver, Image};
 
 use crate::error::{Context, Error, Result};
@@ -90,10 +88,10 @@ enum Cache {
 
 /// An open source or backing image, with its allocation map.
 enum Input {
-    /// The file, and its mapping when it could be made.
-    Raw(FileDevice, Option<FileMap>),
-    /// The image, and its file's mapping when it could be made.
-    Qcow2(Box<Image<FileDevice>>, Option<FileMap>),
+    /// The file.
+    Raw(FileDevice),
+    /// The image.
+    Qcow2(Box<Image<FileDevice>>),
 }
 
 impl Input {
@@ -103,18 +101,9 @@ impl Input {
             None => open::probe(path)?,
         };
         Ok(match format {
-            Format::Raw => {
-                let dev = open::file(path, true)?;
-                // Without a mapping the copy reads instead: slower, never wrong.
-                let map = FileMap::new(dev.file()).ok();
-                Input::Raw(dev, map)
-            }
+            Format::Raw => Input::Raw(open::file(path, true)?),
             // An overlay reads through its backing chain.
-            Format::Qcow2 => {
-                let image = open::image(path, true)?;
-                let map = FileMap::new(image.device().file()).ok();
-                Input::Qcow2(Box::new(image), map)
-            }
+            Format::Qcow2 => Input::Qcow2(Box::new(open::image(path, true)?)),
         })
     }
 
@@ -129,46 +118,39 @@ impl Input {
         let name = snapshot_name(spec)?;
         let image = Image::open_snapshot_path(path, name)
             .map_err(|e| Error::wrap(format!("could not open snapshot '{name}' of '{}'", path.display()), e))?;
-        let map = FileMap::new(image.device().file()).ok();
-        Ok(Input::Qcow2(Box::new(image), map))
+        Ok(Input::Qcow2(Box::new(image)))
     }
 
     fn device(&self) -> &dyn BlockDevice {
         match self {
-            Input::Raw(dev, _) => dev,
-            Input::Qcow2(image, _) => &**image,
+            Input::Raw(dev) => dev,
+            Input::Qcow2(image) => &**image,
         }
     }
 
     fn map(&self) -> &dyn AllocationMap {
         match self {
-            Input::Raw(dev, _) => dev,
-            Input::Qcow2(image, _) => &**image,
+            Input::Raw(dev) => dev,
+            Input::Qcow2(image) => &**image,
         }
     }
 
     fn size(&self) -> u64 {
         match self {
-            Input::Raw(dev, _) => dev.len_bytes(),
-            Input::Qcow2(image, _) => image.virtual_size(),
+            Input::Raw(dev) => dev.len_bytes(),
+            Input::Qcow2(image) => image.virtual_size(),
         }
     }
 
-    /// The mapping of a qcow2 source's data clusters, when the data is all in its file.
-    fn image_map(&self) -> Option<ImageMap<'_, FileDevice>> {
-        match self {
-            Input::Qcow2(image, Some(map)) => ImageMap::new(image, map),
-            _ => None,
-        }
-    }
-
-    /// The source's bytes in place: a raw file's mapping, or `image_map` (made by the caller, who keeps it).
-    fn direct<'a>(&'a self, image_map: &'a Option<ImageMap<'a, FileDevice>>) -> Option<&'a dyn Direct> {
-        match (self, image_map) {
-            (_, Some(m)) => Some(m),
-            (Input::Raw(_, Some(map)), None) => Some(map),
-            _ => None,
-        }
+    /// A watch on the file the source's own data lives in, so that a truncation by another process during the
+    /// copy is an error rather than zeros. None for a qcow2 source with an external data file.
+    fn watch(&self) -> Result<Option<Watch<'_>>> {
+        let file = match self {
+            Input::Raw(dev) => dev.file(),
+            Input::Qcow2(image) if image.header().has_external_data_file() => return Ok(None),
+            Input::Qcow2(image) => image.device().file(),
+        };
+        Watch::new(file).map(Some).map_err(|e| Error::wrap("could not read the source's length".to_string(), e))
     }
 }
 
@@ -291,9 +273,8 @@ fn to_raw(args: &Args, input: &Input, size: u64) -> Result<()> {
         dev.resize(size.div_ceil(SECTOR_SIZE)).context(|| format!("could not resize '{}'", path.display()))?;
         dev
     };
-    let image_map = input.image_map();
-    let source =
-        Source { device: input.device(), map: input.map(), size, base: None, direct: input.direct(&image_map) };
+    let watch = input.watch()?;
+    let source = Source { device: input.device(), map: input.map(), size, base: None, watch: watch.as_ref() };
     let unsynced = Unsynced::new(&dev);
     let target: &dyn BlockDevice = if args.cache == Cache::Unsafe { &unsynced } else { &dev };
     copy(args, &source, &DeviceTarget(target), &engine_options(args))?;
@@ -390,7 +371,7 @@ fn into_qcow2<D: BlockDevice + 'static>(
         options.compression = Some(Compression { kind: image.header().compression_type, level, cluster_size: cs });
     }
     let padded_base = base.as_ref().map(|b| Padded::new(b.device()));
-    let image_map = input.image_map();
+    let watch = input.watch()?;
     let union = base.as_ref().map(|b| Union(input.map(), b.map()));
     let source = Source {
         device: input.device(),
@@ -400,7 +381,7 @@ fn into_qcow2<D: BlockDevice + 'static>(
         },
         size,
         base: padded_base.as_ref().map(|p| p as &dyn BlockDevice),
-        direct: input.direct(&image_map),
+        watch: watch.as_ref(),
     };
     copy(args, &source, &ImageTarget(&image), &options)?;
     image.close().context(|| format!("could not write '{}'", path.display()))

@@ -54,5 +54,6 @@ pub fn metadata_ranges<D: BlockDevice>(dev: &D) -> Result<Vec<MetadataRange>> {
     let mut recorder = Recorder { implied: Implied::new(&layout), ranges: Vec::new() };
     let mut walk = Walk::new(dev, &layout, true);
     walk.run(&mut recorder)?;
+    recorder.implied.allocated()?;
     Ok(recorder.ranges)
 }

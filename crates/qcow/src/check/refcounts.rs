@@ -1,11 +1,14 @@
 //! The two sides of the comparison: refcounts implied by the metadata ([`Implied`], built by a walk) and the
 //! refcounts stored in the image ([`Stored`], read from the refcount blocks and written back by repairs).
 //!
-//! Memory follows the file's real size: the implied counts hold one entry per cluster of the file (plus one for a
-//! partial cluster past its end), and the walk never counts a reference a cluster or more past the end.
+//! Memory follows what the metadata references: the implied counts cover every cluster of the file (plus one for
+//! a partial cluster past its end; the walk never counts a reference a cluster or more past the end), but are kept
+//! in pages made as clusters are counted ([`Paged`]), so a sparse file of terabytes costs what its metadata
+//! references.
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::counts::Paged;
 use super::layout::Layout;
 use super::problem::{Problem, Referrer, Structure};
 use super::walk::Sink;
@@ -40,8 +43,8 @@ fn owner_of(code: u8) -> Option<Structure> {
 /// Refcounts implied by the metadata, with the kind of structure that first claimed each cluster so that
 /// metadata overlapping other metadata is caught as it is counted.
 pub struct Implied {
-    counts: Vec<u32>,
-    owners: Vec<u8>,
+    counts: Paged<u32>,
+    owners: Paged<u8>,
     cluster_bits: u32,
     refcount_max: u64,
     /// Overlaps and overflows found while counting.
@@ -52,10 +55,10 @@ pub struct Implied {
 
 impl Implied {
     pub fn new(layout: &Layout) -> Self {
-        let n = layout.file_clusters() as usize;
+        let n = layout.file_clusters();
         Implied {
-            counts: vec![0; n],
-            owners: vec![0; n],
+            counts: Paged::new(n),
+            owners: Paged::new(n),
             cluster_bits: layout.geo.cluster_bits,
             refcount_max: layout.geo.refcount_max(),
             problems: Vec::new(),
@@ -65,32 +68,38 @@ impl Implied {
 
     /// References to `cluster`.
     pub fn get(&self, cluster: u64) -> u64 {
-        usize::try_from(cluster).ok().and_then(|c| self.counts.get(c)).map_or(0, |&n| u64::from(n))
+        u64::from(self.counts.get(cluster))
     }
 
     /// Number of clusters covered.
     pub fn len(&self) -> u64 {
-        self.counts.len() as u64
+        self.counts.len()
     }
 
-    /// Every count, cluster by cluster.
-    pub fn counts(&self) -> &[u32] {
-        &self.counts
+    /// The first cluster of every page of counts: every referenced cluster lies in a page that starts there.
+    pub fn page_starts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.counts.page_starts()
+    }
+
+    /// `Ok` when every count could be kept.
+    ///
+    /// # Errors
+    /// `Io` (out of memory) at the cluster whose counts could not be allocated.
+    pub fn allocated(&self) -> Result<()> {
+        self.counts.allocated(self.cluster_bits, "count references")?;
+        self.owners.allocated(self.cluster_bits, "count references")
     }
 
     fn count_one(&mut self, cluster: u64, referrer: Referrer) {
-        let Ok(index) = usize::try_from(cluster) else { return };
-        if index >= self.counts.len() {
-            // At most one partial cluster past the end of the file: the walk refuses anything further.
-            self.counts.resize(index + 1, 0);
-            self.owners.resize(index + 1, 0);
-        }
-        let (Some(count), Some(owner)) = (self.counts.get_mut(index), self.owners.get_mut(index)) else { return };
+        // A cluster past the end (at most one partial cluster: the walk refuses anything further) extends the
+        // range covered.
+        let Some(count) = self.counts.slot(cluster) else { return };
         if u64::from(*count) >= self.refcount_max || *count == u32::MAX {
             self.problems.push(Problem::RefcountOverflow { offset: cluster << self.cluster_bits });
             return;
         }
         *count += 1;
+        let Some(owner) = self.owners.slot(cluster) else { return };
         match owner_of(*owner) {
             None => *owner = owner_code(referrer.target),
             Some(first) if !first.may_share_with(referrer.target) => {
@@ -231,6 +240,18 @@ impl<'a> Stored<'a> {
             Some((_, bytes)) => Ok(bytes),
             None => Err(Error::corrupt("refcount block vanished from the cache", offset)),
         }
+    }
+
+    /// The clusters each allocated refcount block describes, as `(first, count)`: everywhere else the stored
+    /// refcounts read zero.
+    pub fn described_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let per_block = self.layout.geo.refcount_block_entries();
+        self.layout
+            .reftable
+            .iter()
+            .enumerate()
+            .filter(|&(_, &raw)| RefcountTableEntry(raw).offset_field() != 0)
+            .map(move |(i, _)| ((i as u64).saturating_mul(per_block), per_block))
     }
 
     /// The stored refcount of `cluster`.

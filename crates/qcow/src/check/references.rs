@@ -1,6 +1,7 @@
 //! The references a rebuild of the refcount structures counts: the check's walk over every structure the header
 //! reaches except the refcount table and blocks being replaced.
 
+use super::counts::Paged;
 use super::layout::Layout;
 use super::problem::{Problem, Referrer};
 use super::walk::{Sink, Walk};
@@ -10,7 +11,7 @@ use crate::error::{Error, Result};
 /// Counts per host cluster, without the check's limit at the current refcount width: a rebuild may write a
 /// wider one.
 struct Counter {
-    counts: Vec<u32>,
+    counts: Paged<u32>,
     cluster_bits: u32,
 }
 
@@ -19,39 +20,37 @@ impl Sink for Counter {
         let first = offset >> self.cluster_bits;
         let last = offset.saturating_add(len.saturating_sub(1)) >> self.cluster_bits;
         for cluster in first..=last {
-            let Ok(index) = usize::try_from(cluster) else { return };
-            if index >= self.counts.len() {
-                // At most one partial cluster past the end of the file: the walk refuses anything further.
-                self.counts.resize(index + 1, 0);
-            }
-            if let Some(n) = self.counts.get_mut(index) {
+            // At most one partial cluster past the end of the file (the walk refuses anything further) extends
+            // the range covered.
+            if let Some(n) = self.counts.slot(cluster) {
                 *n = n.saturating_add(1);
             }
         }
     }
 
     fn count(&self, cluster: u64) -> u64 {
-        usize::try_from(cluster).ok().and_then(|c| self.counts.get(c)).map_or(0, |&n| u64::from(n))
+        u64::from(self.counts.get(cluster))
     }
 
     fn clusters(&self) -> u64 {
-        self.counts.len() as u64
+        self.counts.len()
     }
 }
 
 /// How many references each host cluster of the image on `dev` has from its metadata (the header, the L1 trees
 /// of the active image and of every snapshot, the snapshot table and consistent bitmaps), the refcount table and
-/// blocks left out; one entry per cluster of the file.
+/// blocks left out; covering every cluster of the file, kept in pages where something is referenced.
 ///
 /// # Errors
 /// `Corrupt` when part of the metadata could not be read, or a pointer could not be counted (outside the file,
 /// misaligned, reserved bits set): counts missing a reference would let a rebuild free a cluster in use.
-pub(crate) fn references(dev: &dyn BlockDevice) -> Result<Vec<u32>> {
+/// `Io` (out of memory) when the counts cannot be kept.
+pub(crate) fn references(dev: &dyn BlockDevice) -> Result<Paged<u32>> {
     let layout = Layout::read(dev, false)?;
-    let mut counter =
-        Counter { counts: vec![0; layout.file_clusters() as usize], cluster_bits: layout.geo.cluster_bits };
+    let mut counter = Counter { counts: Paged::new(layout.file_clusters()), cluster_bits: layout.geo.cluster_bits };
     let mut walk = Walk::new(dev, &layout, true).without_refcounts();
     walk.run(&mut counter)?;
+    counter.counts.allocated(layout.geo.cluster_bits, "count references")?;
     if let Some(err) = walk.problems.iter().find_map(uncountable) {
         return Err(err);
     }

@@ -113,7 +113,6 @@ pub fn rebuild_refcounts(dev: &dyn BlockDevice, layout: &mut Layout, implied: &I
     let table_at = start * cs;
     let blocks_at = start + table_clusters;
     let total = blocks_at + blocks;
-    let counts = implied.counts();
     let mut table = vec![0u8; (table_clusters * cs) as usize];
     let mut bytes = vec![0u8; cs as usize];
     for b in 0..blocks {
@@ -124,11 +123,8 @@ pub fn rebuild_refcounts(dev: &dyn BlockDevice, layout: &mut Layout, implied: &I
             if cluster >= total {
                 break;
             }
-            let n = match counts.get(cluster as usize) {
-                Some(&n) => u64::from(n),
-                None if cluster >= start => 1, // the new table and blocks themselves
-                None => 0,
-            };
+            // Past the counts: the new table and blocks themselves.
+            let n = if cluster < start { implied.get(cluster) } else { 1 };
             if !block.set(i, n) {
                 return Err(Error::corrupt("refcount does not fit the refcount width", cluster * cs));
             }

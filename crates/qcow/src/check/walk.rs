@@ -11,7 +11,7 @@ use super::layout::Layout;
 use super::problem::{Problem, Referrer, Structure};
 use crate::block::read_padded;
 use crate::block::BlockDevice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{
     be64, feature, parse_bitmap_table, BitmapCluster, BitmapsExtension, ClusterType, Extension, L1Entry, L2Entry,
     RefcountTableEntry, SubclusterBitmap,
@@ -310,6 +310,11 @@ impl<'a> Walk<'a> {
                 return Ok(());
             }
         };
+        // QEMU refuses to open an image whose trusted bitmaps break its rules ("Bitmap 'x' doesn't satisfy the
+        // constraints"), and so does the check: this also bounds what is read, the directory to 64 MiB and each
+        // table to what 512 MiB of bitmap data needs, whatever sizes the image claims.
+        let cs = self.cluster_size();
+        ext.validate(cs).map_err(|source| Error::Bitmap { offset: 0, source })?;
         let dir_at = Referrer { target: Structure::BitmapDirectory, at: 0 };
         self.refer(sink, ext.directory_offset, ext.directory_size, dir_at);
         let size = ext.directory_size.min(crate::format::MAX_BITMAP_DIRECTORY_BYTES);
@@ -321,8 +326,10 @@ impl<'a> Walk<'a> {
                 return Ok(());
             }
         };
-        let cs = self.cluster_size();
         for bitmap in entries {
+            bitmap
+                .validate(cs, self.layout.header.size)
+                .map_err(|source| Error::Bitmap { offset: ext.directory_offset, source })?;
             let table_bytes = u64::from(bitmap.table_size) * 8;
             let referrer = Referrer { target: Structure::BitmapTable, at: ext.directory_offset };
             self.refer(sink, bitmap.table_offset, table_bytes, referrer);

@@ -14,24 +14,25 @@
 //! Invariants: a range the map leaves out is never read from the source. Unless [`Options::target_is_zero`] is
 //! false, it is never written either, so the destination must already read as zeros there (a new image or a new
 //! sparse file does). Every transfer is whole sectors: a source whose size is not a sector multiple has its last
-//! sector read as one whole, zero padded, sector.
+//! sector read as one whole, zero padded, sector. Sources are read into the workers' buffers, never mapped
+//! (see [`Watch`]).
 //!
 //! [`Image`]: crate::Image
 //! [`FileDevice`]: crate::block::FileDevice
 
 mod map;
-mod mapped;
 mod pipeline;
 mod target;
 mod tasks;
 #[cfg(test)]
 mod tests;
+mod watch;
 mod work;
 
 pub use map::{AllocationMap, Union, Whole};
-pub use mapped::{Direct, FileMap, ImageMap, Span};
 pub use pipeline::run;
 pub use target::{DeviceTarget, ImageTarget, Target};
+pub use watch::Watch;
 pub use work::is_zero;
 
 use crate::block::BlockDevice;
@@ -105,9 +106,9 @@ pub struct Source<'a> {
     /// backing file's data too ([`Union`]), and reads past the backing file's end must return zeros (wrap it in
     /// [`Padded`](crate::block::Padded)).
     pub base: Option<&'a dyn BlockDevice>,
-    /// The source's bytes in place (a mapped file), borrowed instead of read where possible: one copy less.
-    /// Used for plain copies only (no `base`, a destination that reads as zeros).
-    pub direct: Option<&'a dyn Direct>,
+    /// The file the source's data lives in, checked after every read: a file that shrinks during the copy
+    /// stops it with an error instead of passing for holes.
+    pub watch: Option<&'a Watch<'a>>,
 }
 
 /// Copies the first `size` bytes of `src` to the same offsets of `dst`, with [`Options::default`].
@@ -128,6 +129,6 @@ pub fn convert(
     dst: &dyn BlockDevice,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let source = Source { device: src, map, size, base: None, direct: None };
+    let source = Source { device: src, map, size, base: None, watch: None };
     run(&source, &DeviceTarget(dst), &Options::default(), progress)
 }

@@ -93,13 +93,13 @@ pub fn run(
         wake: Condvar::new(),
     };
     progress(0, size);
-    let (tx, rx) = mpsc::channel::<(u64, Result<Done<'_>>)>();
+    let (tx, rx) = mpsc::channel::<(u64, Result<Done>)>();
     let failed_store: Mutex<Option<Error>> = Mutex::new(None);
     // A target that allocates in order and takes data from any thread (a qcow2 image) gets its data written by a
     // pool of its own: the writer only allocates, in guest order, so the file is the same whatever the thread
     // count, and the data writes run side by side.
     let prepared_device = target.prepared_device();
-    let (store_tx, store_rx) = mpsc::channel::<Done<'_>>();
+    let (store_tx, store_rx) = mpsc::channel::<Done>();
     let store_rx = Mutex::new(store_rx);
     let result = std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -114,11 +114,11 @@ pub fn run(
         if let Some(dev) = prepared_device {
             for _ in 0..threads {
                 let (shared, failed_store, store_rx) = (&shared, &failed_store, &store_rx);
-                scope.spawn(move || store_prepared(dev, shared, source, store_rx, failed_store));
+                scope.spawn(move || store_prepared(dev, shared, store_rx, failed_store));
             }
         }
         let pool = prepared_device.map(|_| &sender);
-        let result = write_in_order(&shared, &rx, source, target, pool, size, progress);
+        let result = write_in_order(&shared, &rx, target, pool, size, progress);
         // The store pool ends once every prepared chunk was handed to it and written.
         drop(sender);
         if result.is_err() {
@@ -140,7 +140,7 @@ fn worker<'a>(
     shared: &Shared<'_>,
     source: &Source<'a>,
     direct_target: Option<&dyn BlockDevice>,
-    tx: &mpsc::Sender<(u64, Result<Done<'a>>)>,
+    tx: &mpsc::Sender<(u64, Result<Done>)>,
     in_flight: u64,
     rules: Rules,
 ) {
@@ -169,7 +169,7 @@ fn worker<'a>(
             }
         };
         let done = process(task, buf, source, rules).and_then(|done| match direct_target {
-            Some(dev) => store_data(dev, source, done),
+            Some(dev) => store_data(dev, done),
             None => Ok(done),
         });
         let failed = done.is_err();
@@ -182,16 +182,15 @@ fn worker<'a>(
 /// Receives results and stores them in sequence order, returning buffers to the pool and opening the window.
 /// With `prepared`, data pieces the target could prepare are allocated here, in order, and their chunks go to the
 /// store pool, which writes them and then returns the buffers.
-fn write_in_order<'a>(
+fn write_in_order(
     shared: &Shared<'_>,
-    rx: &mpsc::Receiver<(u64, Result<Done<'a>>)>,
-    source: &Source<'a>,
+    rx: &mpsc::Receiver<(u64, Result<Done>)>,
     target: &dyn Target,
-    prepared: Option<&mpsc::Sender<Done<'a>>>,
+    prepared: Option<&mpsc::Sender<Done>>,
     size: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let mut waiting: BTreeMap<u64, Result<Done<'a>>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, Result<Done>> = BTreeMap::new();
     let mut next = 0u64;
     // The channel closes when every worker has finished: all tasks were handed out (or the copy failed).
     for (seq, done) in rx {
@@ -201,7 +200,7 @@ fn write_in_order<'a>(
             next += 1;
             let end = done.end.min(size);
             if let Some(pool) = prepared {
-                let later = prepare(target, source, &mut done)?;
+                let later = prepare(target, &mut done)?;
                 if !later.is_empty() {
                     done.pieces = later;
                     pool.send(done).map_err(|_| Error::invalid("convert", "internal: the store pool stopped"))?;
@@ -209,7 +208,7 @@ fn write_in_order<'a>(
                     continue;
                 }
             } else {
-                store(target, source, &done)?;
+                store(target, &done)?;
             }
             chunk_stored(shared, done.buf);
             progress(end, size);
@@ -235,38 +234,36 @@ fn chunk_stored(shared: &Shared<'_>, buf: Vec<u8>) {
 
 /// Stores the pieces of `done` that must be stored in order, allocating the data pieces the target can prepare;
 /// answers those, for the store pool to write.
-fn prepare<'a>(target: &dyn Target, source: &Source<'a>, done: &mut Done<'a>) -> Result<Vec<Piece<'a>>> {
+fn prepare(target: &dyn Target, done: &mut Done) -> Result<Vec<Piece>> {
     let mut later = Vec::new();
     for piece in std::mem::take(&mut done.pieces) {
         let (at, len) = match &piece {
             Piece::Data { at, range } => (*at, range.len() as u64),
-            Piece::Mapped { at, bytes } => (*at, bytes.len() as u64),
             _ => {
-                store_piece(target, source, done, &piece)?;
+                store_piece(target, done, &piece)?;
                 continue;
             }
         };
         if target.prepare_data(at, len)? {
             later.push(piece);
         } else {
-            store_piece(target, source, done, &piece)?;
+            store_piece(target, done, &piece)?;
         }
     }
     Ok(later)
 }
 
 /// A thread of the store pool: writes the prepared data of each chunk it receives, then returns its buffer.
-fn store_prepared<'a>(
+fn store_prepared(
     dev: &dyn BlockDevice,
     shared: &Shared<'_>,
-    source: &Source<'a>,
-    chunks: &Mutex<mpsc::Receiver<Done<'a>>>,
+    chunks: &Mutex<mpsc::Receiver<Done>>,
     failed: &Mutex<Option<Error>>,
 ) {
     loop {
         let next = chunks.lock().unwrap_or_else(|e| e.into_inner()).recv();
         let Ok(done) = next else { return };
-        match store_data(dev, source, done) {
+        match store_data(dev, done) {
             Ok(done) => chunk_stored(shared, done.buf),
             Err(e) => {
                 failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
@@ -279,17 +276,11 @@ fn store_prepared<'a>(
 
 /// Writes the data pieces of `done` straight to `dev` (a destination whose layout does not depend on write
 /// order), leaving the rest for the writer.
-fn store_data<'a>(dev: &dyn BlockDevice, source: &Source<'a>, mut done: Done<'a>) -> Result<Done<'a>> {
+fn store_data(dev: &dyn BlockDevice, mut done: Done) -> Result<Done> {
     let mut rest = Vec::new();
     for piece in std::mem::take(&mut done.pieces) {
         match piece {
             Piece::Data { at, range } => dev.write_at(at, buffer_part(&done, &range)?)?,
-            Piece::Mapped { at, bytes } => {
-                dev.write_at(at, bytes)?;
-                if let Some(direct) = source.direct {
-                    direct.release(bytes);
-                }
-            }
             other => rest.push(other),
         }
     }
@@ -297,29 +288,22 @@ fn store_data<'a>(dev: &dyn BlockDevice, source: &Source<'a>, mut done: Done<'a>
     Ok(done)
 }
 
-fn buffer_part<'d>(done: &'d Done<'_>, range: &std::ops::Range<usize>) -> Result<&'d [u8]> {
+fn buffer_part<'d>(done: &'d Done, range: &std::ops::Range<usize>) -> Result<&'d [u8]> {
     done.buf.get(range.clone()).ok_or_else(|| {
         Error::invalid("convert", format!("internal: piece {range:?} of a {}-byte chunk", done.buf.len()))
     })
 }
 
-fn store(target: &dyn Target, source: &Source<'_>, done: &Done<'_>) -> Result<()> {
+fn store(target: &dyn Target, done: &Done) -> Result<()> {
     for piece in &done.pieces {
-        store_piece(target, source, done, piece)?;
+        store_piece(target, done, piece)?;
     }
     Ok(())
 }
 
-fn store_piece(target: &dyn Target, source: &Source<'_>, done: &Done<'_>, piece: &Piece<'_>) -> Result<()> {
+fn store_piece(target: &dyn Target, done: &Done, piece: &Piece) -> Result<()> {
     match piece {
         Piece::Data { at, range } => target.write_data(*at, buffer_part(done, range)?),
-        Piece::Mapped { at, bytes } => {
-            target.write_data(*at, bytes)?;
-            if let Some(direct) = source.direct {
-                direct.release(bytes);
-            }
-            Ok(())
-        }
         Piece::Zero { at, len } => target.write_zeroes(*at, *len),
         Piece::Compressed { at, bytes } => target.write_compressed(*at, bytes),
     }

@@ -253,7 +253,7 @@ fn compressed_output_is_the_same_file_whatever_the_thread_count() {
             let image = Image::create(MemoryDevice::new(0), &create, Config::default()).unwrap();
             let mut opts = options(threads);
             opts.compression = Some(Compression { kind, level: None, cluster_size: 65536 });
-            let source = Source { device: &src, map: &Whole, size: size as u64, base: None, direct: None };
+            let source = Source { device: &src, map: &Whole, size: size as u64, base: None, watch: None };
             run(&source, &ImageTarget(&image), &opts, &mut |_, _| {}).unwrap();
             assert_eq!(image_bytes(&image), bytes);
             let kinds: Vec<_> = image.map(0, size as u64).unwrap().into_iter().map(|e| e.kind).collect();
@@ -310,7 +310,7 @@ fn data_written_by_the_store_pool_gives_the_same_file_whatever_the_thread_count(
     for threads in [1, 2, 7] {
         let image = Image::create(MemoryDevice::new(0), &CreateOptions::new(size as u64), Config::default()).unwrap();
         let target = CountingPrepares(ImageTarget(&image), AtomicUsize::new(0));
-        let source = Source { device: &src, map: &Whole, size: size as u64, base: None, direct: None };
+        let source = Source { device: &src, map: &Whole, size: size as u64, base: None, watch: None };
         run(&source, &target, &options(threads), &mut |_, _| {}).unwrap();
         assert!(target.1.load(Ordering::Relaxed) >= 5, "{threads} threads: the data went around the store pool");
         assert_eq!(image_bytes(&image), bytes, "{threads} threads");
@@ -321,7 +321,7 @@ fn data_written_by_the_store_pool_gives_the_same_file_whatever_the_thread_count(
 }
 
 #[test]
-fn a_mapped_source_gives_what_a_read_one_does() {
+fn a_watched_file_source_copies_what_it_holds_and_stops_with_an_error_once_it_shrinks() {
     let size = 4 << 20;
     let bytes = disk_with_data(size);
     let dir = tempfile::tempdir().unwrap();
@@ -329,14 +329,25 @@ fn a_mapped_source_gives_what_a_read_one_does() {
     std::fs::write(&path, &bytes).unwrap();
     let dev =
         FileDevice::open(&path, &FileOptions { read_only: true, direct: false, ..FileOptions::default() }).unwrap();
-    let map = FileMap::new(dev.file()).unwrap();
+    let watch = Watch::new(dev.file()).unwrap();
+    assert_eq!(watch.len(), size as u64);
+    let source = Source { device: &dev, map: &dev, size: size as u64, base: None, watch: Some(&watch) };
     let dst = MemoryDevice::new(size as u64);
-    let source = Source { device: &dev, map: &dev, size: size as u64, base: None, direct: Some(&map) };
     run(&source, &DeviceTarget(&dst), &options(3), &mut |_, _| {}).unwrap();
     assert!(dst.snapshot() == bytes);
     let image = Image::create(MemoryDevice::new(0), &CreateOptions::new(size as u64), Config::default()).unwrap();
     run(&source, &ImageTarget(&image), &options(2), &mut |_, _| {}).unwrap();
     assert!(image_bytes(&image) == bytes);
+
+    // Another process truncates the file: the reads past its new end come back as zeros, and the watch says so.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
+    let dst = MemoryDevice::new(size as u64);
+    let err = run(&source, &DeviceTarget(&dst), &options(2), &mut |_, _| {}).unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Io);
+    let crate::Error::Io { op, source, .. } = &err else { panic!("not an I/O error: {err}") };
+    assert_eq!(*op, "read the source");
+    assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert!(source.to_string().contains(&format!("shrank from {size} to {} bytes", 1 << 20)), "{source}");
 }
 
 #[test]
@@ -354,7 +365,7 @@ fn an_overlay_stores_only_what_differs_from_its_base_and_zeros_over_base_data() 
     let dst = Counting::new(size as u64);
     let mut opts = options(2);
     opts.zero_granule = 65_536;
-    let source = Source { device: &src, map: &Whole, size: size as u64, base: Some(&base), direct: None };
+    let source = Source { device: &src, map: &Whole, size: size as u64, base: Some(&base), watch: None };
     run(&source, &DeviceTarget(&dst), &opts, &mut |_, _| {}).unwrap();
     let mut writes = dst.writes.lock().unwrap().clone();
     writes.sort_unstable();
@@ -376,7 +387,7 @@ fn a_destination_that_is_not_zero_gets_every_hole_zeroed() {
             Ok(if offset == 0 { vec![(0, 65_536)] } else { vec![] })
         }
     }
-    let source = Source { device: &src, map: &First, size: size as u64, base: None, direct: None };
+    let source = Source { device: &src, map: &First, size: size as u64, base: None, watch: None };
     run(&source, &DeviceTarget(&dst), &opts, &mut |_, _| {}).unwrap();
     let mut expected = vec![0u8; size];
     expected[..65_536].copy_from_slice(&bytes[..65_536]);
@@ -391,7 +402,7 @@ fn a_failing_destination_stops_the_copy_with_its_error() {
     let image =
         Image::create(FaultyDevice::new(MemoryDevice::new(0)), &CreateOptions::new(size), Config::default()).unwrap();
     image.device().fail_next(FaultyOp::Write, 3);
-    let source = Source { device: &src, map: &Whole, size, base: None, direct: None };
+    let source = Source { device: &src, map: &Whole, size, base: None, watch: None };
     let err = run(&source, &ImageTarget(&image), &options(2), &mut |_, _| {}).unwrap_err();
     assert_eq!(err.kind(), crate::ErrorKind::Io);
 }

@@ -1,10 +1,9 @@
-//! What a worker does with one chunk: get its bytes (borrowed from a mapping when the source allows, read into a
-//! buffer otherwise), find what is zero (or, for an overlay, what equals the backing file), and compress
-//! clusters, producing the [`Piece`]s the writer stores in order.
+//! What a worker does with one chunk: read its bytes into the chunk's buffer (the one the writer then stores
+//! from, so that every byte is copied once, by the kernel), find what is zero (or, for an overlay, what equals
+//! the backing file), and compress clusters, producing the [`Piece`]s the writer stores in order.
 
 use std::ops::Range;
 
-use super::mapped::Span;
 use super::tasks::Task;
 use super::{Compression, Source};
 use crate::error::{Error, Result};
@@ -12,20 +11,13 @@ use crate::format::compress_at_level;
 
 /// One thing to store.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Piece<'a> {
+pub enum Piece {
     /// The bytes `range` of the chunk's buffer, at guest offset `at`.
     Data {
         /// Guest offset.
         at: u64,
         /// Bytes of the buffer.
         range: Range<usize>,
-    },
-    /// Bytes borrowed from the source's mapping, at guest offset `at`.
-    Mapped {
-        /// Guest offset.
-        at: u64,
-        /// The bytes.
-        bytes: &'a [u8],
     },
     /// Zeros.
     Zero {
@@ -44,11 +36,11 @@ pub enum Piece<'a> {
 }
 
 /// A processed chunk: its buffer (handed back for reuse once stored) and what to store.
-pub struct Done<'a> {
-    /// The chunk's bytes, when they were read rather than borrowed.
+pub struct Done {
+    /// The chunk's bytes.
     pub buf: Vec<u8>,
     /// What to store, in guest order.
-    pub pieces: Vec<Piece<'a>>,
+    pub pieces: Vec<Piece>,
     /// Where the chunk ends, for progress.
     pub end: u64,
 }
@@ -109,9 +101,8 @@ pub struct Rules {
     pub target_is_zero: bool,
 }
 
-/// Processes `task`, borrowing its bytes from the source's mapping when it can and reading them into `buf`
-/// otherwise.
-pub fn process<'a>(task: Task, mut buf: Vec<u8>, source: &Source<'a>, rules: Rules) -> Result<Done<'a>> {
+/// Processes `task`, reading its bytes into `buf`.
+pub fn process(task: Task, mut buf: Vec<u8>, source: &Source<'_>, rules: Rules) -> Result<Done> {
     let (offset, len) = match task {
         Task::Zero { offset, len } => {
             buf.clear();
@@ -121,35 +112,12 @@ pub fn process<'a>(task: Task, mut buf: Vec<u8>, source: &Source<'a>, rules: Rul
     };
     let end = offset + len;
     let mut pieces = Vec::new();
-    // A mapping serves plain copies; overlays and destinations to be zeroed compare or fill, so they read.
-    let spans = match source.direct {
-        Some(direct) if source.base.is_none() && rules.target_is_zero => direct.spans(offset, len)?.zip(Some(direct)),
-        _ => None,
-    };
-    // Clusters are compressed whole: borrowed bytes serve only when they come in whole clusters.
-    let whole_clusters = |spans: &[Span<'_>]| match rules.compression {
-        None => true,
-        Some(c) => spans.iter().all(|span| match *span {
-            Span::Bytes(at, bytes) => {
-                let stop = at + bytes.len() as u64;
-                at % c.cluster_size == 0 && (stop % c.cluster_size == 0 || stop == end)
-            }
-            Span::Zeros(..) => true,
-        }),
-    };
-    if let Some((spans, direct)) = spans.filter(|(spans, _)| whole_clusters(spans)) {
-        buf.clear();
-        for span in spans {
-            if let Span::Bytes(at, bytes) = span {
-                let piece = |at, r| Ok(Piece::Mapped { at, bytes: slice_of(bytes, r)? });
-                scan(at, bytes, None, rules, &mut pieces, &piece, &|b| direct.release(b))?;
-            }
-        }
-        return Ok(Done { buf, pieces, end });
-    }
     let n = usize::try_from(len).map_err(|_| Error::invalid("convert", "chunk does not fit in memory"))?;
     buf.resize(n, 0);
     source.device.read_at(offset, &mut buf)?;
+    if let Some(watch) = source.watch {
+        watch.check(offset)?;
+    }
     let base = match source.base {
         Some(base) => {
             let mut b = vec![0u8; n];
@@ -158,28 +126,21 @@ pub fn process<'a>(task: Task, mut buf: Vec<u8>, source: &Source<'a>, rules: Rul
         }
         None => None,
     };
-    scan(offset, &buf, base.as_deref(), rules, &mut pieces, &|at, range| Ok(Piece::Data { at, range }), &|_| {})?;
+    scan(offset, &buf, base.as_deref(), rules, &mut pieces)?;
     Ok(Done { buf, pieces, end })
 }
 
-/// Classifies `data` (guest bytes at `at`) unit by unit and appends what to store; `data_piece(at, range)` makes
-/// the piece that stores `data[range]` as it is, and `done_with` is told of every unit no such piece refers to.
-fn scan<'a>(
-    at: u64,
-    data: &[u8],
-    base: Option<&[u8]>,
-    rules: Rules,
-    pieces: &mut Vec<Piece<'a>>,
-    data_piece: &dyn Fn(u64, Range<usize>) -> Result<Piece<'a>>,
-    done_with: &dyn Fn(&[u8]),
-) -> Result<()> {
+/// Classifies `data` (guest bytes at `at`, the chunk's buffer) unit by unit and appends what to store.
+fn scan(at: u64, data: &[u8], base: Option<&[u8]>, rules: Rules, pieces: &mut Vec<Piece>) -> Result<()> {
     let unit = rules.compression.map_or(rules.granule, |c| c.cluster_size);
     let end = at + data.len() as u64;
     // Consecutive units of one class are stored as one piece.
     let mut run: Option<(Class, u64)> = None;
-    let close = |pieces: &mut Vec<Piece<'a>>, run: Option<(Class, u64)>, to: u64| -> Result<()> {
+    let close = |pieces: &mut Vec<Piece>, run: Option<(Class, u64)>, to: u64| -> Result<()> {
         match run {
-            Some((Class::Data, from)) => pieces.push(data_piece(from, (from - at) as usize..(to - at) as usize)?),
+            Some((Class::Data, from)) => {
+                pieces.push(Piece::Data { at: from, range: (from - at) as usize..(to - at) as usize })
+            }
             Some((Class::Zero, from)) => pieces.push(Piece::Zero { at: from, len: to - from }),
             _ => {}
         }
@@ -199,15 +160,11 @@ fn scan<'a>(
             Some(c) if class == Class::Data => {
                 close(pieces, run.take(), pos)?;
                 match compressed(c, pos, part)? {
-                    Some(bytes) => {
-                        done_with(part);
-                        pieces.push(Piece::Compressed { at: pos, bytes })
-                    }
-                    None => pieces.push(data_piece(pos, range)?),
+                    Some(bytes) => pieces.push(Piece::Compressed { at: pos, bytes }),
+                    None => pieces.push(Piece::Data { at: pos, range }),
                 }
             }
             _ if class != Class::Data => {
-                done_with(part);
                 if run.is_none_or(|(current, _)| current != class) {
                     close(pieces, run.take(), pos)?;
                     run = Some((class, pos));

@@ -3,11 +3,13 @@
 //! one walk over the metadata; comparing stored refcounts with the metadata (`check_on_connect`, runtime asserts,
 //! trust before space is given back) is the checker's job too.
 //!
-//! The count array has one entry per host cluster of the file as it exists, so memory follows the file's real
-//! size; a reference past the end of the file is an error, not an allocation.
+//! The counts cover every host cluster of the file as it exists, kept in pages where something is referenced
+//! (`crate::check::Paged`), so memory follows what the metadata references, not the file's length; a reference
+//! past the end of the file is an error, not an allocation.
 
 use super::meta::Meta;
 use crate::block::BlockDevice;
+use crate::check::Paged;
 use crate::error::{Error, Result};
 use crate::format::{feature, RefcountBlock, RefcountSizing};
 
@@ -24,7 +26,7 @@ impl Meta {
 
     /// How many references each host cluster of the file has, counted from the metadata (every structure the
     /// header, the L1 trees, the snapshots and consistent bitmaps reach), with everything written back first.
-    pub(super) fn counted_references(&mut self, dev: &dyn BlockDevice) -> Result<Vec<u32>> {
+    pub(super) fn counted_references(&mut self, dev: &dyn BlockDevice) -> Result<Paged<u32>> {
         // The walk reads the device: what the cache holds must be there first.
         self.writeback(dev)?;
         crate::check::references(dev)
@@ -38,37 +40,40 @@ impl Meta {
     pub(super) fn write_refcounts(
         &mut self,
         dev: &dyn BlockDevice,
-        mut counts: Vec<u32>,
+        counts: Paged<u32>,
         refcount_order: u32,
     ) -> Result<()> {
         let geo = crate::format::Geometry { refcount_order, ..self.geo };
         let cs = geo.cluster_size();
         let rbe = geo.refcount_block_entries();
-        let start = self.alloc.end_cluster().max(counts.len() as u64);
+        let counted = counts.len();
+        let start = self.alloc.end_cluster().max(counted);
         let RefcountSizing { blocks, table_clusters } = RefcountSizing::for_clusters(start, &geo);
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported { feature: "a refcount table larger than 8 MiB".into() });
         }
         let total = start + table_clusters + blocks;
-        counts.resize(total as usize, 1);
         self.reserve_to(dev, total)?;
         let blocks_at = start + table_clusters;
         let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
         let mut bytes = vec![0u8; cs as usize];
-        for (b, chunk) in counts.chunks(rbe as usize).enumerate() {
+        for b in 0..total.div_ceil(rbe) {
             bytes.fill(0);
             let mut view = RefcountBlock::new(&mut bytes[..], refcount_order);
-            for (i, &n) in chunk.iter().enumerate() {
-                if !view.set(i as u64, u64::from(n)) {
+            let first = b * rbe;
+            for cluster in first..(first + rbe).min(total) {
+                // Past what was counted: clusters up to the allocator's end, and the new table and blocks.
+                let n = if cluster < counted { u64::from(counts.get(cluster)) } else { 1 };
+                if !view.set(cluster - first, n) {
                     return Err(Error::corrupt(
                         "cluster has more references than the refcount width can count",
-                        (b as u64 * rbe + i as u64) * cs,
+                        cluster * cs,
                     ));
                 }
             }
-            let offset = (blocks_at + b as u64) * cs;
+            let offset = (blocks_at + b) * cs;
             super::meta::write_meta(dev, offset, &bytes)?;
-            if let Some(slot) = table.get_mut(b) {
+            if let Some(slot) = usize::try_from(b).ok().and_then(|b| table.get_mut(b)) {
                 *slot = offset;
             }
         }

@@ -33,8 +33,8 @@ impl<D: BlockDevice> Image<D> {
         }
         let counts = meta.counted_references(&self.dev)?;
         let max = Geometry { refcount_order: order, ..meta.geo }.refcount_max();
-        if let Some((cluster, &refcount)) = counts.iter().enumerate().find(|(_, &n)| u64::from(n) > max) {
-            let offset = (cluster as u64) << meta.geo.cluster_bits;
+        if let Some((cluster, refcount)) = counts.iter().find(|&(_, n)| u64::from(n) > max) {
+            let offset = cluster << meta.geo.cluster_bits;
             return Err(Refusal::RefcountTooLarge { bits, offset, refcount: u64::from(refcount) }.into());
         }
         meta.write_refcounts(&self.dev, counts, order)?;
