@@ -5,25 +5,12 @@
 
 mod binary;
 
-use binary::{show, tool, Dir};
+use binary::{ok, qemu, show, tool, Dir};
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
-
-fn qemu(program: &str) -> Command {
-    match Command::new(program).arg("--version").output() {
-        Ok(out) if out.status.success() => Command::new(program),
-        _ => panic!("{program} not found: install qemu-utils"),
-    }
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("command runs");
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", show(&out));
-    out
-}
 
 /// qemu-img info's JSON of `file` (with -U, so that a killed writer's lock does not matter).
 fn info(dir: &Dir, file: &str) -> Value {

@@ -4,30 +4,17 @@
 
 mod binary;
 
-use binary::{show, tool, Dir};
+use binary::{ok, qemu, show, tool, Dir};
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qcow::block::Locking;
 use qcow::{BackingPolicy, Config, Image};
-
-fn qemu(program: &str) -> Command {
-    match Command::new(program).arg("--version").output() {
-        Ok(out) if out.status.success() => Command::new(program),
-        _ => panic!("{program} not found: install qemu-utils (apt-get install -y qemu-utils)"),
-    }
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("command runs");
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", show(&out));
-    out
-}
 
 fn fails_with(cmd: &mut Command, words: &str) {
     let out = cmd.output().expect("command runs");

@@ -3,23 +3,10 @@
 
 mod binary;
 
-use binary::{show, tool, Dir};
+use binary::{ok, qemu, show, tool, Dir};
 
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn qemu(program: &str) -> Command {
-    match Command::new(program).arg("--version").output() {
-        Ok(out) if out.status.success() => Command::new(program),
-        _ => panic!("{program} not found: install qemu-utils"),
-    }
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("command runs");
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", show(&out));
-    out
-}
+use std::process::Command;
 
 /// Both tools with the time zone fixed to `tz`.
 fn ours(tz: &str) -> Command {

@@ -10,6 +10,21 @@ pub fn tool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qcow-tool"))
 }
 
+/// A command for a QEMU tool; panics naming the package when it is missing, so no test skips silently.
+pub fn qemu(program: &str) -> Command {
+    match Command::new(program).arg("--version").output() {
+        Ok(out) if out.status.success() => Command::new(program),
+        _ => panic!("{program} not found: install qemu-utils (apt-get install -y qemu-utils)"),
+    }
+}
+
+/// Runs `cmd` and returns its output, panicking with what it printed when it fails.
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("command runs");
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", show(&out));
+    out
+}
+
 /// Exit status, stdout and stderr of a run, for assertion messages.
 pub fn show(out: &Output) -> String {
     format!(

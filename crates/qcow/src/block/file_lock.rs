@@ -183,6 +183,14 @@ mod tests {
         std::fs::OpenOptions::new().read(true).write(read_write).open(path).unwrap()
     }
 
+    /// A small file in a directory of its own, which goes when the first value is dropped.
+    fn image_file() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        (dir, path)
+    }
+
     fn conflict(path: &Path, read_write: bool, locking: Locking) -> Option<(&'static str, bool)> {
         match lock(&open(path, read_write), path, read_write, locking) {
             Ok(()) => None,
@@ -193,9 +201,7 @@ mod tests {
 
     #[test]
     fn writers_exclude_everyone_but_force_sharing_readers() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, [0u8; 512]).unwrap();
+        let (_dir, path) = image_file();
         let writer = open(&path, true);
         lock(&writer, &path, true, Locking::Qemu).unwrap();
         // A second writer wants the write permission the first does not share.
@@ -210,9 +216,7 @@ mod tests {
 
     #[test]
     fn readers_share_with_readers_and_keep_writers_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, [0u8; 512]).unwrap();
+        let (_dir, path) = image_file();
         let reader = open(&path, false);
         lock(&reader, &path, false, Locking::Qemu).unwrap();
         assert_eq!(conflict(&path, false, Locking::Qemu), None);
@@ -221,9 +225,7 @@ mod tests {
 
     #[test]
     fn force_share_is_refused_for_a_read_write_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, [0u8; 512]).unwrap();
+        let (_dir, path) = image_file();
         let err = lock(&open(&path, true), &path, true, Locking::ForceShare).unwrap_err();
         assert!(err.to_string().contains("force-share"), "{err}");
     }
